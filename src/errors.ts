@@ -1,0 +1,77 @@
+/**
+ * The root of every error qsnap raises on purpose.
+ *
+ * Each error carries a stable `code` (tests and scripts match on it, never on the
+ * message), a one-line `message` saying what failed, and a `hint` saying what to do.
+ * `toJSON()` gives the structured form that `--json` prints and the daemon will send.
+ *
+ * The tree (each module adds its own leaves next to its code):
+ *
+ *   QsnapError
+ *   ├── QmpError                     src/qmp/errors.ts
+ *   │   ├── QmpConnectError          QSNAP_QMP_CONNECT
+ *   │   ├── QmpCommandError          QSNAP_QMP_COMMAND
+ *   │   ├── QmpProtocolError         QSNAP_QMP_PROTOCOL
+ *   │   ├── QmpDisconnectedError     QSNAP_QMP_DISCONNECTED
+ *   │   └── QmpTimeoutError          QSNAP_QMP_TIMEOUT
+ *   ├── VmError                      src/vm/errors.ts        QSNAP_VM_*
+ *   ├── StreamError                  src/stream/errors.ts    QSNAP_STREAM_*
+ *   ├── SnapshotFileError            src/format/errors.ts    QSNAP_FILE_*
+ *   ├── SnapshotError                src/engine/errors.ts    QSNAP_SNAPSHOT_*
+ *   └── RestoreError                 src/engine/errors.ts    QSNAP_RESTORE_*
+ */
+export class QsnapError extends Error {
+  readonly code: string;
+  readonly hint: string | undefined;
+  readonly details: Record<string, unknown>;
+
+  constructor(
+    code: string,
+    message: string,
+    options: { hint?: string; cause?: unknown; details?: Record<string, unknown> } = {},
+  ) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = new.target.name;
+    this.code = code;
+    this.hint = options.hint;
+    this.details = options.details ?? {};
+  }
+
+  /** One line for a terminal: what failed, then what to do. */
+  toLine(): string {
+    return this.hint ? `${this.message} — ${this.hint}` : this.message;
+  }
+
+  toJSON(): QsnapErrorJson {
+    const cause = this.cause;
+    return {
+      code: this.code,
+      message: this.message,
+      ...(this.hint ? { hint: this.hint } : {}),
+      ...(Object.keys(this.details).length ? { details: this.details } : {}),
+      ...(cause instanceof QsnapError
+        ? { cause: cause.toJSON() }
+        : cause instanceof Error
+          ? { cause: { code: (cause as NodeJS.ErrnoException).code ?? cause.name, message: cause.message } }
+          : {}),
+    };
+  }
+}
+
+export interface QsnapErrorJson {
+  code: string;
+  message: string;
+  hint?: string;
+  details?: Record<string, unknown>;
+  cause?: QsnapErrorJson | { code: string; message: string };
+}
+
+/** Anything thrown, as a QsnapError (unknown errors keep their cause under QSNAP_INTERNAL). */
+export function asQsnapError(err: unknown): QsnapError {
+  if (err instanceof QsnapError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  return new QsnapError('QSNAP_INTERNAL', `internal error: ${message}`, {
+    hint: 'this is a bug in qsnap; please report it with the command you ran',
+    cause: err,
+  });
+}
