@@ -1,0 +1,179 @@
+/**
+ * Where every region of a snapshot file lives, computed from the RAM block list and the blob
+ * lengths. Pure: the writer uses it to place bytes, the reader to check a manifest against it.
+ *
+ *   [ block 0 RAM | block 1 RAM | … | page table | prologue | device tail | manifest | trailer ]
+ *   0 (page-aligned regions, holes for zero pages) ^ram end (page-aligned)                  ^EOF
+ */
+import { PAGE_SIZE, TRAILER_SIZE } from './codec.js';
+
+export interface BlockSpec {
+  /** QEMU RAMBlock idstr, e.g. "pc.ram" (u8-length-prefixed in the stream: 1..255 bytes). */
+  name: string;
+  /** RAMBlock used_length in bytes. */
+  usedLength: number;
+}
+
+export interface BlockLayout extends BlockSpec {
+  /** Pages of the block: ceil(usedLength / 4096). */
+  pageCount: number;
+  /** Index of the block's first page among all pages of the file (= fileOffset / 4096). */
+  firstPage: number;
+  fileOffset: number;
+  /** usedLength rounded up to a page. */
+  fileLength: number;
+}
+
+export interface Span {
+  offset: number;
+  length: number;
+}
+
+export interface RamLayout {
+  blocks: BlockLayout[];
+  totalPages: number;
+  /** End of the last block: where the page table starts. Page-aligned. */
+  ramEnd: number;
+}
+
+export interface FileLayout extends RamLayout {
+  pageTable: Span;
+  prologue: Span;
+  deviceTail: Span;
+  manifest: Span;
+  trailer: Span;
+  fileLength: number;
+}
+
+/** Explains why a block list cannot be laid out, or undefined when it can. */
+export function checkBlocks(blocks: readonly BlockSpec[]): string | undefined {
+  if (blocks.length === 0) return 'no RAM blocks';
+  const seen = new Set<string>();
+  for (const [i, b] of blocks.entries()) {
+    const nameBytes = Buffer.byteLength(b.name, 'utf8');
+    if (nameBytes < 1 || nameBytes > 255) return `block ${i}: name must be 1..255 bytes`;
+    if (seen.has(b.name)) return `block ${i}: duplicate name "${b.name}"`;
+    seen.add(b.name);
+    if (!Number.isSafeInteger(b.usedLength) || b.usedLength <= 0) {
+      return `block ${i} "${b.name}": usedLength must be a positive integer, got ${b.usedLength}`;
+    }
+  }
+  return undefined;
+}
+
+/** Blocks in stream order, each at a page-aligned offset, the first at 0 (memory-backend-file maps from 0). */
+export function layoutRam(blocks: readonly BlockSpec[]): RamLayout {
+  const problem = checkBlocks(blocks);
+  if (problem) throw new RangeError(problem);
+  let offset = 0;
+  const out: BlockLayout[] = [];
+  for (const b of blocks) {
+    const pageCount = Math.ceil(b.usedLength / PAGE_SIZE);
+    const fileLength = pageCount * PAGE_SIZE;
+    out.push({
+      name: b.name,
+      usedLength: b.usedLength,
+      pageCount,
+      firstPage: offset / PAGE_SIZE,
+      fileOffset: offset,
+      fileLength,
+    });
+    offset += fileLength;
+  }
+  if (!Number.isSafeInteger(offset)) throw new RangeError('RAM blocks too large');
+  return { blocks: out, totalPages: offset / PAGE_SIZE, ramEnd: offset };
+}
+
+/** The whole file, given the RAM layout and the lengths of the variable-size regions after it. */
+export function layoutFile(
+  ram: RamLayout,
+  lengths: { prologue: number; deviceTail: number; manifest: number },
+): FileLayout {
+  let at = ram.ramEnd;
+  const next = (length: number): Span => {
+    const span = { offset: at, length };
+    at += length;
+    return span;
+  };
+  const pageTable = next(ram.totalPages * 4);
+  const prologue = next(lengths.prologue);
+  const deviceTail = next(lengths.deviceTail);
+  const manifest = next(lengths.manifest);
+  const trailer = next(TRAILER_SIZE);
+  return { ...ram, pageTable, prologue, deviceTail, manifest, trailer, fileLength: at };
+}
+
+/** Byte range of one block's entries in the page table. */
+export function pageTableSpan(layout: FileLayout, blockIndex: number): Span {
+  const b = layout.blocks[blockIndex];
+  if (!b) throw new RangeError(`no block ${blockIndex}`);
+  return { offset: layout.pageTable.offset + b.firstPage * 4, length: b.pageCount * 4 };
+}
+
+/** The parts of a manifest that place bytes (a structural subset of Manifest). */
+export interface RecordedLayout {
+  ram: {
+    blocks: readonly (BlockSpec & {
+      fileOffset: number;
+      fileLength: number;
+      dataPages: number;
+      zeroPages: number;
+      missingPages: number;
+      zeroCrcDataPages: readonly number[];
+    })[];
+    pageTable: Span;
+  };
+  stream: { prologue: Span; deviceTail: Span };
+}
+
+/**
+ * Recomputes the layout from a manifest's block list and blob lengths and checks that every
+ * recorded offset matches it, so the regions tile the file exactly from 0 to its end (no byte is
+ * outside a checksummed region). Returns the layout, or the first mismatch.
+ */
+export function checkRecordedLayout(
+  recorded: RecordedLayout,
+  manifest: Span,
+  fileLength: number,
+): { ok: true; layout: FileLayout } | { ok: false; problem: string } {
+  const problem = checkBlocks(recorded.ram.blocks);
+  if (problem) return { ok: false, problem };
+  const layout = layoutFile(layoutRam(recorded.ram.blocks), {
+    prologue: recorded.stream.prologue.length,
+    deviceTail: recorded.stream.deviceTail.length,
+    manifest: manifest.length,
+  });
+  for (const [i, b] of layout.blocks.entries()) {
+    const r = recorded.ram.blocks[i]!;
+    if (r.fileOffset !== b.fileOffset || r.fileLength !== b.fileLength) {
+      return {
+        ok: false,
+        problem: `block "${b.name}" is at ${r.fileOffset}+${r.fileLength}, expected ${b.fileOffset}+${b.fileLength}`,
+      };
+    }
+    if (r.dataPages + r.zeroPages + r.missingPages !== b.pageCount) {
+      return { ok: false, problem: `block "${b.name}": page counts do not add up to ${b.pageCount}` };
+    }
+    if (r.zeroCrcDataPages.some((p) => !Number.isSafeInteger(p) || p < 0 || p >= b.pageCount)) {
+      return { ok: false, problem: `block "${b.name}": zeroCrcDataPages out of range` };
+    }
+  }
+  const spans: [string, Span, Span][] = [
+    ['page table', recorded.ram.pageTable, layout.pageTable],
+    ['prologue', recorded.stream.prologue, layout.prologue],
+    ['device tail', recorded.stream.deviceTail, layout.deviceTail],
+    ['manifest', manifest, layout.manifest],
+  ];
+  for (const [name, r, want] of spans) {
+    if (r.offset !== want.offset || r.length !== want.length) {
+      return {
+        ok: false,
+        problem: `${name} is at ${r.offset}+${r.length}, expected ${want.offset}+${want.length}`,
+      };
+    }
+  }
+  if (layout.fileLength !== fileLength) {
+    return { ok: false, problem: `regions end at ${layout.fileLength}, the file is ${fileLength} bytes` };
+  }
+  return { ok: true, layout };
+}
