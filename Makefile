@@ -1,0 +1,69 @@
+# qsnap — two commands set everything up on a fresh Debian machine:
+#   make demo   the main job end to end on the bundled test guest
+#   make test   typecheck, lint and the whole test suite (real QEMU, real guest)
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+BIN := node_modules/.bin
+QSNAP := node dist/cli/main.js
+# `make vm` keeps the test guest running here, with its QMP socket at $(VM_DIR)/qmp.sock.
+VM_DIR ?= .qsnap/vm
+SNAPSHOT ?= .qsnap/snapshots/vm-$(shell date +%Y%m%d-%H%M%S).qsnap
+
+.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot bench clean
+
+help:
+	@echo "make demo      boot the test guest, snapshot it live, show the result"
+	@echo "make test      install what is needed, typecheck, lint, run every test"
+	@echo "make vm        boot the test guest in the background (QMP: $(VM_DIR)/qmp.sock)"
+	@echo "make snapshot  snapshot the VM started by make vm"
+	@echo "make vm-stop   stop it"
+	@echo "make bench     run the benchmarks (prints tables)"
+	@echo "make setup     install QEMU, npm packages, build, build the guest image"
+	@echo "make clean     remove build output, the guest image and .qsnap/"
+
+setup: qemu deps build image
+
+qemu:
+	@scripts/ensure-qemu.sh
+
+node_modules/.package-lock.json: package-lock.json
+	npm ci --no-audit --no-fund
+	@touch $@
+
+deps: node_modules/.package-lock.json
+
+build: deps
+	$(BIN)/tsc -p tsconfig.build.json
+
+image:
+	@scripts/build-image.sh
+
+typecheck: deps
+	$(BIN)/tsc -p tsconfig.json --noEmit
+
+lint: deps
+	$(BIN)/biome check .
+
+unit: setup
+	$(BIN)/vitest run
+
+test: setup typecheck lint unit
+
+demo: setup
+	node scripts/demo.mjs
+
+vm: setup
+	node scripts/vm.mjs start $(VM_DIR)
+
+vm-stop:
+	@if [ -f dist/cli/main.js ]; then node scripts/vm.mjs stop $(VM_DIR); fi
+
+snapshot: build
+	@mkdir -p $(dir $(SNAPSHOT))
+	$(QSNAP) snapshot --qmp $(VM_DIR)/qmp.sock --out $(SNAPSHOT)
+
+bench: setup
+	node scripts/bench-snapshot.mjs
+
+clean: vm-stop
+	rm -rf dist images/build .qsnap

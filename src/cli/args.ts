@@ -1,0 +1,68 @@
+import { type ParseArgsConfig, parseArgs } from 'node:util';
+
+import { QsnapError } from '../errors.js';
+
+export class UsageError extends QsnapError {
+  constructor(message: string, hint = 'see --help') {
+    super('QSNAP_USAGE', message, { hint });
+  }
+}
+
+export interface CommandSpec<O extends ParseArgsConfig['options']> {
+  name: string;
+  summary: string;
+  usage: string;
+  /** Help text for each option, keyed like `options`. */
+  help: Record<string, string>;
+  options: O;
+  examples?: readonly string[];
+  allowPositionals?: boolean;
+}
+
+export function helpText(spec: CommandSpec<Options>): string {
+  const lines = [`Usage: ${spec.usage}`, '', spec.summary, '', 'Options:'];
+  const entries = Object.entries(spec.options ?? {});
+  const labels = entries.map(
+    ([name, o]) => `  ${o.short ? `-${o.short}, ` : ''}--${name}${o.type === 'string' ? ' <value>' : ''}`,
+  );
+  const width = Math.max(...labels.map((l) => l.length), 12) + 2;
+  for (const [i, [name]] of entries.entries())
+    lines.push(`${labels[i]!.padEnd(width)}${spec.help[name] ?? ''}`);
+  lines.push(`${'  -h, --help'.padEnd(width)}show this help`);
+  if (spec.examples?.length) lines.push('', 'Examples:', ...spec.examples.map((e) => `  ${e}`));
+  return `${lines.join('\n')}\n`;
+}
+
+type HelpOption = { help: { type: 'boolean'; short: 'h' } };
+type Parsed<O extends Options> = ReturnType<
+  typeof parseArgs<{ args: string[]; options: O & HelpOption; allowPositionals: boolean; strict: true }>
+>;
+type Options = NonNullable<ParseArgsConfig['options']>;
+
+export function parse<const O extends Options>(spec: CommandSpec<O>, argv: string[]): Parsed<O> {
+  try {
+    const help: HelpOption = { help: { type: 'boolean', short: 'h' } };
+    return parseArgs({
+      args: argv,
+      options: { ...spec.options, ...help },
+      allowPositionals: spec.allowPositionals ?? false,
+      strict: true,
+    });
+  } catch (err) {
+    throw new UsageError(`${spec.name}: ${(err as Error).message}`, `see qsnap ${spec.name} --help`);
+  }
+}
+
+/** `512M`, `2G`, `1.5GiB`, `100000` → bytes. */
+export function parseSize(text: string, what: string): number {
+  const match = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?$/i.exec(text.trim());
+  if (!match)
+    throw new UsageError(
+      `${what}: cannot read "${text}" as a size`,
+      'use a number with an optional K, M, G or T suffix, e.g. 512M',
+    );
+  const scale = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[
+    match[2]!.toLowerCase() as '' | 'k' | 'm' | 'g' | 't'
+  ];
+  return Math.round(Number(match[1]) * scale);
+}

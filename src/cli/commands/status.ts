@@ -1,0 +1,53 @@
+import { connectVm } from '../../engine/connect.js';
+import { probeVm } from '../../engine/probe.js';
+import { helpText, parse, UsageError } from '../args.js';
+import { formatBytes, makeOutput } from '../output.js';
+
+const spec = {
+  name: 'status',
+  summary: 'Show a running VM: run state, QEMU version, machine type, RAM and block devices.',
+  usage: 'qsnap status --qmp <socket> [--json]',
+  options: {
+    qmp: { type: 'string' },
+    json: { type: 'boolean' },
+  },
+  help: {
+    qmp: "the VM's QMP socket (unix path, or host:port)",
+    json: 'print one JSON object instead of text',
+  },
+  examples: [
+    'qsnap status --qmp /run/vm/qmp.sock',
+    'qsnap status --qmp /run/vm/qmp.sock --json | jq .runState',
+  ],
+} as const;
+
+export async function statusCommand(argv: string[]): Promise<number> {
+  const { values } = parse(spec, argv);
+  if (values.help) {
+    process.stdout.write(helpText(spec));
+    return 0;
+  }
+  if (!values.qmp) throw new UsageError('status: --qmp <socket> is required', 'see qsnap status --help');
+  const out = makeOutput(values.json ?? false);
+  const { qmp, recovery } = await connectVm(values.qmp);
+  try {
+    const vm = await probeVm(qmp);
+    out.result({ ok: true, qmp: values.qmp, ...vm, recovery: recovery.recovered ? recovery : undefined });
+    if (recovery.recovered)
+      out.text(`recovered an interrupted qsnap operation: ${recovery.actions.join('; ')}`);
+    out.text(`state     ${vm.runState}`);
+    out.text(`QEMU      ${vm.qemu.text} (${vm.qemu.package.trim() || 'upstream'})`);
+    out.text(`machine   ${vm.machine}, accel ${vm.accel}${vm.name ? `, name ${vm.name}` : ''}`);
+    out.text(`RAM       ${formatBytes(vm.ramBytes)}`);
+    out.text(`disks     ${vm.disks.length === 0 ? 'none' : ''}`);
+    for (const d of vm.disks) {
+      const access = !d.inserted ? 'empty' : d.readOnly ? 'read-only' : 'read-write';
+      out.text(
+        `  ${d.device.padEnd(12)} node ${String(d.nodeName ?? '-').padEnd(14)} ${String(d.format ?? '-').padEnd(6)} ${access.padEnd(10)} ${d.file ?? ''}${d.removable ? ' (removable)' : ''}`,
+      );
+    }
+    return 0;
+  } finally {
+    await qmp.close();
+  }
+}

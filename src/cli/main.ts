@@ -1,0 +1,67 @@
+#!/usr/bin/env node
+import { inspectCommand } from './commands/inspect.js';
+import { snapshotCommand } from './commands/snapshot.js';
+import { statusCommand } from './commands/status.js';
+import { verifyCommand } from './commands/verify.js';
+import { reportError } from './output.js';
+
+const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; summary: string }> = {
+  status: { run: statusCommand, summary: 'show a running VM (state, QEMU, machine, RAM, disks)' },
+  snapshot: { run: snapshotCommand, summary: 'take a live point-in-time snapshot of a running VM' },
+  inspect: { run: inspectCommand, summary: 'show what a snapshot file holds' },
+  verify: { run: verifyCommand, summary: 'check every checksum of a snapshot file' },
+};
+
+function usage(): string {
+  const width = Math.max(...Object.keys(COMMANDS).map((c) => c.length)) + 2;
+  return [
+    'Usage: qsnap <command> [options]',
+    '',
+    'Live snapshots of running QEMU virtual machines: the guest pauses for milliseconds,',
+    'RAM streams into one restorable file in the background.',
+    '',
+    'Commands:',
+    ...Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(width)}${c.summary}`),
+    '',
+    'Run `qsnap <command> --help` for the options of a command.',
+    '',
+  ].join('\n');
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (!command || command === '--help' || command === '-h' || command === 'help') {
+    process.stdout.write(usage());
+    return command ? 0 : 2;
+  }
+  if (command === '--version' || command === '-V') {
+    const { readFile } = await import('node:fs/promises');
+    const pkg = JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as {
+      version: string;
+    };
+    process.stdout.write(`qsnap ${pkg.version}\n`);
+    return 0;
+  }
+  const entry = COMMANDS[command];
+  if (!entry) {
+    process.stderr.write(
+      `qsnap: unknown command "${command}" — run qsnap --help for the list [QSNAP_USAGE]\n`,
+    );
+    return 2;
+  }
+  const json = rest.includes('--json');
+  try {
+    return await entry.run(rest);
+  } catch (err) {
+    return reportError(err, json);
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err) => {
+    process.exitCode = reportError(err, false);
+  },
+);

@@ -1,0 +1,55 @@
+import { asQsnapError } from '../errors.js';
+
+export interface Output {
+  json: boolean;
+  /** Writes human text to stdout (suppressed with --json). */
+  text(line: string): void;
+  /** The one JSON document of a --json run. */
+  result(value: unknown): void;
+}
+
+export function makeOutput(json: boolean): Output {
+  return {
+    json,
+    text: (line) => {
+      if (!json) process.stdout.write(`${line}\n`);
+    },
+    result: (value) => {
+      if (json) process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+    },
+  };
+}
+
+/** Report an error: one line on stderr (what failed — what to do), or a JSON object with --json. */
+export function reportError(err: unknown, json: boolean): number {
+  const error = asQsnapError(err);
+  if (json) process.stdout.write(`${JSON.stringify({ ok: false, error: error.toJSON() }, null, 2)}\n`);
+  else {
+    process.stderr.write(`qsnap: ${error.toLine()} [${error.code}]\n`);
+    const cleanup = error.details['cleanup'];
+    if (Array.isArray(cleanup) && cleanup.length)
+      process.stderr.write(`qsnap: after the failure: ${cleanup.join('; ')}\n`);
+    if (process.env['QSNAP_DEBUG'] && err instanceof Error) process.stderr.write(`${err.stack}\n`);
+  }
+  return error.code === 'QSNAP_USAGE' ? 2 : 1;
+}
+
+const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+
+export function formatBytes(bytes: number): string {
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < UNITS.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${unit === 0 ? value : value.toFixed(value >= 100 ? 0 : 1)} ${UNITS[unit]}`;
+}
+
+export function formatMs(ms: number): string {
+  return ms < 10
+    ? `${ms.toFixed(2)} ms`
+    : ms < 10_000
+      ? `${ms.toFixed(0)} ms`
+      : `${(ms / 1000).toFixed(1)} s`;
+}

@@ -1,0 +1,206 @@
+import { execFile } from 'node:child_process';
+import { constants } from 'node:fs';
+import { access, open, rm, stat } from 'node:fs/promises';
+import { basename, dirname, extname, join, resolve } from 'node:path';
+import { promisify } from 'node:util';
+import type { QmpClient, TransactionAction } from '../qmp/index.js';
+import { SnapshotError } from './errors.js';
+import type { DiskInfo } from './probe.js';
+
+const run = promisify(execFile);
+
+/** One writable disk to freeze: its current top image becomes the snapshot's frozen layer. */
+export interface PlannedOverlay {
+  device: string;
+  /** The node the device writes to now; the transaction puts the overlay on top of it. */
+  node: string;
+  format: string;
+  virtualSize: number;
+  frozenFile: string;
+  /** The new active image, beside the frozen one (never in a temp directory). */
+  overlayFile: string;
+  overlayNode: string;
+}
+
+export interface DiskPlan {
+  overlays: PlannedOverlay[];
+  skipped: { device: string; reason: string }[];
+}
+
+/**
+ * Decide what happens to every disk: writable, inserted, non-removable disks are frozen;
+ * read-only and removable media are recorded as skipped. A writable disk qsnap cannot freeze
+ * is an error: skipping it would make the snapshot inconsistent.
+ */
+export async function planOverlays(
+  disks: DiskInfo[],
+  snapshotId: string,
+  overlayDir?: string,
+): Promise<DiskPlan> {
+  const plan: DiskPlan = { overlays: [], skipped: [] };
+  for (const [index, disk] of disks.entries()) {
+    const label = disk.device || `disk${index}`;
+    if (!disk.inserted) {
+      plan.skipped.push({ device: label, reason: 'no medium' });
+      continue;
+    }
+    if (disk.readOnly) {
+      plan.skipped.push({ device: label, reason: 'read-only' });
+      continue;
+    }
+    if (disk.removable) {
+      plan.skipped.push({ device: label, reason: 'removable medium' });
+      continue;
+    }
+    const filename = disk.file?.startsWith('json:') ? undefined : disk.file;
+    if (!filename || !disk.nodeName || !disk.format || disk.virtualSize === undefined) {
+      throw new SnapshotError(
+        'QSNAP_SNAPSHOT_DISK',
+        `disk ${label} is not backed by a plain image file (${disk.file ?? 'unknown'})`,
+        {
+          hint: 'qsnap freezes disks with qcow2 overlays on image files; attach this disk from a file',
+          details: { device: label },
+        },
+      );
+    }
+    const frozenFile = resolve(filename);
+    try {
+      await stat(frozenFile);
+    } catch {
+      throw new SnapshotError(
+        'QSNAP_SNAPSHOT_DISK',
+        `disk ${label}: image ${filename} is not reachable from here`,
+        {
+          hint: 'start QEMU with absolute image paths, or run qsnap on the same host and working directory as QEMU',
+          details: { device: label, file: filename },
+        },
+      );
+    }
+    const dir = overlayDir ? resolve(overlayDir) : dirname(frozenFile);
+    const stem = basename(frozenFile, extname(frozenFile)).replace(/\.qsnap-[0-9a-f]{8}$/, '');
+    plan.overlays.push({
+      device: label,
+      node: disk.nodeName,
+      format: disk.format,
+      virtualSize: disk.virtualSize,
+      frozenFile,
+      overlayFile: join(dir, `${stem}.qsnap-${snapshotId.slice(0, 8)}.qcow2`),
+      overlayNode: `qsnap-${snapshotId.slice(0, 8)}-${index}`,
+    });
+  }
+  for (const dir of new Set(plan.overlays.map((o) => dirname(o.overlayFile)))) {
+    try {
+      await access(dir, constants.W_OK);
+    } catch {
+      throw new SnapshotError('QSNAP_SNAPSHOT_DISK', `cannot create disk overlays in ${dir}`, {
+        hint: 'make the directory writable or choose another with --overlay-dir',
+        details: { dir },
+      });
+    }
+  }
+  return plan;
+}
+
+/** A qcow2 overlay file whose backing file is the frozen image (not opened: QEMU holds its lock). */
+export async function createOverlayFile(overlay: PlannedOverlay): Promise<void> {
+  // A backing path relative to the overlay's directory keeps the pair movable together.
+  const backing =
+    dirname(overlay.overlayFile) === dirname(overlay.frozenFile)
+      ? basename(overlay.frozenFile)
+      : overlay.frozenFile;
+  try {
+    await run('qemu-img', [
+      'create',
+      '-q',
+      '-f',
+      'qcow2',
+      '-u',
+      '-b',
+      backing,
+      '-F',
+      overlay.format,
+      overlay.overlayFile,
+      String(overlay.virtualSize),
+    ]);
+  } catch (err) {
+    const stderr = String((err as { stderr?: string }).stderr ?? (err as Error).message).trim();
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_DISK',
+      `cannot create overlay ${overlay.overlayFile}: ${stderr}`,
+      {
+        hint: 'check that qemu-img is installed and the directory is writable',
+        cause: err,
+        details: { device: overlay.device },
+      },
+    );
+  }
+}
+
+/** Create the overlays and open them in QEMU (guest still running): only the switch stays for the pause. */
+export async function prepareOverlays(qmp: QmpClient, overlays: PlannedOverlay[]): Promise<void> {
+  const done: PlannedOverlay[] = [];
+  try {
+    for (const overlay of overlays) {
+      await createOverlayFile(overlay);
+      done.push(overlay);
+      await qmp.execute('blockdev-add', {
+        driver: 'qcow2',
+        'node-name': overlay.overlayNode,
+        file: { driver: 'file', filename: overlay.overlayFile },
+        // blockdev-snapshot attaches the frozen node as backing itself.
+        backing: null,
+      });
+    }
+  } catch (err) {
+    await discardOverlays(qmp, done);
+    if (err instanceof SnapshotError) throw err;
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_DISK',
+      `cannot open the disk overlay in QEMU: ${(err as Error).message}`,
+      {
+        hint: 'check the QEMU log; the guest was not paused',
+        cause: err,
+      },
+    );
+  }
+}
+
+/** fdatasync each image about to be frozen (a read-only descriptor flushes the file's dirty pages too). */
+export async function flushImages(overlays: PlannedOverlay[]): Promise<void> {
+  await Promise.all(
+    overlays.map(async (o) => {
+      const handle = await open(o.frozenFile, 'r');
+      try {
+        await handle.datasync();
+      } finally {
+        await handle.close();
+      }
+    }),
+  );
+}
+
+export function freezeActions(overlays: PlannedOverlay[]): TransactionAction[] {
+  return overlays.map((o) => ({ type: 'blockdev-snapshot', data: { node: o.node, overlay: o.overlayNode } }));
+}
+
+/**
+ * Remove overlays the guest never wrote to (before the transaction). A node QEMU refuses to
+ * delete is in use: its file is kept, never removed under a running guest.
+ */
+export async function discardOverlays(qmp: QmpClient, overlays: PlannedOverlay[]): Promise<PlannedOverlay[]> {
+  const kept: PlannedOverlay[] = [];
+  for (const overlay of overlays) {
+    try {
+      await qmp.execute('blockdev-del', { 'node-name': overlay.overlayNode });
+    } catch (err) {
+      const code = (err as { errorClass?: string }).errorClass;
+      const missing = code === 'GenericError' && /find node|not found/i.test(String((err as Error).message));
+      if (!missing) {
+        kept.push(overlay);
+        continue;
+      }
+    }
+    await rm(overlay.overlayFile, { force: true });
+  }
+  return kept;
+}

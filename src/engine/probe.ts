@@ -1,0 +1,127 @@
+import type { QmpClient } from '../qmp/index.js';
+
+export interface QemuVersion {
+  major: number;
+  minor: number;
+  micro: number;
+}
+
+export interface DiskInfo {
+  /** The drive's name (BlockBackend), or its qdev id when it was attached with -blockdev. */
+  device: string;
+  qdev: string | undefined;
+  /** Top node the device reads and writes (the one a snapshot freezes). */
+  nodeName: string | undefined;
+  file: string | undefined;
+  format: string | undefined;
+  virtualSize: number | undefined;
+  backingFile: string | undefined;
+  readOnly: boolean;
+  removable: boolean;
+  inserted: boolean;
+}
+
+export interface VmInfo {
+  qemu: { version: QemuVersion; package: string; text: string };
+  /** Machine type as the migration stream names it, e.g. `pc-i440fx-7.2`. */
+  machine: string;
+  runState: string;
+  running: boolean;
+  ramBytes: number;
+  accel: 'kvm' | 'tcg';
+  name: string | undefined;
+  migrationStatus: string | undefined;
+  disks: DiskInfo[];
+  /** QOM types of user-created devices (`-device`), e.g. `virtio-blk-pci`, `vfio-pci`. */
+  deviceTypes: string[];
+}
+
+export function versionAtLeast(v: QemuVersion, major: number, minor = 0): boolean {
+  return v.major > major || (v.major === major && v.minor >= minor);
+}
+
+/**
+ * QEMU names a node whose options do not fit a filename `json:{…}` (an overlay attached with
+ * blockdev-snapshot is one); its image file is `file.filename` inside.
+ */
+export function plainFilename(name: string): string | undefined {
+  if (!name.startsWith('json:')) return name;
+  try {
+    const parsed = JSON.parse(name.slice(5)) as { file?: { filename?: unknown } };
+    return typeof parsed.file?.filename === 'string' ? parsed.file.filename : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The device's short name: a qdev path `/machine/peripheral/disk0-dev/virtio-backend` gives `disk0-dev`. */
+function deviceName(device: string, qdev: string | undefined): string {
+  if (device) return device;
+  if (!qdev) return '';
+  const match = /\/machine\/peripheral\/([^/]+)/.exec(qdev);
+  return match?.[1] ?? qdev;
+}
+
+async function listDeviceTypes(qmp: QmpClient): Promise<string[]> {
+  const types: string[] = [];
+  for (const path of ['/machine/peripheral', '/machine/peripheral-anon']) {
+    try {
+      for (const prop of await qmp.execute('qom-list', { path })) {
+        const match = /^child<(.+)>$/.exec(prop.type);
+        if (match?.[1]) types.push(match[1]);
+      }
+    } catch {
+      // peripheral-anon is absent when every device has an id
+    }
+  }
+  return types;
+}
+
+/** Everything qsnap needs to know about a running QEMU before it acts on it. */
+export async function probeVm(qmp: QmpClient): Promise<VmInfo> {
+  const [version, status, machineType, memory, kvm, name, migration, blocks, deviceTypes] = await Promise.all(
+    [
+      qmp.execute('query-version'),
+      qmp.execute('query-status'),
+      qmp.execute('qom-get', { path: '/machine', property: 'type' }),
+      qmp.execute('query-memory-size-summary'),
+      qmp.execute('query-kvm'),
+      qmp.execute('query-name'),
+      qmp.execute('query-migrate'),
+      qmp.execute('query-block'),
+      listDeviceTypes(qmp),
+    ],
+  );
+  const v = version.qemu;
+  const machine = String(machineType).replace(/-machine$/, '');
+  return {
+    qemu: {
+      version: { major: v.major, minor: v.minor, micro: v.micro },
+      package: version.package,
+      text: `${v.major}.${v.minor}.${v.micro}`,
+    },
+    machine,
+    runState: status.status,
+    running: status.running,
+    ramBytes: memory['base-memory'] + (memory['plugged-memory'] ?? 0),
+    accel: kvm.enabled ? 'kvm' : 'tcg',
+    name: name.name,
+    migrationStatus: migration.status,
+    deviceTypes,
+    disks: blocks.map((block) => ({
+      device: deviceName(block.device, block.qdev),
+      qdev: block.qdev,
+      nodeName: block.inserted?.['node-name'],
+      file: block.inserted
+        ? (plainFilename(block.inserted.image.filename) ?? block.inserted.image.filename)
+        : undefined,
+      format: block.inserted?.image.format ?? block.inserted?.drv,
+      virtualSize: block.inserted?.image['virtual-size'],
+      backingFile:
+        block.inserted?.image['full-backing-filename'] ?? block.inserted?.image['backing-filename'],
+      readOnly: block.inserted?.ro ?? true,
+      removable: block.removable,
+      inserted: block.inserted !== undefined,
+    })),
+  };
+}

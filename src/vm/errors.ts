@@ -1,0 +1,13 @@
+import { QsnapError } from '../errors.js';
+
+/**
+ * Errors of launching and stopping QEMU.
+ *
+ *   VmError
+ *   ├── QSNAP_VM_SPEC        the spec or argv is invalid (zod issues in details)
+ *   ├── QSNAP_VM_NO_QEMU     the QEMU binary is not installed
+ *   ├── QSNAP_VM_LAUNCH      QEMU exited or never answered QMP during start-up
+ *   ├── QSNAP_VM_ACCEL       the requested accelerator cannot run a guest here
+ *   └── QSNAP_VM_STOP        QEMU did not stop even after SIGKILL
+ */
+export class VmError extends QsnapError {}

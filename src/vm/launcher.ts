@@ -1,0 +1,297 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { QmpClient } from '../qmp/index.js';
+import { type AccelDecision, resolveAccel } from './accel.js';
+import { buildArgv } from './args.js';
+import { VmError } from './errors.js';
+import { type ResolvedVmSpec, VmSpec } from './spec.js';
+
+export interface ExitInfo {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+export interface LaunchOptions {
+  /** Let QEMU outlive this process (restore, `make vm`); otherwise it is killed when we exit. */
+  detached?: boolean;
+  /** How long QEMU may take to answer QMP. */
+  startTimeoutMs?: number;
+}
+
+export interface LaunchArgvOptions extends LaunchOptions {
+  qemuBinary?: string;
+  /** The public QMP socket the argv opens, for users and other qsnap commands. */
+  qmpPath: string;
+  runDir: string;
+  /** Remove runDir when the VM is stopped. */
+  ownsRunDir?: boolean;
+  serial?: { socket: string; log: string } | undefined;
+  accel?: AccelDecision;
+}
+
+/** VMs started by this process and not detached: killed by pid if we exit first. */
+const liveChildren = new Set<Vm>();
+let exitHookInstalled = false;
+
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on('exit', () => {
+    for (const vm of liveChildren) {
+      try {
+        process.kill(vm.pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+  });
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * A running QEMU process that qsnap started. QEMU serves one client per QMP socket, so the
+ * VM gets two monitors: the public `qmpPath` (for users and qsnap commands such as snapshot)
+ * and a private control socket that `vm.qmp` stays connected to.
+ */
+export class Vm {
+  readonly pid: number;
+  /** The argv as given (what a user would run), without qsnap's private control monitor. */
+  readonly argv: readonly string[];
+  /** The argv QEMU actually runs with. */
+  readonly fullArgv: readonly string[];
+  readonly qmpPath: string;
+  readonly controlPath: string;
+  readonly runDir: string;
+  readonly serial: { socket: string; log: string } | undefined;
+  readonly accel: AccelDecision | undefined;
+  readonly logPath: string;
+  /** Resolves when QEMU has exited (whatever the cause). */
+  readonly exited: Promise<ExitInfo>;
+  qmp!: QmpClient;
+
+  private exitInfo: ExitInfo | undefined;
+  private readonly ownsRunDir: boolean;
+
+  private constructor(
+    child: ChildProcess,
+    argv: string[],
+    fullArgv: string[],
+    options: LaunchArgvOptions,
+    logPath: string,
+  ) {
+    if (child.pid === undefined) throw new VmError('QSNAP_VM_LAUNCH', 'QEMU could not be started');
+    this.pid = child.pid;
+    this.argv = argv;
+    this.fullArgv = fullArgv;
+    this.qmpPath = options.qmpPath;
+    this.controlPath = join(options.runDir, 'control.sock');
+    this.runDir = options.runDir;
+    this.serial = options.serial;
+    this.accel = options.accel;
+    this.ownsRunDir = options.ownsRunDir ?? false;
+    this.logPath = logPath;
+    this.exited = new Promise((resolve) => {
+      child.once('exit', (code, signal) => {
+        this.exitInfo = { code, signal };
+        liveChildren.delete(this);
+        resolve(this.exitInfo);
+      });
+    });
+  }
+
+  /** Launch QEMU from a validated spec and wait until it answers QMP. */
+  static async launch(input: VmSpec, options: LaunchOptions = {}): Promise<Vm> {
+    const parsed = VmSpec.safeParse(input);
+    if (!parsed.success) {
+      throw new VmError(
+        'QSNAP_VM_SPEC',
+        `invalid VM spec: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`,
+        {
+          hint: 'fix the fields named above',
+          details: { issues: parsed.error.issues },
+        },
+      );
+    }
+    const spec: ResolvedVmSpec = parsed.data;
+    const ownsRunDir = spec.runDir === undefined;
+    const runDir = spec.runDir ?? (await mkdtemp(join(tmpdir(), 'qsnap-vm-')));
+    const accel = await resolveAccel(spec.accel);
+    const built = buildArgv(spec, { runDir, accel: accel.accel });
+    try {
+      return await Vm.launchArgv(built.argv, {
+        ...options,
+        qemuBinary: spec.qemuBinary,
+        qmpPath: built.qmpPath,
+        runDir,
+        ownsRunDir,
+        serial: built.serial,
+        accel,
+      });
+    } catch (err) {
+      if (ownsRunDir) await rm(runDir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  /** Launch QEMU from a complete argv (without the binary) that opens `qmpPath`. */
+  static async launchArgv(argv: string[], options: LaunchArgvOptions): Promise<Vm> {
+    const binary = options.qemuBinary ?? 'qemu-system-x86_64';
+    const logPath = join(options.runDir, 'qemu.log');
+    const logFd = openSync(logPath, 'a');
+    const controlPath = join(options.runDir, 'control.sock');
+    const fullArgv = [
+      ...argv,
+      '-chardev',
+      `socket,id=qsnap-control,path=${controlPath.replaceAll(',', ',,')},server=on,wait=off`,
+      '-mon',
+      'chardev=qsnap-control,mode=control',
+    ];
+    let child: ChildProcess;
+    try {
+      child = spawn(binary, fullArgv, { detached: true, stdio: ['ignore', logFd, logFd] });
+    } finally {
+      closeSync(logFd);
+    }
+    const spawnError = await new Promise<Error | undefined>((resolve) => {
+      child.once('spawn', () => resolve(undefined));
+      child.once('error', (err) => resolve(err));
+    });
+    if (spawnError) {
+      const missing = (spawnError as NodeJS.ErrnoException).code === 'ENOENT';
+      throw new VmError(
+        missing ? 'QSNAP_VM_NO_QEMU' : 'QSNAP_VM_LAUNCH',
+        missing ? `${binary} is not installed` : `cannot start ${binary}: ${spawnError.message}`,
+        {
+          hint: missing
+            ? 'install it: apt-get install qemu-system-x86 qemu-utils (or run make setup)'
+            : 'check the QEMU binary',
+          cause: spawnError,
+        },
+      );
+    }
+    const vm = new Vm(child, argv, fullArgv, options, logPath);
+    if (options.detached) child.unref();
+    else {
+      installExitHook();
+      liveChildren.add(vm);
+    }
+    try {
+      vm.qmp = await vm.waitForQmp(options.startTimeoutMs ?? 30_000);
+    } catch (err) {
+      await vm.kill();
+      if (options.ownsRunDir) await rm(options.runDir, { recursive: true, force: true });
+      throw err;
+    }
+    return vm;
+  }
+
+  get running(): boolean {
+    return this.exitInfo === undefined;
+  }
+
+  /** The last lines QEMU printed on stdout/stderr (for error messages). */
+  logTail(lines = 5): string {
+    try {
+      return readFileSync(this.logPath, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
+    } catch {
+      return '';
+    }
+  }
+
+  private async waitForQmp(timeoutMs: number): Promise<QmpClient> {
+    const deadline = Date.now() + timeoutMs;
+    let lastError: unknown;
+    while (Date.now() < deadline) {
+      if (!this.running) {
+        const tail = this.logTail(3).replaceAll('\n', ' | ');
+        throw new VmError(
+          'QSNAP_VM_LAUNCH',
+          `QEMU exited during start-up (code ${this.exitInfo?.code})${tail ? `: ${tail}` : ''}`,
+          {
+            hint: 'check the QEMU command line and the message above',
+            details: { log: this.logPath, argv: this.fullArgv },
+          },
+        );
+      }
+      if (existsSync(this.controlPath)) {
+        try {
+          return await QmpClient.connect(this.controlPath, {
+            connectTimeoutMs: Math.max(1000, deadline - Date.now()),
+          });
+        } catch (err) {
+          lastError = err;
+        }
+      }
+      await sleep(25);
+    }
+    throw new VmError(
+      'QSNAP_VM_LAUNCH',
+      `QEMU did not answer QMP on ${this.controlPath} within ${timeoutMs} ms`,
+      {
+        hint: 'the host may be overloaded; check the QEMU log',
+        cause: lastError,
+        details: { log: this.logPath },
+      },
+    );
+  }
+
+  /**
+   * Stop QEMU: QMP `quit`, then SIGTERM, then SIGKILL, by pid. Idempotent. Removes the
+   * run directory when qsnap made it.
+   */
+  async stop(options: { timeoutMs?: number } = {}): Promise<ExitInfo> {
+    const graceMs = options.timeoutMs ?? 5000;
+    if (this.running) {
+      try {
+        await this.qmp?.execute('quit', undefined, { timeoutMs: graceMs });
+      } catch {
+        // QEMU may close the socket before replying, or be wedged: the signals below handle it.
+      }
+      if (!(await this.waitExit(graceMs))) await this.kill();
+    }
+    await this.qmp?.close();
+    if (this.ownsRunDir) await rm(this.runDir, { recursive: true, force: true });
+    return this.exitInfo ?? { code: null, signal: 'SIGKILL' };
+  }
+
+  /** SIGTERM, then SIGKILL; resolves once the process is gone. */
+  async kill(): Promise<void> {
+    for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
+      if (!this.running) return;
+      try {
+        process.kill(this.pid, signal);
+      } catch {
+        // gone between the check and the signal
+      }
+      if (await this.waitExit(signal === 'SIGTERM' ? 3000 : 5000)) return;
+    }
+    if (this.running && isAlive(this.pid)) {
+      throw new VmError('QSNAP_VM_STOP', `QEMU pid ${this.pid} did not exit after SIGKILL`, {
+        hint: 'the process may be stuck in the kernel (D state); check it with ps',
+      });
+    }
+  }
+
+  private async waitExit(timeoutMs: number): Promise<boolean> {
+    if (!this.running) return true;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<false>((resolve) => {
+      timer = setTimeout(() => resolve(false), timeoutMs);
+    });
+    const done = await Promise.race([this.exited.then(() => true as const), timeout]);
+    clearTimeout(timer);
+    return done;
+  }
+}
