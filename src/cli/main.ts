@@ -1,5 +1,7 @@
 #!/usr/bin/env node
+import { exportCommand } from './commands/export.js';
 import { inspectCommand } from './commands/inspect.js';
+import { restoreCommand } from './commands/restore.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { statusCommand } from './commands/status.js';
 import { verifyCommand } from './commands/verify.js';
@@ -10,6 +12,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; summa
   snapshot: { run: snapshotCommand, summary: 'take a live point-in-time snapshot of a running VM' },
   inspect: { run: inspectCommand, summary: 'show what a snapshot file holds' },
   verify: { run: verifyCommand, summary: 'check every checksum of a snapshot file' },
+  restore: { run: restoreCommand, summary: 'start a new QEMU from a snapshot (full or --lazy)' },
+  export: { run: exportCommand, summary: 'write a snapshot as a plain QEMU migration stream' },
 };
 
 function usage(): string {
@@ -49,7 +53,8 @@ async function main(argv: string[]): Promise<number> {
     );
     return 2;
   }
-  const json = rest.includes('--json');
+  const dash = rest.indexOf('--');
+  const json = (dash >= 0 ? rest.slice(0, dash) : rest).includes('--json');
   try {
     return await entry.run(rest);
   } catch (err) {

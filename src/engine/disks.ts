@@ -20,6 +20,8 @@ export interface PlannedOverlay {
   /** The new active image, beside the frozen one (never in a temp directory). */
   overlayFile: string;
   overlayNode: string;
+  /** The frozen image and its backing files, top first: what a restore opens read-only. */
+  chain: string[];
 }
 
 export interface DiskPlan {
@@ -84,6 +86,7 @@ export async function planOverlays(
       format: disk.format,
       virtualSize: disk.virtualSize,
       frozenFile,
+      chain: disk.chain.length ? disk.chain.map((f) => resolve(f)) : [frozenFile],
       overlayFile: join(dir, `${stem}.qsnap-${snapshotId.slice(0, 8)}.qcow2`),
       overlayNode: `qsnap-${snapshotId.slice(0, 8)}-${index}`,
     });

@@ -3,14 +3,17 @@
  * misbehave at a named point, so tests can prove every failure path leaves the guest running
  * and its disks intact. Points: `after-stop` (hang right after pausing the guest, to be
  * killed), `bad-migration-socket` (QEMU connects to a socket nobody listens on),
- * `stream-error` (the receiver fails mid-stream).
+ * `stream-error` (the receiver fails mid-stream), `stream-hang` (hang mid-stream, after the
+ * guest was resumed and 20 MiB were received, to be killed).
  */
+const HANGING = new Set(['after-stop', 'stream-hang']);
+
 export function faultPoint(name: string): boolean {
   const spec = process.env['QSNAP_FAULT'];
   if (!spec) return false;
   const active = spec.split(',').includes(name);
-  if (active && name === 'after-stop') {
-    // Block the event loop: nothing may run after the pause (as if qsnap had been SIGKILLed here).
+  if (active && HANGING.has(name)) {
+    // Block the event loop: nothing may run from here on (as if qsnap had been SIGKILLed here).
     Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 600_000);
   }
   return active;

@@ -120,6 +120,27 @@ export class IntentHandle {
   }
 }
 
+function busy(held: Intent): SnapshotError {
+  return new SnapshotError(
+    'QSNAP_SNAPSHOT_BUSY',
+    `another qsnap (pid ${held.owner.pid}) is already working on this VM (${held.operation})`,
+    {
+      hint: 'wait for it to finish, then run the command again',
+      details: { pid: held.owner.pid, operation: held.operation, since: held.createdAt },
+    },
+  );
+}
+
+/**
+ * Fails with QSNAP_SNAPSHOT_BUSY when a live qsnap holds this VM's lock. Checked before
+ * connecting: QEMU serves one client per QMP socket, so a second connect would not fail but
+ * wait, unanswered, until the first qsnap lets go.
+ */
+export async function assertNotBusy(qmpPath: string): Promise<void> {
+  const held = await readIntent(await intentPath(qmpPath)).catch(() => undefined);
+  if (held && ownerAlive(held.owner)) throw busy(held);
+}
+
 /**
  * Take the per-VM lock. Fails with QSNAP_SNAPSHOT_BUSY when a live qsnap holds it; a stale
  * record must have been recovered first (see recoverStaleIntent).
@@ -142,16 +163,7 @@ export async function acquireIntent(
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     const held = await readIntent(path);
-    if (held && ownerAlive(held.owner)) {
-      throw new SnapshotError(
-        'QSNAP_SNAPSHOT_BUSY',
-        `another qsnap (pid ${held.owner.pid}) is already working on this VM (${held.operation})`,
-        {
-          hint: 'wait for it to finish, then run the command again',
-          details: { pid: held.owner.pid, operation: held.operation, since: held.createdAt },
-        },
-      );
-    }
+    if (held && ownerAlive(held.owner)) throw busy(held);
     throw new SnapshotError(
       'QSNAP_SNAPSHOT_BUSY',
       'an interrupted qsnap operation on this VM has not been recovered',

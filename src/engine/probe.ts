@@ -16,6 +16,8 @@ export interface DiskInfo {
   format: string | undefined;
   virtualSize: number | undefined;
   backingFile: string | undefined;
+  /** The image and its backing files, top first (absolute where QEMU knows them). */
+  chain: string[];
   readOnly: boolean;
   removable: boolean;
   inserted: boolean;
@@ -52,6 +54,16 @@ export function plainFilename(name: string): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+function imageChain(image: { filename: string; 'backing-image'?: unknown } | undefined): string[] {
+  const chain: string[] = [];
+  let current = image as { filename: string; 'backing-image'?: unknown } | undefined;
+  while (current) {
+    chain.push(plainFilename(current.filename) ?? current.filename);
+    current = current['backing-image'] as typeof current;
+  }
+  return chain;
 }
 
 /** The device's short name: a qdev path `/machine/peripheral/disk0-dev/virtio-backend` gives `disk0-dev`. */
@@ -120,6 +132,7 @@ export async function probeVm(qmp: QmpClient): Promise<VmInfo> {
       backingFile:
         block.inserted?.image['full-backing-filename'] ?? block.inserted?.image['backing-filename'],
       readOnly: block.inserted?.ro ?? true,
+      chain: imageChain(block.inserted?.image),
       removable: block.removable,
       inserted: block.inserted !== undefined,
     })),

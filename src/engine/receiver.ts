@@ -129,6 +129,7 @@ export class StreamReceiver {
       if (this.failed) return;
       if (this.bytes === 0) this.firstByteAt = performance.now();
       this.bytes += chunk.length;
+      if (this.bytes > 20 * 2 ** 20) faultPoint('stream-hang');
       if (this.bytes > 20 * 2 ** 20 && faultPoint('stream-error')) {
         this.fail(
           new SnapshotError(

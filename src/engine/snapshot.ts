@@ -17,7 +17,7 @@ import {
 } from './disks.js';
 import { SnapshotError } from './errors.js';
 import { faultPoint } from './faults.js';
-import { acquireIntent, type IntentHandle } from './intent.js';
+import { acquireIntent, assertNotBusy, type IntentHandle } from './intent.js';
 import { configureMigration, type MigrationSettings, restoreMigration } from './migration.js';
 import { Operation, type OperationContext } from './operation.js';
 import { probeVm, type VmInfo, versionAtLeast } from './probe.js';
@@ -132,6 +132,7 @@ async function runSnapshot(options: SnapshotOptions, op: OperationContext): Prom
   const startedAt = performance.now();
   const out = resolve(options.out);
   op.phase('connect', options.qmp);
+  await assertNotBusy(options.qmp);
   const { qmp, recovery } = await connectVm(options.qmp);
   if (recovery.recovered)
     op.emit({ type: 'info', message: `recovered an interrupted qsnap: ${recovery.actions.join('; ')}` });
@@ -495,6 +496,7 @@ async function finishFile(
     frozenFile: o.frozenFile,
     overlayFile: o.overlayFile,
     overlayNodeName: o.overlayNode,
+    backingChain: o.chain,
   }));
   let manifest: Awaited<ReturnType<SnapshotWriter['finish']>>;
   try {

@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -33,20 +33,24 @@ export interface LaunchArgvOptions extends LaunchOptions {
   accel?: AccelDecision;
 }
 
-/** VMs started by this process and not detached: killed by pid if we exit first. */
-const liveChildren = new Set<Vm>();
+/**
+ * VMs started by this process and not detached: killed by pid if we exit first, and the run
+ * directory qsnap made for each (the value) removed.
+ */
+const liveChildren = new Map<Vm, string | undefined>();
 let exitHookInstalled = false;
 
 function installExitHook(): void {
   if (exitHookInstalled) return;
   exitHookInstalled = true;
   process.on('exit', () => {
-    for (const vm of liveChildren) {
+    for (const [vm, ownedRunDir] of liveChildren) {
       try {
         process.kill(vm.pid, 'SIGKILL');
       } catch {
         // already gone
       }
+      if (ownedRunDir) rmSync(ownedRunDir, { recursive: true, force: true });
     }
   });
 }
@@ -149,6 +153,7 @@ export class Vm {
   static async launchArgv(argv: string[], options: LaunchArgvOptions): Promise<Vm> {
     const binary = options.qemuBinary ?? 'qemu-system-x86_64';
     const logPath = join(options.runDir, 'qemu.log');
+    mkdirSync(options.runDir, { recursive: true });
     const logFd = openSync(logPath, 'a');
     const controlPath = join(options.runDir, 'control.sock');
     const fullArgv = [
@@ -185,7 +190,7 @@ export class Vm {
     if (options.detached) child.unref();
     else {
       installExitHook();
-      liveChildren.add(vm);
+      liveChildren.set(vm, options.ownsRunDir ? options.runDir : undefined);
     }
     try {
       vm.qmp = await vm.waitForQmp(options.startTimeoutMs ?? 30_000);
@@ -234,7 +239,7 @@ export class Vm {
           lastError = err;
         }
       }
-      await sleep(25);
+      await sleep(5);
     }
     throw new VmError(
       'QSNAP_VM_LAUNCH',

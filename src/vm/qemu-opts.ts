@@ -36,9 +36,12 @@ function splitEscaped(text: string): string[] {
 export function parseQemuOpts(text: string, impliedKey?: string): QemuOpts {
   const parts = splitEscaped(text);
   const opts: QemuOpts = { pairs: [] };
+  // QEMU looks at the raw text: the first part is implied unless '=' comes before any ','
+  // (so `unix:/a,,b=c` is one implied value).
+  const firstIsImplied = impliedKey !== undefined && text[text.search(/[=,]/)] !== '=';
   parts.forEach((part, index) => {
     const eq = part.indexOf('=');
-    if (index === 0 && impliedKey !== undefined && eq < 0) {
+    if (index === 0 && firstIsImplied) {
       opts.implied = part;
       return;
     }
@@ -115,6 +118,18 @@ const FLAG_OPTIONS = new Set([
   '-alt-grab',
   '-ctrl-grab',
   '-semihosting',
+  // Flags of QEMU 7.2 found by probing it (test/vm/qemu-opts.test.ts); -one-insn-per-tb is
+  // -singlestep's name from QEMU 8.1 on.
+  '-usb',
+  '-mem-prealloc',
+  '-singlestep',
+  '-portrait',
+  '-audio-help',
+  '-async-teardown',
+  '-enable-sync-profile',
+  '-xen-attach',
+  '-xen-domid-restrict',
+  '-one-insn-per-tb',
 ]);
 
 export function splitArgv(argv: readonly string[]): ArgvEntry[] {

@@ -1,0 +1,54 @@
+import { exportStream } from '../../engine/restore.js';
+import { type CommandSpec, helpText, parse, UsageError } from '../args.js';
+import { formatBytes, formatMs, makeOutput } from '../output.js';
+import { ProgressBar } from '../progress.js';
+
+const spec = {
+  name: 'export',
+  summary:
+    'Write a snapshot as a plain QEMU migration stream, which stock QEMU loads with\n' +
+    '`-incoming "exec:cat <stream>"` (start it with the VM\'s command line; disks as in the snapshot).',
+  usage: 'qsnap export <file> --qemu-stream <out> [--overwrite] [--json]',
+  options: {
+    'qemu-stream': { type: 'string' },
+    overwrite: { type: 'boolean' },
+    json: { type: 'boolean' },
+  },
+  help: {
+    'qemu-stream': 'the stream file to write',
+    overwrite: 'replace an existing file',
+    json: 'print one JSON object',
+  },
+  allowPositionals: true,
+  examples: [
+    'qsnap export vm.qsnap --qemu-stream vm.migration && qemu-system-x86_64 … -incoming "exec:cat vm.migration"',
+  ],
+} as const;
+
+export async function exportCommand(argv: string[]): Promise<number> {
+  const { values, positionals } = parse(spec, argv);
+  if (values.help) {
+    process.stdout.write(helpText(spec));
+    return 0;
+  }
+  const [file, ...extra] = positionals;
+  if (!file || extra.length)
+    throw new UsageError('export: give exactly one snapshot file', 'see qsnap export --help');
+  if (!values['qemu-stream'])
+    throw new UsageError('export: --qemu-stream <out> is required', 'see qsnap export --help');
+  const json = values.json ?? false;
+  const out = makeOutput(json);
+  const bar = new ProgressBar(!json);
+  const op = exportStream({ file, out: values['qemu-stream'], overwrite: values.overwrite ?? false }).on(
+    bar.onEvent,
+  );
+  try {
+    const r = await op.result;
+    bar.clear();
+    out.result({ ok: true, ...r });
+    out.text(`exported  ${r.out}: ${formatBytes(r.bytes)} in ${formatMs(r.ms)}`);
+    return 0;
+  } finally {
+    bar.clear();
+  }
+}
