@@ -22,6 +22,7 @@ import { configureMigration, type MigrationSettings, restoreMigration } from './
 import { Operation, type OperationContext } from './operation.js';
 import { probeVm, type VmInfo, versionAtLeast } from './probe.js';
 import { type ReceivedStream, StreamReceiver } from './receiver.js';
+import { type RollbackOutcome, rollbackOverlays } from './rollback.js';
 
 export type SnapshotStrategy = 'background-snapshot' | 'stopped-precopy';
 
@@ -260,13 +261,27 @@ async function snapshotLocked(ctx: LockedContext): Promise<SnapshotResult> {
     const stopped = vm.running ? qmp.execute('stop') : Promise.resolve();
     if (faultPoint('after-stop')) await stopped;
     const freeze = overlays.length
-      ? qmp.execute('transaction', { actions: freezeActions(overlays) })
+      ? qmp.execute('transaction', { actions: freezeActions(overlays) }).catch((err: unknown) => {
+          throw new SnapshotError(
+            'QSNAP_SNAPSHOT_DISK',
+            `QEMU could not freeze the disks: ${(err as Error).message}`,
+            {
+              hint: 'check the disks with qsnap status; the guest was resumed and nothing changed',
+              cause: err,
+            },
+          );
+        })
       : Promise.resolve();
     freeze.catch(() => undefined);
     await stopped;
     await freeze;
     if (overlays.length) {
       pause.frozen = true;
+      // Recorded without waiting (the guest is paused); the next update waits for it. Until
+      // then a recovery still keeps these files: QEMU refuses to delete a node in use.
+      void intent
+        .update({ overlays: intent.current.overlays.map((o) => ({ ...o, inUse: true })) })
+        .catch(() => undefined);
       op.phase('frozen');
     }
     const uri = faultPoint('bad-migration-socket')
@@ -566,10 +581,14 @@ async function finishFile(
   };
 }
 
+function overlayOutcomes(overlays: PlannedOverlay[]): RollbackOutcome[] {
+  return overlays.map((o) => ({ device: o.device, overlayFile: o.overlayFile, rolledBack: false }));
+}
+
 /**
  * Put everything back after a failure and say so in the error: the guest runs again if it
  * ran before, the migration is cancelled, the partial file is gone, unused overlays are
- * removed, and disks already switched to their overlay are named.
+ * removed, disks already switched to their overlay are committed back (or named).
  */
 async function cleanupAfterFailure(
   ctx: LockedContext,
@@ -583,6 +602,8 @@ async function cleanupAfterFailure(
 ): Promise<unknown> {
   const { qmp, vm, op } = ctx;
   const notes: string[] = [];
+  const unrolled: RollbackOutcome[] =
+    state.pause.frozen && qmp.state !== 'running' ? overlayOutcomes(ctx.overlays) : [];
   let guest: 'running' | 'paused' | 'gone' = 'gone';
   await state.receiver.abort(err);
   await state.writer?.abort(err);
@@ -610,7 +631,15 @@ async function cleanupAfterFailure(
       }
       guest = vm.running ? 'running' : 'paused';
       if (state.pause.frozen) {
-        notes.push(...ctx.overlays.map((o) => `disk ${o.device} now writes to ${o.overlayFile}`));
+        // Merge what the guest wrote since the freeze back and drop the overlays: the VM's
+        // disk layout is as before the failed snapshot.
+        for (const outcome of await rollbackOverlays(qmp, ctx.overlays)) {
+          if (outcome.rolledBack) notes.push(`disk ${outcome.device} is back on its original image`);
+          else {
+            unrolled.push(outcome);
+            notes.push(`disk ${outcome.device} now writes to ${outcome.overlayFile} (${outcome.error})`);
+          }
+        }
       } else {
         const kept = await discardOverlays(qmp, ctx.overlays);
         for (const o of kept) notes.push(`overlay ${o.overlayFile} kept (in use)`);
@@ -633,7 +662,7 @@ async function cleanupAfterFailure(
         );
   base.details['guest'] = guest;
   base.details['cleanup'] = notes;
-  if (state.pause.frozen)
-    base.details['disks'] = ctx.overlays.map((o) => ({ device: o.device, overlayFile: o.overlayFile }));
+  if (unrolled.length)
+    base.details['disks'] = unrolled.map((o) => ({ device: o.device, overlayFile: o.overlayFile }));
   return base;
 }
