@@ -46,10 +46,27 @@ export interface ParsedCommandLine {
   deviceTypes: string[];
   /** Memory backend id named by `-machine memory-backend=` or `-M memory-backend=`. */
   memoryBackendId: string | undefined;
+  /** Guest RAM given by `-m` (base memory), when the command line has one. */
+  ramBytes: number | undefined;
 }
 
 function isTruthy(value: string | undefined): boolean {
   return value === 'on' || value === 'true' || value === 'yes';
+}
+
+const SIZE_SUFFIXES = 'BKMGTPE';
+
+/**
+ * A `-m` size in bytes: a plain number is MiB, else a B/K/M/G/T/P/E suffix
+ * (QEMU: softmmu/vl.c parse_memory_options). Undefined when it is not a plain size.
+ */
+export function parseRamSize(value: string): number | undefined {
+  const o = parseQemuOpts(value, 'size');
+  const text = (o.implied ?? getOpt(o, 'size'))?.trim();
+  const m = text ? /^(\d+(?:\.\d+)?)([bkmgtpe])?$/i.exec(text) : null;
+  if (!m) return undefined;
+  const unit = m[2] ? SIZE_SUFFIXES.indexOf(m[2].toUpperCase()) : 2;
+  return Math.round(Number(m[1]) * 1024 ** unit);
 }
 
 function readJsonOption(value: string): Record<string, unknown> | undefined {
@@ -72,6 +89,7 @@ export function parseCommandLine(argv: readonly string[]): ParsedCommandLine {
   const chardevSockets = new Map<string, string>();
   let qmpSocket: string | undefined;
   let memoryBackendId: string | undefined;
+  let ramBytes: number | undefined;
   const formatNodeOfFile = new Map<string, { index: number; name: string | undefined; readOnly: boolean }>();
 
   entries.forEach((entry, index) => {
@@ -109,6 +127,12 @@ export function parseCommandLine(argv: readonly string[]): ParsedCommandLine {
               formatEntryIndex: undefined,
               readOnly: json['read-only'] === true,
               deviceId: undefined,
+            });
+          } else if (typeof json['file'] === 'string') {
+            formatNodeOfFile.set(json['file'], {
+              index,
+              name: json['node-name'] as string | undefined,
+              readOnly: json['read-only'] === true,
             });
           }
           break;
@@ -211,6 +235,9 @@ export function parseCommandLine(argv: readonly string[]): ParsedCommandLine {
           qmpSocket ??= chardevSockets.get(chardev);
         break;
       }
+      case '-m':
+        ramBytes = parseRamSize(value);
+        break;
       case '-machine':
       case '-M': {
         const o = parseQemuOpts(value, 'type');
@@ -222,7 +249,7 @@ export function parseCommandLine(argv: readonly string[]): ParsedCommandLine {
 
   // A -blockdev file node is the disk; the format node above it carries the device's drive name.
   for (const disk of disks) {
-    if (disk.kind === 'blockdev-file' && disk.formatEntryIndex === undefined && disk.nodeName) {
+    if (disk.kind !== 'drive' && disk.formatEntryIndex === undefined && disk.nodeName) {
       const format = formatNodeOfFile.get(disk.nodeName);
       if (format) {
         disk.formatEntryIndex = format.index;
@@ -232,7 +259,7 @@ export function parseCommandLine(argv: readonly string[]): ParsedCommandLine {
     }
     if (disk.nodeName) disk.deviceId = drivesOfDevices.get(disk.nodeName);
   }
-  return { binary, entries, disks, qmpSocket, deviceTypes, memoryBackendId };
+  return { binary, entries, disks, qmpSocket, deviceTypes, memoryBackendId, ramBytes };
 }
 
 export interface DiskRewrite {
@@ -280,20 +307,20 @@ export function rewriteCommandLine(parsed: ParsedCommandLine, options: RewriteOp
           : setOpt(o, 'filename', overlay),
       );
     }
-    if (argvDisk.formatEntryIndex !== undefined && argvDisk.kind !== 'drive') {
+    if (argvDisk.formatEntryIndex !== undefined) {
+      // The overlay is qcow2 whatever the frozen layer is; its header names the backing file.
       const formatEntry = entries[argvDisk.formatEntryIndex]!;
-      if (readJsonOption(formatEntry.value ?? '') === undefined) {
+      const json = readJsonOption(formatEntry.value ?? '');
+      if (json === undefined) {
         formatEntry.value = rewriteBlockdev(formatEntry.value ?? '', (o) => ({
           ...o,
-          // The overlay is qcow2 whatever the frozen layer is; its header names the backing file.
           pairs: setOpt(o, 'driver', 'qcow2').pairs.filter(
             ([k]) => !['backing', 'offset', 'size'].includes(k),
           ),
         }));
-      } else if (argvDisk.kind !== 'blockdev-json') {
-        const json = JSON.parse(formatEntry.value ?? '{}') as Record<string, unknown>;
+      } else {
         json['driver'] = 'qcow2';
-        delete json['backing'];
+        for (const key of ['backing', 'offset', 'size']) delete json[key];
         formatEntry.value = JSON.stringify(json);
       }
     }

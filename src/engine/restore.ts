@@ -1,5 +1,6 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
 import { mkdir, mkdtemp, rm, stat } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -137,7 +138,12 @@ async function planDisks(
     }
     used.add(match);
     const dir = overlayDir ? resolve(overlayDir) : dirname(disk.frozenFile);
-    const stem = basename(disk.frozenFile, extname(disk.frozenFile));
+    // A frozen layer that is itself a restore (or snapshot) overlay keeps its original stem:
+    // along a chain of snapshots and restores the names would otherwise outgrow NAME_MAX.
+    const stem = basename(disk.frozenFile, extname(disk.frozenFile)).replace(
+      /(\.(?:restore|qsnap)-[0-9a-f]{8})+$/,
+      '',
+    );
     plan.push({
       argvDisk: match,
       device: disk.device,
@@ -217,15 +223,34 @@ async function checkCompatible(qmp: QmpClient, reader: SnapshotReader): Promise<
     );
   }
   const ramBytes = memory['base-memory'] + (memory['plugged-memory'] ?? 0);
-  if (ramBytes !== m.vm.ramBytes) {
-    throw new RestoreError(
-      'QSNAP_RESTORE_RAM_SIZE',
-      `the command line gives ${ramBytes} bytes of RAM, the snapshot has ${m.vm.ramBytes}`,
-      {
-        hint: `use -m ${m.vm.ramBytes / 2 ** 20}M as when the snapshot was taken`,
-      },
-    );
-  }
+  if (ramBytes !== m.vm.ramBytes) throw ramSizeError(ramBytes, m.vm.ramBytes);
+}
+
+function ramSizeError(given: number, snapshot: number): RestoreError {
+  return new RestoreError(
+    'QSNAP_RESTORE_RAM_SIZE',
+    `the command line gives ${given} bytes of RAM, the snapshot has ${snapshot}`,
+    { hint: `use -m ${snapshot / 2 ** 20}M as when the snapshot was taken` },
+  );
+}
+
+/**
+ * QEMU exits when an incoming migration fails (7.2: migration.c process_incoming_migration_co),
+ * so the usual sign of a refused state is the monitor going away: say so with QEMU's own words.
+ */
+async function loadFailure(vm: Vm, err: unknown): Promise<unknown> {
+  if (!(err instanceof QsnapError) || err.code !== 'QSNAP_QMP_DISCONNECTED') return err;
+  await Promise.race([vm.exited, new Promise((r) => setTimeout(r, 2000))]);
+  const said = vm.logTail(3).replaceAll('\n', ' | ');
+  return new RestoreError(
+    'QSNAP_RESTORE_LOAD',
+    `QEMU refused the snapshot's state and exited${said ? `: ${said}` : ''}`,
+    {
+      hint: 'check that the command line matches the snapshotted VM (devices, machine, memory); see the QEMU log',
+      cause: err,
+      details: { log: vm.logPath },
+    },
+  );
 }
 
 async function connectWhenListening(path: string, timeoutMs: number): Promise<Socket> {
@@ -273,17 +298,18 @@ export async function* snapshotStream(
 }
 
 async function feed(socket: Socket, chunks: AsyncIterable<Buffer>): Promise<void> {
+  // Listened for before the first write: QEMU exits as soon as it refuses the stream, and a
+  // socket that closed while nobody waited for 'drain' would otherwise leave this loop waiting forever.
+  let cause: Error | undefined;
+  const gone = new Promise<never>((_, reject) => {
+    socket.on('error', (err) => {
+      cause ??= err;
+    });
+    socket.once('close', () => reject(cause ?? new Error('QEMU closed the incoming migration socket')));
+  });
+  gone.catch(() => undefined);
   for await (const chunk of chunks) {
-    if (!socket.write(chunk)) {
-      await new Promise<void>((resolvePromise, reject) => {
-        const onError = (err: Error) => reject(err);
-        socket.once('error', onError);
-        socket.once('drain', () => {
-          socket.off('error', onError);
-          resolvePromise();
-        });
-      });
-    }
+    if (!socket.write(chunk)) await Promise.race([once(socket, 'drain'), gone]);
   }
   await new Promise<void>((resolvePromise) => socket.end(resolvePromise));
 }
@@ -328,6 +354,9 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
     const parsed = parseCommandLine(options.argv);
     if (options.lazy) {
       refuseUnsafeLazy(parsed, m.stream.devices ?? []);
+      // The backend must be as large as -m; QEMU would refuse with a start-up error only.
+      if (parsed.ramBytes !== undefined && parsed.ramBytes !== m.vm.ramBytes)
+        throw ramSizeError(parsed.ramBytes, m.vm.ramBytes);
       if (m.ram.blocks[0]?.fileOffset !== 0) {
         throw new RestoreError('QSNAP_RESTORE_FORMAT', 'the main RAM block is not at offset 0 of the file', {
           hint: 'restore without --lazy',
@@ -379,13 +408,18 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
         yield chunk;
       }
     };
-    const loaded = waitIncoming(vm.qmp, 30 * 60_000);
+    const launched = vm;
+    const loaded = waitIncoming(vm.qmp, 30 * 60_000).catch(async (err) => {
+      throw await loadFailure(launched, err);
+    });
     loaded.catch(() => undefined);
     try {
       await feed(socket, progress(snapshotStream(reader, { skipMainBlock: mode === 'lazy', verify: true })));
     } catch (err) {
       socket.destroy();
-      // QEMU's own reason (it closed the socket) beats EPIPE.
+      // A bad page of the file is the cause; QEMU failing on the cut stream is its effect.
+      if (err instanceof QsnapError) throw err;
+      // Otherwise QEMU's own reason (it closed the socket) beats EPIPE.
       await loaded;
       throw err;
     }

@@ -1,5 +1,5 @@
 import { exportStream } from '../../engine/restore.js';
-import { type CommandSpec, helpText, parse, UsageError } from '../args.js';
+import { helpText, parse, UsageError } from '../args.js';
 import { formatBytes, formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';
 

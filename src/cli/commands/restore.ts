@@ -1,6 +1,6 @@
 import { resolve } from 'node:path';
 import { restore } from '../../engine/restore.js';
-import { type CommandSpec, helpText, parse, UsageError } from '../args.js';
+import { helpText, parse, UsageError } from '../args.js';
 import { formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';
 
