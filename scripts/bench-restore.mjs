@@ -55,7 +55,6 @@ function stockArgv(argv, frozenFile, overlayFile, stream) {
     '-q',
     '-f',
     'qcow2',
-    '-u',
     '-b',
     frozenFile,
     '-F',

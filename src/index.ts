@@ -24,6 +24,7 @@ export {
   type SnapshotStrategy,
   snapshot,
 } from './engine/snapshot.js';
+export { type SnapshotVerifyResult, verifySnapshot } from './engine/verify.js';
 export { asQsnapError, QsnapError, type QsnapErrorJson } from './errors.js';
 export { type Manifest, openSnapshot, SnapshotFileError, type SnapshotReader } from './format/index.js';
 export { GuestConsole } from './guest/console.js';

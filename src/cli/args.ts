@@ -66,3 +66,24 @@ export function parseSize(text: string, what: string): number {
   ];
   return Math.round(Number(match[1]) * scale);
 }
+
+/** Parse a command's arguments; on --help print its help and return undefined. */
+export function parseCommand<const O extends Options>(
+  spec: CommandSpec<O>,
+  argv: string[],
+): Parsed<O> | undefined {
+  const parsed = parse(spec, argv);
+  if ((parsed.values as { help?: boolean }).help) {
+    process.stdout.write(helpText(spec));
+    return undefined;
+  }
+  return parsed;
+}
+
+/** The one snapshot file a command takes as its positional argument. */
+export function singleFile(name: string, positionals: string[]): string {
+  const [file, ...extra] = positionals;
+  if (!file || extra.length)
+    throw new UsageError(`${name}: give exactly one snapshot file`, `see qsnap ${name} --help`);
+  return file;
+}

@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdir, mkdtemp, rm, stat } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, dirname, extname, join, resolve } from 'node:path';
@@ -169,6 +169,15 @@ async function planDisks(
 
 async function createRestoreOverlay(entry: DiskPlanEntry): Promise<void> {
   await mkdir(dirname(entry.overlayFile), { recursive: true });
+  // Claim the name first (O_EXCL): qemu-img would silently replace an existing file.
+  try {
+    await (await open(entry.overlayFile, 'wx')).close();
+  } catch (err) {
+    throw new RestoreError('QSNAP_RESTORE_DISKS', `cannot create the restore overlay ${entry.overlayFile}: ${(err as Error).message}`, {
+      hint: 'check that the directory is writable (or choose --overlay-dir)',
+      cause: err,
+    });
+  }
   const backing =
     dirname(entry.overlayFile) === dirname(entry.frozenFile) ? basename(entry.frozenFile) : entry.frozenFile;
   try {
@@ -272,7 +281,7 @@ async function connectWhenListening(path: string, timeoutMs: number): Promise<So
 /** The QEMU stream of a snapshot: original prologue and device state, RAM pages from the file. */
 export async function* snapshotStream(
   reader: SnapshotReader,
-  options: { skipMainBlock: boolean; verify: boolean },
+  options: { skipMainBlock: boolean; verify: boolean | 'data' },
 ): AsyncGenerator<Buffer> {
   const stored = await reader.readPrologue();
   const header = tryDecodePrologue(stored, 0);
@@ -336,15 +345,41 @@ async function waitIncoming(qmp: QmpClient, timeoutMs: number): Promise<void> {
   }
 }
 
+const RUN_DIR_PREFIX = 'qsnap-vm-';
+
+/**
+ * A detached restored QEMU outlives qsnap, so nobody removes its run directory (log, control
+ * socket) when it exits. Each restore removes the run directories of QEMUs that are gone.
+ */
+export async function sweepStaleRunDirs(base = tmpdir()): Promise<string[]> {
+  const removed: string[] = [];
+  for (const name of await readdir(base).catch(() => [] as string[])) {
+    if (!name.startsWith(RUN_DIR_PREFIX)) continue;
+    const dir = join(base, name);
+    const pid = Number(await readFile(join(dir, 'qemu.pid'), 'utf8').catch(() => ''));
+    if (!Number.isInteger(pid) || pid <= 0) continue;
+    try {
+      process.kill(pid, 0);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ESRCH') {
+        await rm(dir, { recursive: true, force: true });
+        removed.push(dir);
+      }
+    }
+  }
+  return removed;
+}
+
 async function runRestore(options: RestoreOptions, op: OperationContext): Promise<RestoreResult> {
   const startedAt = performance.now();
+  void sweepStaleRunDirs().catch(() => undefined);
   const mode: RestoreMode = options.lazy ? 'lazy' : 'full';
   op.phase('open', options.file);
   const reader = await openSnapshot(options.file);
   const created: string[] = [];
   let vm: Vm | undefined;
   const ownsRunDir = options.runDir === undefined;
-  const runDir = options.runDir ? resolve(options.runDir) : await mkdtemp(join(tmpdir(), 'qsnap-vm-'));
+  const runDir = options.runDir ? resolve(options.runDir) : await mkdtemp(join(tmpdir(), RUN_DIR_PREFIX));
   try {
     const m = reader.manifest;
     if (options.verify === 'full') {
@@ -386,6 +421,7 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
       runDir,
       detached: !options.attached,
     });
+    if (!options.attached && ownsRunDir) await writeFile(join(runDir, 'qemu.pid'), `${vm.pid}\n`);
     await checkCompatible(vm.qmp, reader);
 
     op.phase('load');
@@ -414,7 +450,7 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
     });
     loaded.catch(() => undefined);
     try {
-      await feed(socket, progress(snapshotStream(reader, { skipMainBlock: mode === 'lazy', verify: true })));
+      await feed(socket, progress(snapshotStream(reader, { skipMainBlock: mode === 'lazy', verify: 'data' })));
     } catch (err) {
       socket.destroy();
       // A bad page of the file is the cause; QEMU failing on the cut stream is its effect.
@@ -489,7 +525,7 @@ export function exportStream(options: {
     let bytes = 0;
     const total = reader.manifest.vm.ramBytes;
     try {
-      for await (const chunk of snapshotStream(reader, { skipMainBlock: false, verify: true })) {
+      for await (const chunk of snapshotStream(reader, { skipMainBlock: false, verify: 'data' })) {
         await handle.write(chunk);
         bytes += chunk.length;
         op.progress(Math.min(bytes, total), total, 'export');

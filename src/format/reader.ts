@@ -31,8 +31,11 @@ export type PageRun =
   | { kind: 'zero'; blockIndex: number; offset: number; pageCount: number };
 
 export interface ReadPagesOptions {
-  /** Check each page against the page table (and holes against zero) before yielding it. */
-  verify?: boolean;
+  /**
+   * Check each page against the page table before yielding it: true checks holes too (they
+   * must read as zeros), 'data' only the data pages (holes are not read).
+   */
+  verify?: boolean | 'data';
   /** Largest data run yielded (default 8 MiB). */
   maxRunBytes?: number;
 }
@@ -248,6 +251,8 @@ export class SnapshotReader {
     const b = this.#block(blockIndex);
     const table = await this.readPageTable(blockIndex);
     const verify = opts.verify ?? false;
+    // 'data' checks data pages only: a hole is sent as a zero page whatever the file holds there.
+    const verifyHoles = verify === true;
     const maxPages = Math.max(1, Math.floor((opts.maxRunBytes ?? 8 * MiB) / PAGE_SIZE));
     const zeroAt = (i: number): boolean => this.isZeroPage(blockIndex, i, table);
     function* runs(): Generator<Span & { zero: boolean; first: number; count: number }> {
@@ -255,8 +260,8 @@ export class SnapshotReader {
       while (i < b.pageCount) {
         const zero = zeroAt(i);
         let j = i + 1;
-        while (j < b.pageCount && zeroAt(j) === zero && ((zero && !verify) || j - i < maxPages)) j++;
-        const read = !zero || verify;
+        while (j < b.pageCount && zeroAt(j) === zero && ((zero && !verifyHoles) || j - i < maxPages)) j++;
+        const read = !zero || verifyHoles;
         yield {
           zero,
           first: i,
@@ -269,7 +274,7 @@ export class SnapshotReader {
     }
     for await (const { item, data } of prefetch(this.path, this.#open(), runs(), maxPages * PAGE_SIZE, 2)) {
       const offset = item.first * PAGE_SIZE;
-      if (verify) {
+      if (verify !== false && (!item.zero || verifyHoles)) {
         const bad = checkPages(data, table, item.first, item.count, zeroAt);
         if (bad.length > 0) {
           const pageIndex = item.first + bad[0]!;

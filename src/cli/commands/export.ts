@@ -1,5 +1,5 @@
 import { exportStream } from '../../engine/restore.js';
-import { helpText, parse, UsageError } from '../args.js';
+import { parseCommand, singleFile, UsageError } from '../args.js';
 import { formatBytes, formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';
 
@@ -26,14 +26,10 @@ const spec = {
 } as const;
 
 export async function exportCommand(argv: string[]): Promise<number> {
-  const { values, positionals } = parse(spec, argv);
-  if (values.help) {
-    process.stdout.write(helpText(spec));
-    return 0;
-  }
-  const [file, ...extra] = positionals;
-  if (!file || extra.length)
-    throw new UsageError('export: give exactly one snapshot file', 'see qsnap export --help');
+  const parsed = parseCommand(spec, argv);
+  if (!parsed) return 0;
+  const { values, positionals } = parsed;
+  const file = singleFile('export', positionals);
   if (!values['qemu-stream'])
     throw new UsageError('export: --qemu-stream <out> is required', 'see qsnap export --help');
   const json = values.json ?? false;

@@ -1,5 +1,5 @@
 import { openSnapshot } from '../../format/index.js';
-import { helpText, parse, UsageError } from '../args.js';
+import { parseCommand, singleFile } from '../args.js';
 import { formatBytes, formatMs, makeOutput } from '../output.js';
 
 const spec = {
@@ -13,14 +13,10 @@ const spec = {
 } as const;
 
 export async function inspectCommand(argv: string[]): Promise<number> {
-  const { values, positionals } = parse(spec, argv);
-  if (values.help) {
-    process.stdout.write(helpText(spec));
-    return 0;
-  }
-  const [file, ...extra] = positionals;
-  if (!file || extra.length)
-    throw new UsageError('inspect: give exactly one snapshot file', 'see qsnap inspect --help');
+  const parsed = parseCommand(spec, argv);
+  if (!parsed) return 0;
+  const { values, positionals } = parsed;
+  const file = singleFile('inspect', positionals);
   const out = makeOutput(values.json ?? false);
   const reader = await openSnapshot(file);
   try {

@@ -1,6 +1,6 @@
 import { resolve } from 'node:path';
 import { restore } from '../../engine/restore.js';
-import { helpText, parse, UsageError } from '../args.js';
+import { parseCommand, singleFile, UsageError } from '../args.js';
 import { formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';
 
@@ -43,14 +43,10 @@ export async function restoreCommand(argv: string[]): Promise<number> {
   const dash = argv.indexOf('--');
   const own = dash >= 0 ? argv.slice(0, dash) : argv;
   const qemuArgv = dash >= 0 ? argv.slice(dash + 1) : [];
-  const { values, positionals } = parse(spec, own);
-  if (values.help) {
-    process.stdout.write(helpText(spec));
-    return 0;
-  }
-  const [file, ...extra] = positionals;
-  if (!file || extra.length)
-    throw new UsageError('restore: give exactly one snapshot file', 'see qsnap restore --help');
+  const parsed = parseCommand(spec, own);
+  if (!parsed) return 0;
+  const { values, positionals } = parsed;
+  const file = singleFile('restore', positionals);
   if (qemuArgv.length === 0) {
     throw new UsageError(
       'restore: the QEMU command line is missing after --',

@@ -1,6 +1,6 @@
 import { connectVm } from '../../engine/connect.js';
 import { probeVm } from '../../engine/probe.js';
-import { helpText, parse, UsageError } from '../args.js';
+import { parseCommand, UsageError } from '../args.js';
 import { formatBytes, makeOutput } from '../output.js';
 
 const spec = {
@@ -22,11 +22,9 @@ const spec = {
 } as const;
 
 export async function statusCommand(argv: string[]): Promise<number> {
-  const { values } = parse(spec, argv);
-  if (values.help) {
-    process.stdout.write(helpText(spec));
-    return 0;
-  }
+  const parsed = parseCommand(spec, argv);
+  if (!parsed) return 0;
+  const { values } = parsed;
   if (!values.qmp) throw new UsageError('status: --qmp <socket> is required', 'see qsnap status --help');
   const out = makeOutput(values.json ?? false);
   const { qmp, recovery } = await connectVm(values.qmp);

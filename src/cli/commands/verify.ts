@@ -1,5 +1,5 @@
-import { openSnapshot } from '../../format/index.js';
-import { helpText, parse, UsageError } from '../args.js';
+import { verifySnapshot } from '../../engine/verify.js';
+import { parseCommand, singleFile } from '../args.js';
 import { formatBytes, formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';
 
@@ -17,30 +17,22 @@ const spec = {
 } as const;
 
 export async function verifyCommand(argv: string[]): Promise<number> {
-  const { values, positionals } = parse(spec, argv);
-  if (values.help) {
-    process.stdout.write(helpText(spec));
-    return 0;
-  }
-  const [file, ...extra] = positionals;
-  if (!file || extra.length)
-    throw new UsageError('verify: give exactly one snapshot file', 'see qsnap verify --help');
+  const parsed = parseCommand(spec, argv);
+  if (!parsed) return 0;
+  const { values, positionals } = parsed;
+  const file = singleFile('verify', positionals);
   const json = values.json ?? false;
   const out = makeOutput(json);
   const bar = new ProgressBar(!json);
-  const reader = await openSnapshot(file);
   try {
-    const result = await reader.verify({
-      onProgress: (p) => bar.onEvent({ type: 'progress', doneBytes: p.bytesDone, totalBytes: p.bytesTotal }),
-    });
+    const result = await verifySnapshot(file).on(bar.onEvent).result;
     bar.clear();
-    out.result({ ok: true, file: reader.path, ...result });
+    out.result({ ok: true, ...result });
     out.text(
-      `ok        ${reader.path}: ${formatBytes(result.bytesVerified)} verified in ${formatMs(result.durationMs)} (${result.dataPages} data pages, ${result.zeroPages} zero pages)`,
+      `ok        ${result.file}: ${formatBytes(result.bytesVerified)} verified in ${formatMs(result.durationMs)} (${result.dataPages} data pages, ${result.zeroPages} zero pages); ${result.diskLayers.length} disk layer(s) present`,
     );
     return 0;
   } finally {
     bar.clear();
-    await reader.close();
   }
 }
