@@ -94,6 +94,8 @@ const DATA = 2;
 const ZERO_WRITTEN = 3;
 
 const MiB = 1024 * 1024;
+/** Background write-back granularity (see #writeBack). */
+const WRITEBACK_BYTES = 64 * MiB;
 /** Positioned writes of one chunk issued at once (the libuv pool runs 4 at a time). */
 const RUNS_IN_FLIGHT = 16;
 
@@ -130,6 +132,8 @@ export class SnapshotWriter {
   #drainWaiters: { resolve: () => void; reject: (err: unknown) => void }[] = [];
   #idleWaiters: (() => void)[] = [];
   #finishing: Promise<unknown> | undefined;
+  #unsyncedBytes = 0;
+  #syncing: Promise<void> | undefined;
 
   private constructor(
     file: string,
@@ -308,6 +312,7 @@ export class SnapshotWriter {
   async #finish(opts: FinishOptions): Promise<Manifest> {
     this.#seal();
     await this.#whenIdle();
+    await this.#syncing;
     if (this.#failure) throw this.#failure;
 
     const missing = this.#counts.missingPages > 0 ? this.missingPages() : undefined;
@@ -540,6 +545,7 @@ export class SnapshotWriter {
 
   #settled(chunk: Chunk, err: unknown): void {
     this.#inFlight--;
+    if (err === undefined) this.#writeBack(chunk.count * PAGE_SIZE);
     chunk.count = 0;
     chunk.barrier = false;
     if (this.#free.length + 1 < this.#poolChunks) this.#free.push(chunk);
@@ -564,6 +570,20 @@ export class SnapshotWriter {
    * scattered over RAM, or data pages between holes, give many small runs; issuing them one
    * after another would cost an event-loop round trip each).
    */
+  /**
+   * Start writing pages back to disk while the stream still arrives (an fdatasync every
+   * WRITEBACK_BYTES, one at a time, in the background), so the fsync that seals the file has
+   * little left to do. Its errors surface at that final fsync.
+   */
+  #writeBack(bytes: number): void {
+    this.#unsyncedBytes += bytes;
+    if (this.#syncing || this.#unsyncedBytes < WRITEBACK_BYTES || this.#state !== 'open') return;
+    this.#unsyncedBytes = 0;
+    this.#syncing = new Promise<void>((resolve) => fs.fdatasync(this.#fd, () => resolve())).then(() => {
+      this.#syncing = undefined;
+    });
+  }
+
   async #writeChunk(chunk: Chunk): Promise<void> {
     const { buf } = chunk;
     const runs = planWrites(chunk.pages, chunk.count, this.#chunkPages);
@@ -589,6 +609,7 @@ export class SnapshotWriter {
     this.#queue.length = 0;
     this.#staging.count = 0;
     await this.#whenIdle();
+    await this.#syncing;
     for (const w of this.#drainWaiters.splice(0)) w.reject(wasFailed ?? this.#closedError());
     if (this.#fd >= 0) {
       const fd = this.#fd;
