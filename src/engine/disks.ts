@@ -190,8 +190,11 @@ export function freezeActions(overlays: PlannedOverlay[]): TransactionAction[] {
  * Remove overlays the guest never wrote to (before the transaction). A node QEMU refuses to
  * delete is in use: its file is kept, never removed under a running guest.
  */
-export async function discardOverlays(qmp: QmpClient, overlays: PlannedOverlay[]): Promise<PlannedOverlay[]> {
-  const kept: PlannedOverlay[] = [];
+export async function discardOverlays<T extends Pick<PlannedOverlay, 'overlayNode' | 'overlayFile'>>(
+  qmp: QmpClient,
+  overlays: T[],
+): Promise<T[]> {
+  const kept: T[] = [];
   for (const overlay of overlays) {
     try {
       await qmp.execute('blockdev-del', { 'node-name': overlay.overlayNode });

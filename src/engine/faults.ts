@@ -4,7 +4,8 @@
  * and its disks intact. Points: `after-stop` (hang right after pausing the guest, to be
  * killed), `bad-migration-socket` (QEMU connects to a socket nobody listens on),
  * `stream-error` (the receiver fails mid-stream), `stream-hang` (hang mid-stream, after the
- * guest was resumed and 20 MiB were received, to be killed).
+ * guest was resumed and 20 MiB were received, to be killed), `fail-after-migrate` (fail as
+ * soon as `migrate` returns, before QEMU's connection is accepted).
  */
 const HANGING = new Set(['after-stop', 'stream-hang']);
 

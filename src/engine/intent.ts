@@ -5,6 +5,7 @@ import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
 import type { QmpClient } from '../qmp/index.js';
+import { discardOverlays } from './disks.js';
 import { SnapshotError } from './errors.js';
 
 /**
@@ -234,15 +235,17 @@ export async function recoverStaleIntent(qmpPath: string, qmp: QmpClient): Promi
         report.actions.push(`resumed the guest left ${status.status} by qsnap pid ${intent.owner.pid}`);
       }
     }
+    // An overlay not marked in use may still be: qsnap can die between the transaction and
+    // the record's update. Only a node QEMU lets go of (or never had) loses its file.
+    const unused = intent.overlays.filter((o) => !o.inUse);
+    const kept = new Set(await discardOverlays(qmp, unused));
     for (const overlay of intent.overlays) {
-      if (overlay.inUse) {
+      if (overlay.inUse || kept.has(overlay)) {
         report.overlaysInUse.push({ device: overlay.device, overlayFile: overlay.overlayFile });
         report.actions.push(`disk ${overlay.device} now writes to ${overlay.overlayFile}`);
-        continue;
+      } else {
+        report.actions.push(`removed unused overlay ${overlay.overlayFile}`);
       }
-      await qmp.execute('blockdev-del', { 'node-name': overlay.overlayNode }).catch(() => undefined);
-      await rm(overlay.overlayFile, { force: true });
-      report.actions.push(`removed unused overlay ${overlay.overlayFile}`);
     }
     if (intent.migration) {
       await qmp

@@ -173,10 +173,14 @@ async function createRestoreOverlay(entry: DiskPlanEntry): Promise<void> {
   try {
     await (await open(entry.overlayFile, 'wx')).close();
   } catch (err) {
-    throw new RestoreError('QSNAP_RESTORE_DISKS', `cannot create the restore overlay ${entry.overlayFile}: ${(err as Error).message}`, {
-      hint: 'check that the directory is writable (or choose --overlay-dir)',
-      cause: err,
-    });
+    throw new RestoreError(
+      'QSNAP_RESTORE_DISKS',
+      `cannot create the restore overlay ${entry.overlayFile}: ${(err as Error).message}`,
+      {
+        hint: 'check that the directory is writable (or choose --overlay-dir)',
+        cause: err,
+      },
+    );
   }
   const backing =
     dirname(entry.overlayFile) === dirname(entry.frozenFile) ? basename(entry.frozenFile) : entry.frozenFile;
@@ -450,7 +454,10 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
     });
     loaded.catch(() => undefined);
     try {
-      await feed(socket, progress(snapshotStream(reader, { skipMainBlock: mode === 'lazy', verify: 'data' })));
+      await feed(
+        socket,
+        progress(snapshotStream(reader, { skipMainBlock: mode === 'lazy', verify: 'data' })),
+      );
     } catch (err) {
       socket.destroy();
       // A bad page of the file is the cause; QEMU failing on the cut stream is its effect.

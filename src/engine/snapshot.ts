@@ -232,6 +232,7 @@ async function snapshotLocked(ctx: LockedContext): Promise<SnapshotResult> {
       void intent.update({ tempFiles: [socketDir, w.tempPath] }).catch(() => undefined);
     },
     onProgress: (done, total) => op.progress(done, total),
+    maxBytesPerSecond: ctx.options.maxBandwidth,
   });
   const unsubscribe = [
     qmp.on('STOP', (e) => {
@@ -289,6 +290,8 @@ async function snapshotLocked(ctx: LockedContext): Promise<SnapshotResult> {
       : `unix:${join(socketDir, 'migration.sock')}`;
     await qmp.execute('migrate', { uri });
     pause.migrating = true;
+    if (faultPoint('fail-after-migrate'))
+      throw new SnapshotError('QSNAP_SNAPSHOT_MIGRATION', 'injected fault: failed right after migrate');
     op.phase('migrating');
 
     if (strategy === 'background-snapshot') {
@@ -354,16 +357,16 @@ function watchMigrationFailure(qmp: QmpClient): { promise: Promise<never>; cance
   return { promise, cancel: () => off() };
 }
 
+function qemuGoneError(cause: unknown): SnapshotError {
+  return new SnapshotError('QSNAP_SNAPSHOT_QEMU_GONE', 'QEMU went away during the snapshot', {
+    hint: 'check whether QEMU crashed or was killed; no snapshot was written',
+    cause,
+  });
+}
+
 function qemuGone(qmp: QmpClient): Promise<never> {
   return new Promise<never>((_, reject) => {
-    qmp.onDisconnect((cause) =>
-      reject(
-        new SnapshotError('QSNAP_SNAPSHOT_QEMU_GONE', 'QEMU went away during the snapshot', {
-          hint: 'check whether QEMU crashed or was killed; no snapshot was written',
-          cause,
-        }),
-      ),
-    );
+    qmp.onDisconnect((cause) => reject(qemuGoneError(cause)));
   });
 }
 
@@ -610,9 +613,11 @@ async function cleanupAfterFailure(
   if (qmp.state === 'running') {
     try {
       if (state.pause.migrating) {
-        if (state.receiver.streaming && ctx.strategy === 'background-snapshot') {
+        if (ctx.strategy === 'background-snapshot') {
           // Never cancel a background snapshot QEMU has begun (see receiver.ts): the drain
-          // guard reads the rest of the stream and QEMU finishes it normally.
+          // guard reads the rest of the stream and QEMU finishes it normally. Whether QEMU has
+          // connected yet is no guide: it connects asynchronously after `migrate`, and the
+          // receiver, still listening, hands a late connection to the guard as well.
           const final = await waitMigrationSettled(qmp, 30 * 60_000);
           notes.push(`QEMU's migration ran to its end (${final}) so the guest's RAM is released`);
         } else {
@@ -646,14 +651,20 @@ async function cleanupAfterFailure(
       }
       if (state.settings) await restoreMigration(qmp, state.settings);
     } catch (cleanupError) {
-      op.warn(
-        'QSNAP_CLEANUP',
-        `cleanup after the failure was incomplete: ${(cleanupError as Error).message}`,
-      );
+      if (qmp.state === 'running')
+        op.warn(
+          'QSNAP_CLEANUP',
+          `cleanup after the failure was incomplete: ${(cleanupError as Error).message}`,
+        );
     }
   }
-  const base =
-    err instanceof QsnapError
+  // A dead QEMU is often noticed first as the end of its stream (QSNAP_STREAM_TRUNCATED) or
+  // a failed command; the cleanup's queries settle which: name the root cause.
+  const gone =
+    qmp.state !== 'running' && !(err instanceof QsnapError && err.code === 'QSNAP_SNAPSHOT_QEMU_GONE');
+  const base = gone
+    ? qemuGoneError(err)
+    : err instanceof QsnapError
       ? err
       : new SnapshotError(
           'QSNAP_SNAPSHOT_FAILED',

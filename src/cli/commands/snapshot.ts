@@ -1,6 +1,6 @@
 import { resolve } from 'node:path';
 import { snapshot } from '../../engine/snapshot.js';
-import { helpText, parse, parseSize, UsageError } from '../args.js';
+import { parseCommand, parseSize, UsageError } from '../args.js';
 import { formatBytes, formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';
 
@@ -34,16 +34,15 @@ const spec = {
 } as const;
 
 export async function snapshotCommand(argv: string[]): Promise<number> {
-  const { values } = parse(spec, argv);
-  if (values.help) {
-    process.stdout.write(helpText(spec));
-    return 0;
-  }
+  const parsed = parseCommand(spec, argv);
+  if (!parsed) return 0;
+  const { values } = parsed;
   if (!values.qmp) throw new UsageError('snapshot: --qmp <socket> is required', 'see qsnap snapshot --help');
   if (!values.out) throw new UsageError('snapshot: --out <file> is required', 'see qsnap snapshot --help');
   const json = values.json ?? false;
   const out = makeOutput(json);
   const bar = new ProgressBar(!json);
+  const notes: string[] = [];
   const op = snapshot({
     qmp: values.qmp,
     out: resolve(values.out),
@@ -52,13 +51,19 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
       ? { maxBandwidth: parseSize(values['max-bandwidth'], '--max-bandwidth') }
       : {}),
     ...(values['overlay-dir'] ? { overlayDir: values['overlay-dir'] } : {}),
-  }).on(bar.onEvent);
+  })
+    .on(bar.onEvent)
+    .on((event) => {
+      // E.g. the recovery of an earlier, interrupted qsnap: it may have resumed the guest.
+      if (event.type === 'info') notes.push(event.message);
+    });
   const cancel = () => op.cancel(new UsageError('interrupted'));
   process.once('SIGINT', cancel);
   try {
     const result = await op.result;
     bar.clear();
-    out.result({ ok: true, ...result });
+    out.result({ ok: true, ...result, ...(notes.length ? { notes } : {}) });
+    for (const note of notes) out.text(note);
     out.text(`snapshot  ${result.file}`);
     out.text(`point     ${result.pointInTime} (${result.strategy})`);
     out.text(`downtime  ${formatMs(result.downtimeMs)} guest paused`);

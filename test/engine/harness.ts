@@ -1,0 +1,390 @@
+/**
+ * Real-guest harness for the engine and CLI snapshot tests: a sandbox per test file (its own
+ * TMPDIR and QSNAP_STATE_DIR, so every leftover found is this file's own), the bundled test
+ * guest with a heartbeat tracker, the qsnap CLI as a child process, tmpfs mounts, and
+ * `expectIntact`: the checks every test runs after every snapshot or failure.
+ *
+ * QEMU is always stopped by pid (Vm.stop: quit, SIGTERM, SIGKILL), mounts are unmounted and
+ * the sandbox removed by `dispose`, even when a test fails.
+ */
+import { type ChildProcess, execFileSync, spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream, existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { mkdir, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { expect } from 'vitest';
+import { plainFilename } from '../../src/engine/probe.js';
+import { openSnapshot } from '../../src/format/index.js';
+import { bootTestGuest, type TestGuest, type TestGuestOptions } from '../../src/guest/test-guest.js';
+import type { QmpClient } from '../../src/qmp/index.js';
+import type { ImageInfo } from '../../src/qmp/qapi.js';
+
+export const ROOT = resolve(fileURLToPath(new URL('../../', import.meta.url)));
+export const CLI = join(ROOT, 'dist/cli/main.js');
+
+export const hasQemu =
+  spawnSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' }).status === 0 &&
+  spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status === 0;
+export const hasImage =
+  existsSync(join(ROOT, 'images/build/vmlinuz')) && existsSync(join(ROOT, 'images/build/initrd.img'));
+export const canRun = hasQemu && hasImage;
+/** tmpfs mounts (full and read-only file systems) need root. */
+export const isRoot = process.getuid?.() === 0;
+
+function newestMtimeMs(dir: string): number {
+  let newest = 0;
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, entry.name);
+    if (entry.isDirectory()) newest = Math.max(newest, newestMtimeMs(p));
+    else if (entry.name.endsWith('.ts')) newest = Math.max(newest, statSync(p).mtimeMs);
+  }
+  return newest;
+}
+
+/**
+ * The CLI tests run dist/: build it when it is missing or older than src/ (`make test` builds
+ * first, so this only matters for a direct `npx vitest run`; tsc rewrites every output, so the
+ * CLI's mtime is the build's). tsc emits even with type errors elsewhere in src/, so one
+ * engineer's unfinished file does not stop these tests.
+ */
+export function ensureBuilt(): void {
+  if (existsSync(CLI) && statSync(CLI).mtimeMs >= newestMtimeMs(join(ROOT, 'src'))) return;
+  spawnSync(join(ROOT, 'node_modules/.bin/tsc'), ['-p', 'tsconfig.build.json'], {
+    cwd: ROOT,
+    stdio: 'ignore',
+  });
+  if (!existsSync(CLI)) throw new Error(`could not build ${CLI}: run npx tsc -p tsconfig.build.json`);
+}
+
+export interface Sandbox {
+  root: string;
+  /** This file's TMPDIR (qsnap's stream sockets and guest dirs land here). */
+  tmp: string;
+  /** This file's QSNAP_STATE_DIR (intent records). */
+  state: string;
+  /** Where snapshots are written. */
+  out: string;
+  /** Environment for CLI children: same TMPDIR and QSNAP_STATE_DIR, no fault. */
+  env: NodeJS.ProcessEnv;
+  /** Mounts a tmpfs at a new directory under root; unmounted by dispose. */
+  mountTmpfs(options: string): Promise<string>;
+  unmount(dir: string): void;
+  dispose(): Promise<void>;
+}
+
+export async function openSandbox(name: string): Promise<Sandbox> {
+  const root = await mkdtemp(join('/tmp', `qsnap-t-${name}-`));
+  const tmp = join(root, 'tmp');
+  const state = join(root, 'state');
+  const out = join(root, 'out');
+  await Promise.all([mkdir(tmp), mkdir(state), mkdir(out)]);
+  const saved = { TMPDIR: process.env['TMPDIR'], QSNAP_STATE_DIR: process.env['QSNAP_STATE_DIR'] };
+  process.env['TMPDIR'] = tmp;
+  process.env['QSNAP_STATE_DIR'] = state;
+  delete process.env['QSNAP_FAULT'];
+  const mounts = new Set<string>();
+  let seq = 0;
+  const unmount = (dir: string) => {
+    if (!mounts.delete(dir)) return;
+    // Lazy: a drain guard or QEMU may still hold a file there for a moment.
+    spawnSync('umount', ['-l', dir], { stdio: 'ignore' });
+  };
+  return {
+    root,
+    tmp,
+    state,
+    out,
+    env: { ...process.env, TMPDIR: tmp, QSNAP_STATE_DIR: state, QSNAP_FAULT: '' },
+    async mountTmpfs(options: string) {
+      const dir = join(root, `mnt${seq++}`);
+      await mkdir(dir);
+      execFileSync('mount', ['-t', 'tmpfs', '-o', options, 'qsnap-test', dir]);
+      mounts.add(dir);
+      return dir;
+    },
+    unmount,
+    async dispose() {
+      for (const dir of [...mounts]) unmount(dir);
+      for (const [key, value] of Object.entries(saved)) {
+        if (value === undefined) delete process.env[key];
+        else process.env[key] = value;
+      }
+      await rm(root, { recursive: true, force: true });
+    },
+  };
+}
+
+interface MigrationBaseline {
+  capabilities: Record<string, boolean>;
+  maxBandwidth: number | undefined;
+}
+
+export interface Guest extends TestGuest {
+  /** n of the newest heartbeat seen (-1 before the first). */
+  lastHeartbeat(): number;
+  /** Migration settings before any snapshot: every snapshot must put these back. */
+  baseline: MigrationBaseline;
+  /** Every STOP event QEMU sent since boot (via the private control monitor). */
+  stops: number;
+}
+
+export async function bootGuest(sandbox: Sandbox, options: TestGuestOptions = {}): Promise<Guest> {
+  const dir = await mkdtemp(join(sandbox.root, 'guest-'));
+  const guest = await bootTestGuest({ dir, ...options });
+  let last = -1;
+  guest.console.onLine((line) => {
+    const m = /^QSNAP-HB n=(\d+) /.exec(line);
+    if (m) last = Number(m[1]);
+  });
+  const result: Guest = Object.assign(guest, {
+    lastHeartbeat: () => last,
+    baseline: await migrationSettings(guest.vm.qmp),
+    stops: 0,
+  });
+  guest.vm.qmp.on('STOP', () => {
+    result.stops++;
+  });
+  return result;
+}
+
+async function migrationSettings(qmp: QmpClient): Promise<MigrationBaseline> {
+  const caps = await qmp.execute('query-migrate-capabilities');
+  const params = await qmp.execute('query-migrate-parameters');
+  return {
+    capabilities: Object.fromEntries(caps.map((c) => [c.capability, c.state])),
+    maxBandwidth: params['max-bandwidth'],
+  };
+}
+
+/** Every image file of the guest's disk chains (active layer first). */
+export async function chainFiles(qmp: QmpClient): Promise<string[]> {
+  const files: string[] = [];
+  for (const block of await qmp.execute('query-block')) {
+    for (let image: ImageInfo | undefined = block.inserted?.image; image; image = image['backing-image']) {
+      const name = plainFilename(image.filename);
+      if (name) files.push(name);
+    }
+  }
+  return files;
+}
+
+/** The guest runs: QEMU says so, a new heartbeat arrives, and the workload's full check passes. */
+export async function expectGuestHealthy(guest: Guest): Promise<void> {
+  const status = await guest.vm.qmp.execute('query-status');
+  expect(status, 'QEMU run state').toMatchObject({ running: true, status: 'running' });
+  const before = guest.lastHeartbeat();
+  const hb = await guest.console.nextHeartbeat({ timeoutMs: 10_000 });
+  expect(hb.n, 'heartbeat counter advances').toBeGreaterThan(before);
+  expect(hb.latchedFailures, hb.line).toBe(0);
+  const check = await guest.console.check({ timeoutMs: 30_000 });
+  expect(check.ok, check.line).toBe(true);
+}
+
+export interface LeftoverOptions {
+  /** The --out path of the operation: must not exist, or ('valid') must be a sound snapshot. */
+  out?: string;
+  outIs?: 'absent' | 'valid';
+}
+
+/**
+ * Nothing of qsnap is left behind: no file at --out (or a valid one), no partial files beside
+ * it, no stream directory in TMPDIR, no intent record, migration settings as before, no
+ * migration running, no overlay file outside the guest's disk chain.
+ */
+export async function expectNoLeftovers(
+  sandbox: Sandbox,
+  guest: Guest | undefined,
+  options: LeftoverOptions = {},
+): Promise<void> {
+  if (options.out) {
+    const outIs = options.outIs ?? 'absent';
+    if (outIs === 'absent') expect(existsSync(options.out), `${options.out} must not exist`).toBe(false);
+    else {
+      const reader = await openSnapshot(options.out);
+      try {
+        await reader.verify();
+      } finally {
+        await reader.close();
+      }
+    }
+    const dir = resolve(options.out, '..');
+    const partial = existsSync(dir) ? (await readdir(dir)).filter((f) => f.includes('.qsnap-partial-')) : [];
+    expect(partial, 'partial snapshot files').toEqual([]);
+  }
+  // A guard lives until QEMU closes the stream, which it does right after the migration ends.
+  await waitUntil(() => drainGuards(sandbox).length === 0, 5000, 'drain guards to exit').catch(
+    () => undefined,
+  );
+  expect(drainGuards(sandbox), 'drain guard processes').toEqual([]);
+  const streams = (await readdir(sandbox.tmp)).filter((f) => f.startsWith('qsnap-stream-'));
+  expect(streams, 'stream directories in TMPDIR').toEqual([]);
+  const intents = existsSync(join(sandbox.state, 'intents'))
+    ? await readdir(join(sandbox.state, 'intents'))
+    : [];
+  expect(intents, 'intent records').toEqual([]);
+  if (!guest) return;
+  const now = await migrationSettings(guest.vm.qmp);
+  expect(now.capabilities['background-snapshot'], 'background-snapshot capability').toBe(false);
+  expect(now, 'migration settings restored').toEqual(guest.baseline);
+  const migrate = await guest.vm.qmp.execute('query-migrate');
+  expect(['active', 'setup', 'device', 'cancelling'], 'no migration running').not.toContain(migrate.status);
+  const chain = new Set(await chainFiles(guest.vm.qmp));
+  const images = (await readdir(guest.dir))
+    .filter((f) => f.endsWith('.qcow2'))
+    .map((f) => join(guest.dir, f));
+  expect(
+    images.filter((f) => !chain.has(f)),
+    'overlay files outside the disk chain',
+  ).toEqual([]);
+}
+
+/**
+ * Drain guards (receiver.ts) started by this sandbox's qsnap runs and still alive: a `/bin/sh`
+ * waiting on its control pipe or the `cat` it became, recognised by the sandbox's TMPDIR in
+ * its environment (inherited from qsnap).
+ */
+export function drainGuards(sandbox: Sandbox): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const argv = readFileSync(`/proc/${entry}/cmdline`, 'latin1').split('\0');
+      const guard = argv[0] === 'cat' || (argv[0] === '/bin/sh' && argv[2]?.includes('read -r _'));
+      if (!guard) continue;
+      const env = readFileSync(`/proc/${entry}/environ`, 'latin1').split('\0');
+      if (env.includes(`TMPDIR=${sandbox.tmp}`)) pids.push(Number(entry));
+    } catch {
+      // exited while we looked
+    }
+  }
+  return pids;
+}
+
+/** The checks every test runs after every snapshot or failure. */
+export async function expectIntact(
+  sandbox: Sandbox,
+  guest: Guest,
+  options: LeftoverOptions = {},
+): Promise<void> {
+  await expectNoLeftovers(sandbox, guest, options);
+  await expectGuestHealthy(guest);
+}
+
+/** Rejects the test if `fn` does not throw; returns what it threw (for `expect(...).code`). */
+export async function failure(
+  fn: Promise<unknown> | (() => Promise<unknown>),
+): Promise<Error & { code?: string }> {
+  try {
+    await (typeof fn === 'function' ? fn() : fn);
+  } catch (err) {
+    return err as Error & { code?: string };
+  }
+  throw new Error('expected a failure, but it succeeded');
+}
+
+export interface CliResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  /** stdout parsed as JSON when it is JSON. */
+  json: Record<string, unknown> | undefined;
+  ms: number;
+}
+
+export interface CliChild {
+  child: ChildProcess;
+  done: Promise<CliResult>;
+}
+
+export function spawnCli(args: string[], env: NodeJS.ProcessEnv): CliChild {
+  const started = performance.now();
+  const child = spawn(process.execPath, [CLI, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout?.setEncoding('utf8').on('data', (t: string) => {
+    stdout += t;
+  });
+  child.stderr?.setEncoding('utf8').on('data', (t: string) => {
+    stderr += t;
+  });
+  const done = new Promise<CliResult>((resolveDone) => {
+    child.once('close', (code, signal) => {
+      let json: Record<string, unknown> | undefined;
+      try {
+        json = JSON.parse(stdout) as Record<string, unknown>;
+      } catch {
+        json = undefined;
+      }
+      resolveDone({ code, signal, stdout, stderr, json, ms: performance.now() - started });
+    });
+  });
+  return { child, done };
+}
+
+export async function runCli(
+  args: string[],
+  env: NodeJS.ProcessEnv,
+  timeoutMs = 120_000,
+): Promise<CliResult> {
+  const { child, done } = spawnCli(args, env);
+  const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+  try {
+    return await done;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * A CLI error: exit 1, one line on stderr naming the code (plus, after a failure that touched
+ * the VM, at most one line saying what was put back). Returns the first line.
+ */
+export function expectCliError(result: CliResult, code: string): string {
+  expect(result.code, result.stderr).toBe(1);
+  const lines = result.stderr.trimEnd().split('\n');
+  expect(lines[0], result.stderr).toMatch(new RegExp(`^qsnap: .+ \\[${code}\\]$`));
+  expect(lines.length, result.stderr).toBeLessThanOrEqual(2);
+  if (lines[1] !== undefined) expect(lines[1]).toMatch(/^qsnap: after the failure: /);
+  return lines[0]!;
+}
+
+export async function sha256File(file: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+export interface FileState {
+  size: number;
+  mtimeMs: number;
+  sha256: string;
+}
+
+export async function fileState(file: string): Promise<FileState> {
+  const st = await stat(file);
+  return { size: st.size, mtimeMs: st.mtimeMs, sha256: await sha256File(file) };
+}
+
+/** Polls `probe` until it returns true or the time is up. */
+export async function waitUntil(probe: () => Promise<boolean> | boolean, timeoutMs: number, what: string) {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await probe())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+/** Stops the guest and tolerates one that is already gone; never throws in afterAll. */
+export async function stopGuest(guest: Guest | undefined): Promise<void> {
+  if (!guest) return;
+  try {
+    const status = await guest.vm.qmp.execute('query-status', undefined, { timeoutMs: 2000 });
+    if (!status.running) await guest.vm.qmp.execute('cont', undefined, { timeoutMs: 2000 });
+  } catch {
+    // gone or wedged: stop() kills it by pid
+  }
+  await guest.stop().catch(() => guest.vm.kill());
+}
