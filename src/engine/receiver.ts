@@ -45,10 +45,42 @@ export interface ReceiverOptions {
  * write-protected with nobody to resolve the faults when the stream breaks or the migration
  * is cancelled: the guest hangs for good and QEMU refuses further background snapshots
  * (measured here; newer QEMUs stop the write tracking on every exit path). So a failure
- * here never closes the stream: a drain guard — a tiny detached process holding a copy of
+ * here never closes the stream: a drain guard — a small detached process holding a copy of
  * the socket — reads the rest to /dev/null. It starts when told to, or by itself when qsnap
  * dies (even by SIGKILL), because the pipe it waits on then reaches end-of-file.
  */
+/**
+ * The drain guard: a small Node process holding the migration socket as its fd 4 and a pipe
+ * from qsnap as its fd 3. It reads nothing until a line arrives on the pipe or the pipe
+ * reaches end-of-file (qsnap died); then it reads the socket to its end and exits. The socket
+ * is passed as fd 4, not as stdin: libuv makes a child's fds 0–2 blocking, and the flag is
+ * shared with qsnap's own descriptor of the socket.
+ */
+const DRAIN_GUARD = `// qsnap drain guard
+process.title = 'qsnap-drain-guard';
+const net = require('node:net');
+let draining = false;
+function drain() {
+  if (draining) return;
+  draining = true;
+  const stream = new net.Socket({ fd: 4, readable: true, writable: false });
+  stream.on('data', () => {});
+  stream.on('end', () => process.exit(0));
+  stream.on('error', () => process.exit(0));
+}
+const control = new net.Socket({ fd: 3, readable: true, writable: false });
+control.on('data', drain);
+control.on('end', drain);
+control.on('error', drain);
+`;
+
+function spawnDrainGuard(socket: Socket): ChildProcess {
+  return spawn(process.execPath, ['-e', DRAIN_GUARD], {
+    stdio: ['ignore', 'ignore', 'ignore', 'pipe', socket],
+    detached: true,
+  });
+}
+
 export class StreamReceiver {
   readonly done: Promise<ReceivedStream>;
   /**
@@ -120,10 +152,7 @@ export class StreamReceiver {
     }
     this.socket = socket;
     this.server?.close();
-    this.guard = spawn('/bin/sh', ['-c', 'read -r _ <&3; exec cat >/dev/null'], {
-      stdio: [socket, 'ignore', 'ignore', 'pipe'],
-      detached: true,
-    });
+    this.guard = spawnDrainGuard(socket);
     this.guard.on('error', () => undefined);
     this.guard.unref();
     (this.guard.stdio[3] as unknown as Socket | undefined)?.unref?.();
@@ -244,7 +273,7 @@ export class StreamReceiver {
 
   /** Hand the rest of the stream to the guard (see the class comment), then let go of it. */
   private handOff(): void {
-    const control = this.guard?.stdio[3] as Writable | undefined;
+    const control = this.guard?.stdio[3] as Writable | null | undefined;
     if (control?.writable) control.end('\n');
     this.socket?.destroy();
   }

@@ -241,9 +241,9 @@ export async function expectNoLeftovers(
 }
 
 /**
- * Drain guards (receiver.ts) started by this sandbox's qsnap runs and still alive: a `/bin/sh`
- * waiting on its control pipe or the `cat` it became, recognised by the sandbox's TMPDIR in
- * its environment (inherited from qsnap).
+ * Drain guards (receiver.ts) started by this sandbox's qsnap runs and still alive (a Node
+ * process titled `qsnap-drain-guard`), recognised by the sandbox's TMPDIR in its environment
+ * (inherited from qsnap).
  */
 export function drainGuards(sandbox: Sandbox): number[] {
   const pids: number[] = [];
@@ -251,7 +251,8 @@ export function drainGuards(sandbox: Sandbox): number[] {
     if (!/^\d+$/.test(entry)) continue;
     try {
       const argv = readFileSync(`/proc/${entry}/cmdline`, 'latin1').split('\0');
-      const guard = argv[0] === 'cat' || (argv[0] === '/bin/sh' && argv[2]?.includes('read -r _'));
+      const guard =
+        argv[0] === 'qsnap-drain-guard' || (argv[1] === '-e' && argv[2]?.includes('qsnap drain guard'));
       if (!guard) continue;
       const env = readFileSync(`/proc/${entry}/environ`, 'latin1').split('\0');
       if (env.includes(`TMPDIR=${sandbox.tmp}`)) pids.push(Number(entry));
