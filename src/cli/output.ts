@@ -25,10 +25,10 @@ export function reportError(err: unknown, json: boolean): number {
   const error = asQsnapError(err);
   if (json) process.stdout.write(`${JSON.stringify({ ok: false, error: error.toJSON() }, null, 2)}\n`);
   else {
-    process.stderr.write(`qsnap: ${error.toLine()} [${error.code}]\n`);
+    // One line: what failed — what to do [CODE] (what qsnap put back afterwards).
     const cleanup = error.details['cleanup'];
-    if (Array.isArray(cleanup) && cleanup.length)
-      process.stderr.write(`qsnap: after the failure: ${cleanup.join('; ')}\n`);
+    const after = Array.isArray(cleanup) && cleanup.length ? ` (afterwards: ${cleanup.join('; ')})` : '';
+    process.stderr.write(`qsnap: ${error.toLine()} [${error.code}]${after}\n`);
     if (process.env['QSNAP_DEBUG'] && err instanceof Error) process.stderr.write(`${err.stack}\n`);
   }
   return error.code === 'QSNAP_USAGE' ? 2 : 1;

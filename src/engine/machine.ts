@@ -1,4 +1,4 @@
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { Vm } from '../vm/launcher.js';
@@ -19,12 +19,28 @@ export interface Checkpoint {
 export interface MachineOptions {
   /** The QEMU command line (binary first, or options only). A QMP socket is added if it has none. */
   argv: string[];
-  /** Where checkpoint files go (default: a temp directory removed by close()). */
+  /**
+   * Where checkpoint files go (default: a temp directory removed by close(), on /dev/shm when it
+   * has room: a lazily reverted VM maps RAM from the checkpoint file, and only on tmpfs (or
+   * hugetlbfs) can such RAM be write-protected for a later checkpoint).
+   */
   checkpointDir?: string;
   /** Directory for QEMU's sockets and log (default: a temp directory removed by close()). */
   runDir?: string;
   /** How revert loads RAM (default 'lazy': constant time whatever the RAM size). */
   revertMode?: RestoreMode;
+}
+
+const TMPFS_MAGIC = 0x01021994;
+
+async function checkpointBase(): Promise<string> {
+  try {
+    const fs = await statfs('/dev/shm');
+    if (fs.type === TMPFS_MAGIC && fs.bavail * fs.bsize >= 2 * 2 ** 30) return '/dev/shm';
+  } catch {
+    // no /dev/shm
+  }
+  return tmpdir();
 }
 
 export interface RevertResult {
@@ -72,7 +88,7 @@ export class Machine {
     const runDir = options.runDir ? resolve(options.runDir) : await mkdtemp(join(tmpdir(), 'qsnap-machine-'));
     const checkpointDir = options.checkpointDir
       ? resolve(options.checkpointDir)
-      : await mkdtemp(join(tmpdir(), 'qsnap-checkpoints-'));
+      : await mkdtemp(join(await checkpointBase(), 'qsnap-checkpoints-'));
     const qmpPath = parsed.qmpSocket ?? join(runDir, 'qmp.sock');
     const options_ = parsed.binary ? options.argv.slice(1) : [...options.argv];
     const argv = parsed.qmpSocket ? options_ : [...options_, '-qmp', `unix:${qmpPath},server=on,wait=off`];

@@ -1,3 +1,4 @@
+import { statfs } from 'node:fs/promises';
 import type { QmpClient } from '../qmp/index.js';
 import { SnapshotError } from './errors.js';
 
@@ -71,15 +72,39 @@ export async function configureMigration(
       throw new SnapshotError(
         'QSNAP_SNAPSHOT_UNSUPPORTED',
         `QEMU refused the snapshot settings: ${(err as Error).message}`,
-        {
-          hint: 'background snapshots need userfaultfd write protection (Linux ≥ 5.7) and RAM that is not hugetlbfs/shared before Linux 5.19',
-          cause: err,
-        },
+        { hint: await unsupportedHint(qmp), cause: err },
       );
     }
   }
   await qmp.execute('migrate-set-parameters', { 'max-bandwidth': want.maxBandwidth ?? UNLIMITED_BANDWIDTH });
   return { saved };
+}
+
+const TMPFS_MAGIC = 0x01021994;
+const HUGETLBFS_MAGIC = 0x958458f6;
+
+/**
+ * Why QEMU may refuse background-snapshot, most specific first. Guest RAM mapped from a file
+ * on a disk filesystem (a lazily restored VM) cannot be write-protected with userfaultfd;
+ * tmpfs and hugetlbfs files can.
+ */
+async function unsupportedHint(qmp: QmpClient): Promise<string> {
+  try {
+    for (const memdev of await qmp.execute('query-memdev')) {
+      if (!memdev.id) continue;
+      const path = await qmp
+        .execute('qom-get', { path: `/objects/${memdev.id}`, property: 'mem-path' })
+        .catch(() => undefined);
+      if (typeof path !== 'string' || path === '') continue;
+      const fsType = (await statfs(path).catch(() => undefined))?.type;
+      if (fsType !== undefined && fsType !== TMPFS_MAGIC && fsType !== HUGETLBFS_MAGIC) {
+        return `guest RAM is mapped from ${path} (a lazy restore?), which userfaultfd cannot write-protect on this filesystem: snapshot a VM restored without --lazy, or keep snapshot files on tmpfs (e.g. /dev/shm)`;
+      }
+    }
+  } catch {
+    // fall through to the general hint
+  }
+  return 'background snapshots need userfaultfd write protection (Linux ≥ 5.7) on anonymous, tmpfs or hugetlbfs RAM; QEMU 7.2 also refuses after a background snapshot of this VM failed (restart the VM)';
 }
 
 export async function restoreMigration(qmp: QmpClient, settings: MigrationSettings): Promise<void> {

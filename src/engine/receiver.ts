@@ -278,11 +278,6 @@ export class StreamReceiver {
     this.socket?.destroy();
   }
 
-  /** Whether QEMU connected: from then on the migration must be left to finish (drained). */
-  get streaming(): boolean {
-    return this.socket !== undefined;
-  }
-
   private sink(): StreamSink {
     return {
       onPrologue: (p) => {
