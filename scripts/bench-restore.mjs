@@ -50,17 +50,7 @@ const median = (xs) => {
 
 /** The guest's command line with its disk replaced by a fresh overlay on the frozen layer. */
 function stockArgv(argv, frozenFile, overlayFile, stream) {
-  execFileSync('qemu-img', [
-    'create',
-    '-q',
-    '-f',
-    'qcow2',
-    '-b',
-    frozenFile,
-    '-F',
-    'qcow2',
-    overlayFile,
-  ]);
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', frozenFile, '-F', 'qcow2', overlayFile]);
   return [
     ...argv.map((a) => a.replace(`filename=${frozenFile}`, `filename=${overlayFile}`)),
     '-incoming',
