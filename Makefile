@@ -26,8 +26,11 @@ setup: qemu deps build image
 qemu:
 	@scripts/ensure-qemu.sh
 
+# `npm install --no-save` installs the locked versions without rewriting the lockfile. Not
+# `npm ci`: npm 11 leaves other platforms' optional packages (biome, rollup, esbuild binaries)
+# out of the lockfile and `npm ci` then refuses it as out of sync (npm/cli#8320).
 node_modules/.package-lock.json: package-lock.json
-	npm ci --no-audit --no-fund
+	npm install --no-save --no-audit --no-fund
 	@touch $@
 
 deps: node_modules/.package-lock.json
