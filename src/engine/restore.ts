@@ -2,7 +2,7 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdir, mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
-import { connect, type Socket } from 'node:net';
+import { Socket, type SocketConstructorOpts } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
@@ -271,7 +271,10 @@ async function connectWhenListening(path: string, timeoutMs: number): Promise<So
   for (;;) {
     try {
       return await new Promise<Socket>((resolvePromise, reject) => {
-        const socket = connect(path);
+        // A deep write queue lets the next sections be built while QEMU loads the previous ones;
+        // with the default 16 KiB, building and loading take turns instead of overlapping.
+        const socket = new Socket({ writableHighWaterMark: 16 * 2 ** 20 } as SocketConstructorOpts);
+        socket.connect(path);
         socket.once('connect', () => resolvePromise(socket));
         socket.once('error', reject);
       });
