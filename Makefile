@@ -9,7 +9,7 @@ QSNAP := node dist/cli/main.js
 VM_DIR ?= .qsnap/vm
 SNAPSHOT ?= .qsnap/snapshots/vm-$(shell date +%Y%m%d-%H%M%S).qsnap
 
-.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot bench clean
+.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot bench bench-restore clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -17,7 +17,8 @@ help:
 	@echo "make vm        boot the test guest in the background (QMP: $(VM_DIR)/qmp.sock)"
 	@echo "make snapshot  snapshot the VM started by make vm"
 	@echo "make vm-stop   stop it"
-	@echo "make bench     run the benchmarks (prints tables)"
+	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
+	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
 	@echo "make setup     install QEMU, npm packages, build, build the guest image"
 	@echo "make clean     remove build output, the guest image and .qsnap/"
 
@@ -67,6 +68,9 @@ snapshot: build
 
 bench: setup
 	node scripts/bench-snapshot.mjs
+
+bench-restore: setup
+	node scripts/bench-restore.mjs
 
 clean: vm-stop
 	rm -rf dist images/build .qsnap
