@@ -6,8 +6,9 @@ import { promisify } from 'node:util';
 import type { QmpClient, TransactionAction } from '../qmp/index.js';
 import { SnapshotError } from './errors.js';
 import type { DiskInfo } from './probe.js';
+import { createOverlay } from './qemu-img.js';
 
-const run = promisify(execFile);
+const _run = promisify(execFile);
 
 /** One writable disk to freeze: its current top image becomes the snapshot's frozen layer. */
 export interface PlannedOverlay {
@@ -106,30 +107,17 @@ export async function planOverlays(
 
 /** A qcow2 overlay file whose backing file is the frozen image (not opened: QEMU holds its lock). */
 export async function createOverlayFile(overlay: PlannedOverlay): Promise<void> {
-  // A backing path relative to the overlay's directory keeps the pair movable together.
-  const backing =
-    dirname(overlay.overlayFile) === dirname(overlay.frozenFile)
-      ? basename(overlay.frozenFile)
-      : overlay.frozenFile;
   try {
-    await run('qemu-img', [
-      'create',
-      '-q',
-      '-f',
-      'qcow2',
-      '-u',
-      '-b',
-      backing,
-      '-F',
-      overlay.format,
-      overlay.overlayFile,
-      String(overlay.virtualSize),
-    ]);
+    await createOverlay({
+      overlayFile: overlay.overlayFile,
+      backingFile: overlay.frozenFile,
+      backingFormat: overlay.format,
+      virtualSize: overlay.virtualSize,
+    });
   } catch (err) {
-    const stderr = String((err as { stderr?: string }).stderr ?? (err as Error).message).trim();
     throw new SnapshotError(
       'QSNAP_SNAPSHOT_DISK',
-      `cannot create overlay ${overlay.overlayFile}: ${stderr}`,
+      `cannot create overlay ${overlay.overlayFile}: ${(err as Error).message}`,
       {
         hint: 'check that qemu-img is installed and the directory is writable',
         cause: err,

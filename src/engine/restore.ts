@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdir, mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { Socket, type SocketConstructorOpts } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, dirname, extname, join, resolve } from 'node:path';
@@ -13,6 +13,7 @@ import { type RamPageRun, tryDecodePrologue, writeMigrationStream } from '../str
 import { Vm } from '../vm/launcher.js';
 import { RestoreError } from './errors.js';
 import { Operation, type OperationContext } from './operation.js';
+import { createOverlay } from './qemu-img.js';
 import { type ArgvDisk, parseCommandLine, refuseUnsafeLazy, rewriteCommandLine } from './restore-argv.js';
 
 const run = promisify(execFile);
@@ -168,44 +169,19 @@ async function planDisks(
 }
 
 async function createRestoreOverlay(entry: DiskPlanEntry): Promise<void> {
-  await mkdir(dirname(entry.overlayFile), { recursive: true });
-  // Claim the name first (O_EXCL): qemu-img would silently replace an existing file.
   try {
-    await (await open(entry.overlayFile, 'wx')).close();
+    await mkdir(dirname(entry.overlayFile), { recursive: true });
+    await createOverlay({
+      overlayFile: entry.overlayFile,
+      backingFile: entry.frozenFile,
+      backingFormat: entry.format,
+      virtualSize: entry.virtualSize,
+    });
   } catch (err) {
     throw new RestoreError(
       'QSNAP_RESTORE_DISKS',
       `cannot create the restore overlay ${entry.overlayFile}: ${(err as Error).message}`,
-      {
-        hint: 'check that the directory is writable (or choose --overlay-dir)',
-        cause: err,
-      },
-    );
-  }
-  const backing =
-    dirname(entry.overlayFile) === dirname(entry.frozenFile) ? basename(entry.frozenFile) : entry.frozenFile;
-  try {
-    await run('qemu-img', [
-      'create',
-      '-q',
-      '-f',
-      'qcow2',
-      '-u',
-      '-b',
-      backing,
-      '-F',
-      entry.format,
-      entry.overlayFile,
-      String(entry.virtualSize),
-    ]);
-  } catch (err) {
-    throw new RestoreError(
-      'QSNAP_RESTORE_DISKS',
-      `cannot create the restore overlay ${entry.overlayFile}: ${String((err as { stderr?: string }).stderr ?? err).trim()}`,
-      {
-        hint: 'check that the directory is writable (or choose --overlay-dir)',
-        cause: err,
-      },
+      { hint: 'check that the directory is writable (or choose --overlay-dir)', cause: err },
     );
   }
 }
