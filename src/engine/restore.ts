@@ -405,15 +405,18 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
       detached: !options.attached,
     });
     if (!options.attached && ownsRunDir) await writeFile(join(runDir, 'qemu.pid'), `${vm.pid}\n`);
-    await checkCompatible(vm.qmp, reader);
-
     op.phase('load');
     const loadStart = performance.now();
-    await vm.qmp.execute('migrate-set-capabilities', {
-      capabilities: [{ capability: 'events', state: true }],
-    });
     const incoming = join(runDir, `incoming-${tag}.sock`);
-    await vm.qmp.execute('migrate-incoming', { uri: `unix:${incoming}` });
+    const qmp = vm.qmp;
+    // The checks and the incoming set-up go out together (QMP answers in order); a failed
+    // check kills this QEMU before any state is sent.
+    await Promise.all([
+      checkCompatible(qmp, reader),
+      qmp
+        .execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
+        .then(() => qmp.execute('migrate-incoming', { uri: `unix:${incoming}` })),
+    ]);
     const socket = await connectWhenListening(incoming, 10_000);
     const totalBytes = m.ram.blocks.reduce(
       (sum, b, i) => (options.lazy && i === 0 ? sum : sum + b.usedLength),
