@@ -28,6 +28,8 @@ export interface TestGuestOptions {
   /** Back RAM with a file (tests that read or poke guest memory from the host). */
   memoryBackend?: VmSpec['memoryBackend'];
   accel?: VmSpec['accel'];
+  /** QEMU to run (default qemu-system-x86_64 from PATH). */
+  qemuBinary?: string;
   /** Let QEMU outlive this process (`make vm`). */
   detached?: boolean;
   extraArgs?: string[];
@@ -67,6 +69,7 @@ export function testGuestSpec(dir: string, diskFile: string, options: TestGuestO
   const slots = options.slots ?? 16384;
   return {
     name: 'qsnap-test-guest',
+    ...(options.qemuBinary ? { qemuBinary: options.qemuBinary } : {}),
     memoryMiB: options.memoryMiB ?? 256,
     cpus: options.cpus ?? 1,
     accel: options.accel ?? 'auto',
