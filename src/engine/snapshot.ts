@@ -3,18 +3,10 @@ import { constants } from 'node:fs';
 import { access, mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
-import { QsnapError } from '../errors.js';
 import { SnapshotFileError, type SnapshotWriter } from '../format/index.js';
 import type { QmpClient, QmpEvent } from '../qmp/index.js';
 import { connectVm } from './connect.js';
-import {
-  discardOverlays,
-  flushImages,
-  freezeActions,
-  type PlannedOverlay,
-  planOverlays,
-  prepareOverlays,
-} from './disks.js';
+import { flushImages, freezeActions, type PlannedOverlay, planOverlays, prepareOverlays } from './disks.js';
 import { SnapshotError } from './errors.js';
 import { faultPoint } from './faults.js';
 import { acquireIntent, assertNotBusy, type IntentHandle } from './intent.js';
@@ -22,7 +14,14 @@ import { configureMigration, type MigrationSettings, restoreMigration } from './
 import { Operation, type OperationContext } from './operation.js';
 import { probeVm, type VmInfo, versionAtLeast } from './probe.js';
 import { type ReceivedStream, StreamReceiver } from './receiver.js';
-import { type RollbackOutcome, rollbackOverlays } from './rollback.js';
+import { cleanupAfterFailure } from './snapshot-cleanup.js';
+import {
+  cancelled,
+  qemuGone,
+  timeout,
+  waitMigrationCompleted,
+  watchMigrationFailure,
+} from './snapshot-waits.js';
 
 export type SnapshotStrategy = 'background-snapshot' | 'stopped-precopy';
 
@@ -122,7 +121,7 @@ async function checkOutput(out: string, overwrite: boolean): Promise<void> {
   }
 }
 
-interface PauseState {
+export interface PauseState {
   stopEvent: QmpEvent | undefined;
   resumeEvent: QmpEvent | undefined;
   frozen: boolean;
@@ -203,7 +202,7 @@ async function runSnapshot(options: SnapshotOptions, op: OperationContext): Prom
   }
 }
 
-interface LockedContext {
+export interface LockedContext {
   options: SnapshotOptions;
   op: OperationContext;
   qmp: QmpClient;
@@ -327,71 +326,6 @@ async function snapshotLocked(ctx: LockedContext): Promise<SnapshotResult> {
   }
 }
 
-/** Resolves never; rejects when QEMU reports the migration failed or cancelled. */
-function watchMigrationFailure(qmp: QmpClient): { promise: Promise<never>; cancel: () => void } {
-  let off = () => {};
-  const promise = new Promise<never>((_, reject) => {
-    off = qmp.on('MIGRATION', (e) => {
-      const status = e.data.status;
-      if (status === 'failed' || status === 'cancelled') {
-        void qmp
-          .execute('query-migrate')
-          .catch(() => undefined)
-          .then((info) => {
-            const desc = info?.['error-desc'];
-            reject(
-              new SnapshotError(
-                'QSNAP_SNAPSHOT_MIGRATION',
-                `QEMU's migration ${status}${desc ? `: ${desc}` : ''}`,
-                {
-                  hint: 'see the message; the guest was resumed and its disks are intact',
-                  details: { status, desc },
-                },
-              ),
-            );
-          });
-      }
-    });
-  });
-  promise.catch(() => undefined);
-  return { promise, cancel: () => off() };
-}
-
-function qemuGoneError(cause: unknown): SnapshotError {
-  return new SnapshotError('QSNAP_SNAPSHOT_QEMU_GONE', 'QEMU went away during the snapshot', {
-    hint: 'check whether QEMU crashed or was killed; no snapshot was written',
-    cause,
-  });
-}
-
-function qemuGone(qmp: QmpClient): Promise<never> {
-  return new Promise<never>((_, reject) => {
-    qmp.onDisconnect((cause) => reject(qemuGoneError(cause)));
-  });
-}
-
-function cancelled(signal: AbortSignal): Promise<never> {
-  return new Promise<never>((_, reject) => {
-    const fail = () =>
-      reject(
-        new SnapshotError('QSNAP_SNAPSHOT_CANCELLED', 'the snapshot was cancelled', {
-          hint: 'no snapshot was written; the guest keeps running',
-        }),
-      );
-    if (signal.aborted) fail();
-    else signal.addEventListener('abort', fail, { once: true });
-  });
-}
-
-function timeout(ms: number, error: () => QsnapError): { promise: Promise<never>; clear: () => void } {
-  let timer: NodeJS.Timeout | undefined;
-  const promise = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(error()), ms);
-  });
-  promise.catch(() => undefined);
-  return { promise, clear: () => clearTimeout(timer) };
-}
-
 async function waitForCapture(
   ctx: LockedContext,
   receiver: StreamReceiver,
@@ -447,47 +381,6 @@ async function resumeAfterCapture(ctx: LockedContext, pause: PauseState): Promis
     }
   }
   ctx.op.phase('resumed');
-}
-
-/** Wait until QEMU's migration is over, whatever the outcome; returns its final status. */
-async function waitMigrationSettled(qmp: QmpClient, timeoutMs: number): Promise<string> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = await qmp.execute('query-migrate');
-    const status = info.status ?? 'none';
-    if (!['active', 'setup', 'device', 'cancelling', 'pre-switchover', 'wait-unplug'].includes(status))
-      return status;
-    if (Date.now() > deadline) return status;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-/** After the stream's end QEMU marks the migration completed; wait for that (it may lag the socket). */
-async function waitMigrationCompleted(qmp: QmpClient): Promise<void> {
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    const info = await qmp.execute('query-migrate');
-    if (info.status === 'completed') return;
-    if (info.status === 'failed' || info.status === 'cancelled') {
-      throw new SnapshotError(
-        'QSNAP_SNAPSHOT_MIGRATION',
-        `QEMU's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
-        {
-          hint: 'see the message; no snapshot was written',
-        },
-      );
-    }
-    if (Date.now() > deadline) {
-      throw new SnapshotError(
-        'QSNAP_SNAPSHOT_MIGRATION',
-        `the stream ended but QEMU still reports the migration ${info.status}`,
-        {
-          hint: 'check the QEMU log; no snapshot was written',
-        },
-      );
-    }
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 function usToIso(us: number): string {
@@ -582,98 +475,4 @@ async function finishFile(
     skippedDisks: ctx.skipped,
     runState: vm.runState,
   };
-}
-
-function overlayOutcomes(overlays: PlannedOverlay[]): RollbackOutcome[] {
-  return overlays.map((o) => ({ device: o.device, overlayFile: o.overlayFile, rolledBack: false }));
-}
-
-/**
- * Put everything back after a failure and say so in the error: the guest runs again if it
- * ran before, the migration is cancelled, the partial file is gone, unused overlays are
- * removed, disks already switched to their overlay are committed back (or named).
- */
-async function cleanupAfterFailure(
-  ctx: LockedContext,
-  err: unknown,
-  state: {
-    receiver: StreamReceiver;
-    writer: SnapshotWriter | undefined;
-    pause: PauseState;
-    settings: MigrationSettings | undefined;
-  },
-): Promise<unknown> {
-  const { qmp, vm, op } = ctx;
-  const notes: string[] = [];
-  const unrolled: RollbackOutcome[] =
-    state.pause.frozen && qmp.state !== 'running' ? overlayOutcomes(ctx.overlays) : [];
-  let guest: 'running' | 'paused' | 'gone' = 'gone';
-  await state.receiver.abort(err);
-  await state.writer?.abort(err);
-  if (qmp.state === 'running') {
-    try {
-      if (state.pause.migrating) {
-        if (ctx.strategy === 'background-snapshot') {
-          // Never cancel a background snapshot QEMU has begun (see receiver.ts): the drain
-          // guard reads the rest of the stream and QEMU finishes it normally. Whether QEMU has
-          // connected yet is no guide: it connects asynchronously after `migrate`, and the
-          // receiver, still listening, hands a late connection to the guard as well.
-          const final = await waitMigrationSettled(qmp, 30 * 60_000);
-          notes.push(`QEMU's migration ran to its end (${final}) so the guest's RAM is released`);
-        } else {
-          const info = await qmp.execute('query-migrate');
-          if (info.status === 'active' || info.status === 'setup' || info.status === 'device') {
-            await qmp.execute('migrate_cancel');
-            await waitMigrationSettled(qmp, 60_000);
-            notes.push('migration cancelled');
-          }
-        }
-      }
-      const status = await qmp.execute('query-status');
-      if (vm.running && !status.running) {
-        await qmp.execute('cont');
-        notes.push('guest resumed');
-      }
-      guest = vm.running ? 'running' : 'paused';
-      if (state.pause.frozen) {
-        // Merge what the guest wrote since the freeze back and drop the overlays: the VM's
-        // disk layout is as before the failed snapshot.
-        for (const outcome of await rollbackOverlays(qmp, ctx.overlays)) {
-          if (outcome.rolledBack) notes.push(`disk ${outcome.device} is back on its original image`);
-          else {
-            unrolled.push(outcome);
-            notes.push(`disk ${outcome.device} now writes to ${outcome.overlayFile} (${outcome.error})`);
-          }
-        }
-      } else {
-        const kept = await discardOverlays(qmp, ctx.overlays);
-        for (const o of kept) notes.push(`overlay ${o.overlayFile} kept (in use)`);
-      }
-      if (state.settings) await restoreMigration(qmp, state.settings);
-    } catch (cleanupError) {
-      if (qmp.state === 'running')
-        op.warn(
-          'QSNAP_CLEANUP',
-          `cleanup after the failure was incomplete: ${(cleanupError as Error).message}`,
-        );
-    }
-  }
-  // A dead QEMU is often noticed first as the end of its stream (QSNAP_STREAM_TRUNCATED) or
-  // a failed command; the cleanup's queries settle which: name the root cause.
-  const gone =
-    qmp.state !== 'running' && !(err instanceof QsnapError && err.code === 'QSNAP_SNAPSHOT_QEMU_GONE');
-  const base = gone
-    ? qemuGoneError(err)
-    : err instanceof QsnapError
-      ? err
-      : new SnapshotError(
-          'QSNAP_SNAPSHOT_FAILED',
-          `snapshot failed: ${(err as Error)?.message ?? String(err)}`,
-          { cause: err },
-        );
-  base.details['guest'] = guest;
-  base.details['cleanup'] = notes;
-  if (unrolled.length)
-    base.details['disks'] = unrolled.map((o) => ({ device: o.device, overlayFile: o.overlayFile }));
-  return base;
 }
