@@ -402,6 +402,9 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
       qemuBinary: parsed.binary ?? 'qemu-system-x86_64',
       qmpPath,
       runDir,
+      // An attached QEMU's run directory goes when it is stopped; a detached one's is swept
+      // by a later restore once the QEMU is gone (sweepStaleRunDirs).
+      ownsRunDir: ownsRunDir && options.attached === true,
       detached: !options.attached,
     });
     if (!options.attached && ownsRunDir) await writeFile(join(runDir, 'qemu.pid'), `${vm.pid}\n`);
