@@ -9,13 +9,17 @@
  */
 const HANGING = new Set(['after-stop', 'stream-hang']);
 
-export function faultPoint(name: string): boolean {
+/** The fault points QSNAP_FAULT names now (read once where a hot path checks them). */
+export function activeFaults(): ReadonlySet<string> {
   const spec = process.env['QSNAP_FAULT'];
-  if (!spec) return false;
-  const active = spec.split(',').includes(name);
-  if (active && HANGING.has(name)) {
+  return new Set(spec ? spec.split(',') : []);
+}
+
+export function faultPoint(name: string, active: ReadonlySet<string> = activeFaults()): boolean {
+  if (!active.has(name)) return false;
+  if (HANGING.has(name)) {
     // Block the event loop: nothing may run from here on (as if qsnap had been SIGKILLed here).
     Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 600_000);
   }
-  return active;
+  return true;
 }

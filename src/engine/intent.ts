@@ -7,6 +7,7 @@ import { z } from 'zod';
 import type { QmpClient } from '../qmp/index.js';
 import { discardOverlays } from './disks.js';
 import { SnapshotError } from './errors.js';
+import { MIGRATION_UNSETTLED, pollMigration } from './migration.js';
 
 /**
  * Intent records: before qsnap changes a VM (pauses it, adds block nodes, changes migration
@@ -77,17 +78,22 @@ function ownerAlive(owner: Intent['owner']): boolean {
   return processStartTime(owner.pid) === owner.startTime;
 }
 
-async function readIntent(path: string): Promise<Intent | undefined> {
+/** The record at `path`: `absent` when there is none, `intent` undefined when it is unreadable. */
+async function readIntentFile(path: string): Promise<{ absent: boolean; intent: Intent | undefined }> {
   let text: string;
   try {
     text = await readFile(path, 'utf8');
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { absent: true, intent: undefined };
     throw err;
   }
   const parsed = IntentSchema.safeParse(JSON.parse(text));
   // An unreadable record cannot be acted on; treat it as stale and let it be replaced.
-  return parsed.success ? parsed.data : undefined;
+  return { absent: false, intent: parsed.success ? parsed.data : undefined };
+}
+
+async function readIntent(path: string): Promise<Intent | undefined> {
+  return (await readIntentFile(path)).intent;
 }
 
 export class IntentHandle {
@@ -176,28 +182,27 @@ export async function acquireIntent(
   return new IntentHandle(path, intent);
 }
 
-const UNSETTLED = new Set(['active', 'setup', 'device', 'cancelling', 'pre-switchover', 'wait-unplug']);
-
 /**
  * A background snapshot the dead qsnap began is being read to its end by its drain guard
  * (receiver.ts): cancelling it would hang the guest on QEMU 7.2, so wait for it. A plain
  * migration is cancelled.
  */
 async function settleMigration(qmp: QmpClient, report: RecoveryReport): Promise<void> {
-  let info = await qmp.execute('query-migrate');
-  if (!UNSETTLED.has(info.status ?? 'none')) return;
+  const info = await qmp.execute('query-migrate');
+  if (!MIGRATION_UNSETTLED.has(info.status ?? 'none')) return;
   const caps = await qmp.execute('query-migrate-capabilities');
   const background = caps.some((c) => c.capability === 'background-snapshot' && c.state);
   if (!background) {
     await qmp.execute('migrate_cancel');
     report.actions.push('cancelled the unfinished migration');
   }
-  const deadline = Date.now() + 10 * 60_000;
-  while (UNSETTLED.has(info.status ?? 'none') && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 50));
-    info = await qmp.execute('query-migrate');
-  }
-  if (background) report.actions.push(`let the interrupted background snapshot run out (${info.status})`);
+  const settled = await pollMigration(qmp, {
+    done: (status) => !MIGRATION_UNSETTLED.has(status),
+    intervalMs: 50,
+    timeoutMs: 10 * 60_000,
+  });
+  if (background)
+    report.actions.push(`let the interrupted background snapshot run out (${settled.info.status})`);
 }
 
 export interface RecoveryReport {
@@ -214,12 +219,8 @@ export interface RecoveryReport {
 export async function recoverStaleIntent(qmpPath: string, qmp: QmpClient): Promise<RecoveryReport> {
   const report: RecoveryReport = { recovered: false, resumed: false, actions: [], overlaysInUse: [] };
   const path = await intentPath(qmpPath);
-  const exists = await readFile(path, 'utf8').then(
-    () => true,
-    () => false,
-  );
-  if (!exists) return report;
-  const intent = await readIntent(path);
+  const { absent, intent } = await readIntentFile(path);
+  if (absent) return report;
   if (intent && ownerAlive(intent.owner)) return report;
   report.recovered = true;
   if (intent) {

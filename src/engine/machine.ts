@@ -2,6 +2,7 @@ import { mkdtemp, rm, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { Vm } from '../vm/launcher.js';
+import { TMPFS_MAGIC } from './migration.js';
 import { plainFilename } from './probe.js';
 import { type RestoreMode, restore } from './restore.js';
 import { parseCommandLine } from './restore-argv.js';
@@ -30,8 +31,6 @@ export interface MachineOptions {
   /** How revert loads RAM (default 'lazy': constant time whatever the RAM size). */
   revertMode?: RestoreMode;
 }
-
-const TMPFS_MAGIC = 0x01021994;
 
 async function checkpointBase(): Promise<string> {
   try {

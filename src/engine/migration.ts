@@ -1,5 +1,5 @@
 import { statfs } from 'node:fs/promises';
-import type { QmpClient } from '../qmp/index.js';
+import type { CommandReturn, QmpClient } from '../qmp/index.js';
 import { SnapshotError } from './errors.js';
 
 /**
@@ -80,7 +80,8 @@ export async function configureMigration(
   return { saved };
 }
 
-const TMPFS_MAGIC = 0x01021994;
+/** statfs f_type of tmpfs and hugetlbfs: file-backed RAM userfaultfd can write-protect. */
+export const TMPFS_MAGIC = 0x01021994;
 const HUGETLBFS_MAGIC = 0x958458f6;
 
 /**
@@ -116,4 +117,37 @@ export async function restoreMigration(qmp: QmpClient, settings: MigrationSettin
   }
   if (maxBandwidth !== undefined)
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': maxBandwidth });
+}
+
+/** Migration states in which QEMU is still migrating (QAPI MigrationStatus). */
+export const MIGRATION_UNSETTLED: ReadonlySet<string> = new Set([
+  'active',
+  'setup',
+  'device',
+  'cancelling',
+  'pre-switchover',
+  'wait-unplug',
+]);
+
+/** States a migration ends in, successfully or not. */
+export const MIGRATION_ENDED: ReadonlySet<string> = new Set(['completed', 'failed', 'cancelled']);
+
+export type MigrationInfo = CommandReturn<'query-migrate'>;
+
+/**
+ * Poll `query-migrate` every `intervalMs` until `done(status)` holds or `timeoutMs` passes;
+ * returns the last reply and whether time ran out. The one loop every wait on a migration
+ * (snapshot, restore, recovery) goes through.
+ */
+export async function pollMigration(
+  qmp: QmpClient,
+  options: { done: (status: string) => boolean; intervalMs: number; timeoutMs: number },
+): Promise<{ info: MigrationInfo; timedOut: boolean }> {
+  const deadline = Date.now() + options.timeoutMs;
+  for (;;) {
+    const info = await qmp.execute('query-migrate');
+    if (options.done(info.status ?? 'none')) return { info, timedOut: false };
+    if (Date.now() > deadline) return { info, timedOut: true };
+    await new Promise((r) => setTimeout(r, options.intervalMs));
+  }
 }

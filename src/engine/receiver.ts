@@ -12,7 +12,7 @@ import {
   type StreamSummary,
 } from '../stream/index.js';
 import { SnapshotError } from './errors.js';
-import { faultPoint } from './faults.js';
+import { activeFaults, faultPoint } from './faults.js';
 
 export interface ReceivedStream {
   writer: SnapshotWriter;
@@ -108,6 +108,9 @@ export class StreamReceiver {
   private failed = false;
   private guard: ChildProcess | undefined;
 
+  /** Test-only fault points, read once: the data handler runs for every chunk of the stream. */
+  private readonly faults = activeFaults();
+
   constructor(private readonly options: ReceiverOptions) {
     this.done = new Promise((resolve, reject) => {
       this.settle = { resolve, reject };
@@ -167,8 +170,8 @@ export class StreamReceiver {
       if (this.failed) return;
       if (this.bytes === 0) this.firstByteAt = performance.now();
       this.bytes += chunk.length;
-      if (this.bytes > 20 * 2 ** 20) faultPoint('stream-hang');
-      if (this.bytes > 20 * 2 ** 20 && faultPoint('stream-error')) {
+      if (this.faults.size > 0 && this.bytes > 20 * 2 ** 20) faultPoint('stream-hang', this.faults);
+      if (this.faults.size > 0 && this.bytes > 20 * 2 ** 20 && faultPoint('stream-error', this.faults)) {
         this.fail(
           new SnapshotError(
             'QSNAP_SNAPSHOT_OUTPUT',

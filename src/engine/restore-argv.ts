@@ -108,23 +108,20 @@ export function parseCommandLine(argv: readonly string[]): ParsedCommandLine {
         const json = readJsonOption(value);
         if (json) {
           const file = json['file'] as Record<string, unknown> | undefined;
-          if (file && typeof file === 'object' && typeof file['filename'] === 'string') {
+          // A format node with its file node nested, or a file node on its own.
+          const nested = file && typeof file === 'object' && typeof file['filename'] === 'string';
+          const filename = nested
+            ? file['filename']
+            : json['driver'] === 'file'
+              ? json['filename']
+              : undefined;
+          if (typeof filename === 'string') {
             disks.push({
               entryIndex: index,
               kind: 'blockdev-json',
-              file: file['filename'] as string,
+              file: filename,
               nodeName: json['node-name'] as string | undefined,
-              formatEntryIndex: index,
-              readOnly: json['read-only'] === true,
-              deviceId: undefined,
-            });
-          } else if (json['driver'] === 'file' && typeof json['filename'] === 'string') {
-            disks.push({
-              entryIndex: index,
-              kind: 'blockdev-json',
-              file: json['filename'] as string,
-              nodeName: json['node-name'] as string | undefined,
-              formatEntryIndex: undefined,
+              formatEntryIndex: nested ? index : undefined,
               readOnly: json['read-only'] === true,
               deviceId: undefined,
             });

@@ -12,7 +12,9 @@ import type { QmpClient } from '../qmp/index.js';
 import { type RamPageRun, tryDecodePrologue, writeMigrationStream } from '../stream/index.js';
 import { Vm } from '../vm/launcher.js';
 import { RestoreError } from './errors.js';
+import { MIGRATION_ENDED, pollMigration } from './migration.js';
 import { Operation, type OperationContext } from './operation.js';
+import { versionAtLeast } from './probe.js';
 import { createOverlay } from './qemu-img.js';
 import { type ArgvDisk, parseCommandLine, refuseUnsafeLazy, rewriteCommandLine } from './restore-argv.js';
 
@@ -72,13 +74,6 @@ export interface RestoreResult {
 /** Restore a snapshot into a new QEMU started from the VM's own command line. */
 export function restore(options: RestoreOptions): Operation<RestoreResult> {
   return new Operation((op) => runRestore(options, op));
-}
-
-function sameVersionOrNewer(
-  dest: { major: number; minor: number },
-  src: { major: number; minor: number },
-): boolean {
-  return dest.major > src.major || (dest.major === src.major && dest.minor >= src.minor);
 }
 
 async function backingChain(file: string): Promise<string[]> {
@@ -194,7 +189,7 @@ async function checkCompatible(qmp: QmpClient, reader: SnapshotReader): Promise<
     qmp.execute('query-memory-size-summary'),
   ]);
   const dest = version.qemu;
-  if (!sameVersionOrNewer(dest, m.qemu.version)) {
+  if (!versionAtLeast(dest, m.qemu.version.major, m.qemu.version.minor)) {
     throw new RestoreError(
       'QSNAP_RESTORE_QEMU_VERSION',
       `the snapshot comes from QEMU ${m.qemu.version.major}.${m.qemu.version.minor}, this QEMU is older (${dest.major}.${dest.minor})`,
@@ -307,24 +302,24 @@ async function feed(socket: Socket, chunks: AsyncIterable<Buffer>): Promise<void
 }
 
 async function waitIncoming(qmp: QmpClient, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = await qmp.execute('query-migrate');
-    if (info.status === 'completed') return;
-    if (info.status === 'failed' || info.status === 'cancelled') {
-      throw new RestoreError(
-        'QSNAP_RESTORE_LOAD',
-        `QEMU refused the snapshot's state${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
-        {
-          hint: 'check that the command line matches the snapshotted VM (devices, machine, memory); see the QEMU log',
-        },
-      );
-    }
-    if (Date.now() > deadline)
-      throw new RestoreError('QSNAP_RESTORE_LOAD', `QEMU did not finish loading within ${timeoutMs} ms`, {
-        hint: 'see the QEMU log',
-      });
-    await new Promise((r) => setTimeout(r, 2));
+  const { info, timedOut } = await pollMigration(qmp, {
+    done: (status) => MIGRATION_ENDED.has(status),
+    intervalMs: 2,
+    timeoutMs,
+  });
+  if (timedOut) {
+    throw new RestoreError('QSNAP_RESTORE_LOAD', `QEMU did not finish loading within ${timeoutMs} ms`, {
+      hint: 'see the QEMU log',
+    });
+  }
+  if (info.status !== 'completed') {
+    throw new RestoreError(
+      'QSNAP_RESTORE_LOAD',
+      `QEMU refused the snapshot's state${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
+      {
+        hint: 'check that the command line matches the snapshotted VM (devices, machine, memory); see the QEMU log',
+      },
+    );
   }
 }
 

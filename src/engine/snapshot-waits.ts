@@ -5,6 +5,7 @@
 import type { QsnapError } from '../errors.js';
 import type { QmpClient } from '../qmp/index.js';
 import { SnapshotError } from './errors.js';
+import { MIGRATION_ENDED, MIGRATION_UNSETTLED, pollMigration } from './migration.js';
 
 /** Resolves never; rejects when QEMU reports the migration failed or cancelled. */
 export function watchMigrationFailure(qmp: QmpClient): { promise: Promise<never>; cancel: () => void } {
@@ -73,41 +74,33 @@ export function timeout(ms: number, error: () => QsnapError): { promise: Promise
 
 /** Wait until QEMU's migration is over, whatever the outcome; returns its final status. */
 export async function waitMigrationSettled(qmp: QmpClient, timeoutMs: number): Promise<string> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = await qmp.execute('query-migrate');
-    const status = info.status ?? 'none';
-    if (!['active', 'setup', 'device', 'cancelling', 'pre-switchover', 'wait-unplug'].includes(status))
-      return status;
-    if (Date.now() > deadline) return status;
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  const { info } = await pollMigration(qmp, {
+    done: (status) => !MIGRATION_UNSETTLED.has(status),
+    intervalMs: 20,
+    timeoutMs,
+  });
+  return info.status ?? 'none';
 }
 
 /** After the stream's end QEMU marks the migration completed; wait for that (it may lag the socket). */
 export async function waitMigrationCompleted(qmp: QmpClient): Promise<void> {
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    const info = await qmp.execute('query-migrate');
-    if (info.status === 'completed') return;
-    if (info.status === 'failed' || info.status === 'cancelled') {
-      throw new SnapshotError(
-        'QSNAP_SNAPSHOT_MIGRATION',
-        `QEMU's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
-        {
-          hint: 'see the message; no snapshot was written',
-        },
-      );
-    }
-    if (Date.now() > deadline) {
-      throw new SnapshotError(
-        'QSNAP_SNAPSHOT_MIGRATION',
-        `the stream ended but QEMU still reports the migration ${info.status}`,
-        {
-          hint: 'check the QEMU log; no snapshot was written',
-        },
-      );
-    }
-    await new Promise((r) => setTimeout(r, 10));
+  const { info, timedOut } = await pollMigration(qmp, {
+    done: (status) => MIGRATION_ENDED.has(status),
+    intervalMs: 10,
+    timeoutMs: 30_000,
+  });
+  if (timedOut) {
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_MIGRATION',
+      `the stream ended but QEMU still reports the migration ${info.status}`,
+      { hint: 'check the QEMU log; no snapshot was written' },
+    );
+  }
+  if (info.status !== 'completed') {
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_MIGRATION',
+      `QEMU's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
+      { hint: 'see the message; no snapshot was written' },
+    );
   }
 }
