@@ -6,7 +6,6 @@
 export { connectVm } from './engine/connect.js';
 export { RestoreError, SnapshotError } from './engine/errors.js';
 export { type RecoveryReport, recoverStaleIntent } from './engine/intent.js';
-export { type Checkpoint, Machine, type MachineOptions, type RevertResult } from './engine/machine.js';
 export { Operation, type OperationEvent } from './engine/operation.js';
 export { type DiskInfo, probeVm, type QemuVersion, type VmInfo } from './engine/probe.js';
 export {
@@ -16,19 +15,20 @@ export {
   type RestoreOptions,
   type RestoreResult,
   restore,
-} from './engine/restore.js';
+} from './engine/restore/restore.js';
 export {
   type SnapshotDisk,
   type SnapshotOptions,
   type SnapshotResult,
   type SnapshotStrategy,
   snapshot,
-} from './engine/snapshot.js';
+} from './engine/snapshot/snapshot.js';
 export { type SnapshotVerifyResult, verifySnapshot } from './engine/verify.js';
 export { asQsnapError, QsnapError, type QsnapErrorJson } from './errors.js';
 export { type Manifest, openSnapshot, SnapshotFileError, type SnapshotReader } from './format/index.js';
 export { GuestConsole } from './guest/console.js';
 export { bootTestGuest, type TestGuest, type TestGuestOptions, testGuestSpec } from './guest/test-guest.js';
+export { type Checkpoint, Machine, type MachineOptions, type RevertResult } from './harness/machine.js';
 export { QmpClient } from './qmp/index.js';
 export { type AccelDecision, resolveAccel } from './vm/accel.js';
 export { VmError } from './vm/errors.js';

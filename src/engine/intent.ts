@@ -5,7 +5,7 @@ import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
 import type { QmpClient } from '../qmp/index.js';
-import { discardOverlays } from './disks.js';
+import { discardOverlays } from './disks/freeze.js';
 import { SnapshotError } from './errors.js';
 import { MIGRATION_UNSETTLED, pollMigration } from './migration.js';
 

@@ -12,7 +12,7 @@ import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, readSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { snapshot } from '../../src/engine/snapshot.js';
+import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot, ZERO_PAGE_CRC } from '../../src/format/index.js';
 import {
   bootGuest,

@@ -6,7 +6,7 @@ import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { snapshot } from '../../src/engine/snapshot.js';
+import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { bootTestGuest } from '../../src/guest/test-guest.js';
 import { QmpClient } from '../../src/qmp/index.js';
 import {

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { OperationEvent } from '../../src/engine/operation.js';
-import { type SnapshotResult, snapshot } from '../../src/engine/snapshot.js';
+import { type SnapshotResult, snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot } from '../../src/format/index.js';
 import type { QmpEvent } from '../../src/qmp/index.js';
 import {

@@ -11,7 +11,7 @@ import {
   parseRamSize,
   refuseUnsafeLazy,
   rewriteCommandLine,
-} from '../../src/engine/restore-argv.js';
+} from '../../src/vm/cmdline.js';
 
 const OVERLAY = '/ovl/disk.restore-0badcafe.qcow2';
 const SNAPSHOT = '/snaps/vm.qsnap';

@@ -1,5 +1,5 @@
 import { resolve } from 'node:path';
-import { restore } from '../../engine/restore.js';
+import { restore } from '../../engine/restore/restore.js';
 import { parseCommand, singleFile, UsageError } from '../args.js';
 import { formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';

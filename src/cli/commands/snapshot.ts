@@ -1,5 +1,5 @@
 import { resolve } from 'node:path';
-import { snapshot } from '../../engine/snapshot.js';
+import { snapshot } from '../../engine/snapshot/snapshot.js';
 import { parseCommand, parseSize, UsageError } from '../args.js';
 import { formatBytes, formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';

@@ -3,25 +3,25 @@ import { constants } from 'node:fs';
 import { access, mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
-import { SnapshotFileError, type SnapshotWriter } from '../format/index.js';
-import type { QmpClient, QmpEvent } from '../qmp/index.js';
-import { connectVm } from './connect.js';
-import { flushImages, freezeActions, type PlannedOverlay, planOverlays, prepareOverlays } from './disks.js';
-import { SnapshotError } from './errors.js';
-import { faultPoint } from './faults.js';
-import { acquireIntent, assertNotBusy, type IntentHandle } from './intent.js';
-import { configureMigration, type MigrationSettings, restoreMigration } from './migration.js';
-import { Operation, type OperationContext } from './operation.js';
-import { probeVm, type VmInfo, versionAtLeast } from './probe.js';
-import { type ReceivedStream, StreamReceiver } from './receiver.js';
-import { cleanupAfterFailure } from './snapshot-cleanup.js';
+import { SnapshotFileError, type SnapshotWriter } from '../../format/index.js';
+import type { QmpClient, QmpEvent } from '../../qmp/index.js';
+import { connectVm } from '../connect.js';
 import {
-  cancelled,
-  qemuGone,
-  timeout,
-  waitMigrationCompleted,
-  watchMigrationFailure,
-} from './snapshot-waits.js';
+  flushImages,
+  freezeActions,
+  type PlannedOverlay,
+  planOverlays,
+  prepareOverlays,
+} from '../disks/freeze.js';
+import { SnapshotError } from '../errors.js';
+import { faultPoint } from '../faults.js';
+import { acquireIntent, assertNotBusy, type IntentHandle } from '../intent.js';
+import { configureMigration, type MigrationSettings, restoreMigration } from '../migration.js';
+import { Operation, type OperationContext } from '../operation.js';
+import { probeVm, type VmInfo, versionAtLeast } from '../probe.js';
+import { cleanupAfterFailure } from './cleanup.js';
+import { type ReceivedStream, StreamReceiver } from './receiver.js';
+import { cancelled, qemuGone, timeout, waitMigrationCompleted, watchMigrationFailure } from './waits.js';
 
 export type SnapshotStrategy = 'background-snapshot' | 'stopped-precopy';
 

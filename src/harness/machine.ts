@@ -1,12 +1,12 @@
 import { mkdtemp, rm, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { TMPFS_MAGIC } from '../engine/migration.js';
+import { plainFilename } from '../engine/probe.js';
+import { type RestoreMode, restore } from '../engine/restore/restore.js';
+import { type SnapshotResult, snapshot } from '../engine/snapshot/snapshot.js';
+import { parseCommandLine } from '../vm/cmdline.js';
 import { Vm } from '../vm/launcher.js';
-import { TMPFS_MAGIC } from './migration.js';
-import { plainFilename } from './probe.js';
-import { type RestoreMode, restore } from './restore.js';
-import { parseCommandLine } from './restore-argv.js';
-import { type SnapshotResult, snapshot } from './snapshot.js';
 
 export interface Checkpoint {
   file: string;

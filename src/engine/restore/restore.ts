@@ -6,17 +6,17 @@ import { Socket, type SocketConstructorOpts } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
-import { QsnapError } from '../errors.js';
-import { openSnapshot, type SnapshotReader } from '../format/index.js';
-import type { QmpClient } from '../qmp/index.js';
-import { type RamPageRun, tryDecodePrologue, writeMigrationStream } from '../stream/index.js';
-import { Vm } from '../vm/launcher.js';
-import { RestoreError } from './errors.js';
-import { MIGRATION_ENDED, pollMigration } from './migration.js';
-import { Operation, type OperationContext } from './operation.js';
-import { versionAtLeast } from './probe.js';
-import { createOverlay } from './qemu-img.js';
-import { type ArgvDisk, parseCommandLine, refuseUnsafeLazy, rewriteCommandLine } from './restore-argv.js';
+import { QsnapError } from '../../errors.js';
+import { openSnapshot, type SnapshotReader } from '../../format/index.js';
+import type { QmpClient } from '../../qmp/index.js';
+import { type RamPageRun, tryDecodePrologue, writeMigrationStream } from '../../stream/index.js';
+import { type ArgvDisk, parseCommandLine, refuseUnsafeLazy, rewriteCommandLine } from '../../vm/cmdline.js';
+import { Vm } from '../../vm/launcher.js';
+import { createOverlay } from '../../vm/qemu-img.js';
+import { RestoreError } from '../errors.js';
+import { MIGRATION_ENDED, pollMigration } from '../migration.js';
+import { Operation, type OperationContext } from '../operation.js';
+import { versionAtLeast } from '../probe.js';
 
 const run = promisify(execFile);
 

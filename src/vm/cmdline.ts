@@ -1,4 +1,5 @@
 import { resolve } from 'node:path';
+import { RestoreError } from '../engine/errors.js';
 import {
   type ArgvEntry,
   formatQemuOpts,
@@ -8,8 +9,7 @@ import {
   type QemuOpts,
   setOpt,
   splitArgv,
-} from '../vm/qemu-opts.js';
-import { RestoreError } from './errors.js';
+} from './qemu-opts.js';
 
 /**
  * Rewriting the command line a VM was started with into one that restores a snapshot

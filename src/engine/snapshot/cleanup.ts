@@ -1,13 +1,13 @@
-import { QsnapError } from '../errors.js';
-import type { SnapshotWriter } from '../format/index.js';
-import type { PlannedOverlay } from './disks.js';
-import { discardOverlays } from './disks.js';
-import { SnapshotError } from './errors.js';
-import { type MigrationSettings, restoreMigration } from './migration.js';
+import { QsnapError } from '../../errors.js';
+import type { SnapshotWriter } from '../../format/index.js';
+import type { PlannedOverlay } from '../disks/freeze.js';
+import { discardOverlays } from '../disks/freeze.js';
+import { type RollbackOutcome, rollbackOverlays } from '../disks/rollback.js';
+import { SnapshotError } from '../errors.js';
+import { type MigrationSettings, restoreMigration } from '../migration.js';
 import type { StreamReceiver } from './receiver.js';
-import { type RollbackOutcome, rollbackOverlays } from './rollback.js';
 import type { LockedContext, PauseState } from './snapshot.js';
-import { qemuGoneError, waitMigrationSettled } from './snapshot-waits.js';
+import { qemuGoneError, waitMigrationSettled } from './waits.js';
 
 function overlayOutcomes(overlays: PlannedOverlay[]): RollbackOutcome[] {
   return overlays.map((o) => ({ device: o.device, overlayFile: o.overlayFile, rolledBack: false }));

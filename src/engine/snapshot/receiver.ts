@@ -3,16 +3,16 @@ import { rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { type SnapshotWriter, SnapshotWriter as Writer } from '../format/index.js';
+import { type SnapshotWriter, SnapshotWriter as Writer } from '../../format/index.js';
 import {
   MigrationStreamParser,
   type PrologueEvent,
   type RamSetupEvent,
   type StreamSink,
   type StreamSummary,
-} from '../stream/index.js';
-import { SnapshotError } from './errors.js';
-import { activeFaults, faultPoint } from './faults.js';
+} from '../../stream/index.js';
+import { SnapshotError } from '../errors.js';
+import { activeFaults, faultPoint } from '../faults.js';
 
 export interface ReceivedStream {
   writer: SnapshotWriter;

@@ -3,10 +3,10 @@ import { constants } from 'node:fs';
 import { access, open, rm, stat } from 'node:fs/promises';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
-import type { QmpClient, TransactionAction } from '../qmp/index.js';
-import { SnapshotError } from './errors.js';
-import type { DiskInfo } from './probe.js';
-import { createOverlay } from './qemu-img.js';
+import type { QmpClient, TransactionAction } from '../../qmp/index.js';
+import { createOverlay } from '../../vm/qemu-img.js';
+import { SnapshotError } from '../errors.js';
+import type { DiskInfo } from '../probe.js';
 
 const _run = promisify(execFile);
 

@@ -2,10 +2,10 @@
  * Waiting on QEMU during a snapshot: promises that reject when the migration fails, QEMU goes
  * away, the operation is cancelled or time runs out, and polls for the migration's end.
  */
-import type { QsnapError } from '../errors.js';
-import type { QmpClient } from '../qmp/index.js';
-import { SnapshotError } from './errors.js';
-import { MIGRATION_ENDED, MIGRATION_UNSETTLED, pollMigration } from './migration.js';
+import type { QsnapError } from '../../errors.js';
+import type { QmpClient } from '../../qmp/index.js';
+import { SnapshotError } from '../errors.js';
+import { MIGRATION_ENDED, MIGRATION_UNSETTLED, pollMigration } from '../migration.js';
 
 /** Resolves never; rejects when QEMU reports the migration failed or cancelled. */
 export function watchMigrationFailure(qmp: QmpClient): { promise: Promise<never>; cancel: () => void } {

@@ -1,6 +1,6 @@
 import { rm } from 'node:fs/promises';
-import type { QmpClient } from '../qmp/index.js';
-import type { PlannedOverlay } from './disks.js';
+import type { QmpClient } from '../../qmp/index.js';
+import type { PlannedOverlay } from './freeze.js';
 
 export interface RollbackOutcome {
   device: string;
