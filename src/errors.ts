@@ -4,32 +4,34 @@
  * Each error carries a stable `code` (tests and scripts match on it, never on the
  * message), a one-line `message` saying what failed, and a `hint` saying what to do.
  * `toJSON()` gives the structured form that `--json` prints and the daemon will send.
+ * docs/errors.md has the one table of every code.
  *
- * The tree (each module adds its own leaves next to its code):
+ * The tree (each family documents its codes next to its code):
  *
- *   QsnapError
- *   ├── QmpError                     src/qmp/errors.ts
- *   │   ├── QmpConnectError          QSNAP_QMP_CONNECT
- *   │   ├── QmpCommandError          QSNAP_QMP_COMMAND
- *   │   ├── QmpProtocolError         QSNAP_QMP_PROTOCOL
- *   │   ├── QmpDisconnectedError     QSNAP_QMP_DISCONNECTED
- *   │   └── QmpTimeoutError          QSNAP_QMP_TIMEOUT
+ *   QsnapError                       QSNAP_INTERNAL (an unexpected error, wrapped by asQsnapError)
+ *   ├── QmpError                     src/qmp/errors.ts       QSNAP_QMP_*
  *   ├── VmError                      src/vm/errors.ts        QSNAP_VM_*
  *   ├── StreamError                  src/stream/errors.ts    QSNAP_STREAM_*
  *   ├── SnapshotFileError            src/format/errors.ts    QSNAP_FILE_*
+ *   ├── GuestError                   src/guest/console.ts    QSNAP_GUEST_*
  *   ├── SnapshotError                src/engine/errors.ts    QSNAP_SNAPSHOT_*
- *   └── RestoreError                 src/engine/errors.ts    QSNAP_RESTORE_*
+ *   ├── RestoreError                 src/engine/errors.ts    QSNAP_RESTORE_*
+ *   ├── ExportError                  src/engine/errors.ts    QSNAP_EXPORT_*
+ *   ├── VerifyError                  src/engine/errors.ts    QSNAP_VERIFY_*
+ *   └── UsageError                   src/cli/args.ts         QSNAP_USAGE
  */
+export interface QsnapErrorOptions {
+  hint?: string;
+  cause?: unknown;
+  details?: Record<string, unknown>;
+}
+
 export class QsnapError extends Error {
   readonly code: string;
   readonly hint: string | undefined;
   readonly details: Record<string, unknown>;
 
-  constructor(
-    code: string,
-    message: string,
-    options: { hint?: string; cause?: unknown; details?: Record<string, unknown> } = {},
-  ) {
+  constructor(code: string, message: string, options: QsnapErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = new.target.name;
     this.code = code;

@@ -3,19 +3,19 @@
  * progress as events and return data.
  */
 
-export { connectVm } from './engine/connect.js';
-export { RestoreError, SnapshotError } from './engine/errors.js';
-export { type RecoveryReport, recoverStaleIntent } from './engine/intent.js';
+export { type ConnectOptions, connectVm } from './engine/connect.js';
+export { ExportError, RestoreError, SnapshotError, VerifyError } from './engine/errors.js';
 export { Operation, type OperationEvent } from './engine/operation.js';
 export { type DiskInfo, probeVm, type QemuVersion, type VmInfo } from './engine/probe.js';
+export { type ExportOptions, type ExportResult, exportStream } from './engine/restore/export.js';
 export {
-  exportStream,
   type RestoredDisk,
   type RestoreMode,
   type RestoreOptions,
   type RestoreResult,
   restore,
 } from './engine/restore/restore.js';
+export type { RecoveryReport } from './engine/snapshot/recovery.js';
 export {
   type SnapshotDisk,
   type SnapshotOptions,
@@ -23,6 +23,7 @@ export {
   type SnapshotStrategy,
   snapshot,
 } from './engine/snapshot/snapshot.js';
+export { defaultStateDir } from './engine/state-dir.js';
 export { type SnapshotVerifyResult, verifySnapshot } from './engine/verify.js';
 export { asQsnapError, QsnapError, type QsnapErrorJson } from './errors.js';
 export { type Manifest, openSnapshot, SnapshotFileError, type SnapshotReader } from './format/index.js';

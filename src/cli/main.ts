@@ -5,9 +5,15 @@ import { restoreCommand } from './commands/restore.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { statusCommand } from './commands/status.js';
 import { verifyCommand } from './commands/verify.js';
+import { type CliEnv, readCliEnv } from './env.js';
 import { reportError } from './output.js';
 
-const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; summary: string }> = {
+interface Command {
+  run: (argv: string[], env: CliEnv) => Promise<number>;
+  summary: string;
+}
+
+const COMMANDS: Record<string, Command> = {
   status: { run: statusCommand, summary: 'show a running VM (state, QEMU, machine, RAM, disks)' },
   snapshot: { run: snapshotCommand, summary: 'take a live point-in-time snapshot of a running VM' },
   inspect: { run: inspectCommand, summary: 'show what a snapshot file holds' },
@@ -32,6 +38,14 @@ function usage(): string {
   ].join('\n');
 }
 
+async function version(): Promise<string> {
+  const { readFile } = await import('node:fs/promises');
+  const pkg = JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as {
+    version: string;
+  };
+  return pkg.version;
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (!command || command === '--help' || command === '-h' || command === 'help') {
@@ -39,14 +53,10 @@ async function main(argv: string[]): Promise<number> {
     return command ? 0 : 2;
   }
   if (command === '--version' || command === '-V') {
-    const { readFile } = await import('node:fs/promises');
-    const pkg = JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as {
-      version: string;
-    };
-    process.stdout.write(`qsnap ${pkg.version}\n`);
+    process.stdout.write(`qsnap ${await version()}\n`);
     return 0;
   }
-  const entry = COMMANDS[command];
+  const entry = Object.hasOwn(COMMANDS, command) ? COMMANDS[command] : undefined;
   if (!entry) {
     process.stderr.write(
       `qsnap: unknown command "${command}" — run qsnap --help for the list [QSNAP_USAGE]\n`,
@@ -56,12 +66,25 @@ async function main(argv: string[]): Promise<number> {
   const dash = rest.indexOf('--');
   const json = (dash >= 0 ? rest.slice(0, dash) : rest).includes('--json');
   try {
-    return await entry.run(rest);
+    return await entry.run(rest, readCliEnv());
   } catch (err) {
     return reportError(err, json);
   }
 }
 
+/**
+ * A reader that closes early (`qsnap … | head -1`) is not an error: the command ends quietly
+ * with its usual exit code instead of an unhandled EPIPE.
+ */
+function endQuietlyOnClosedPipe(stream: NodeJS.WriteStream): void {
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+    process.exit(process.exitCode ?? 0);
+  });
+}
+
+endQuietlyOnClosedPipe(process.stdout);
+endQuietlyOnClosedPipe(process.stderr);
 main(process.argv.slice(2)).then(
   (code) => {
     process.exitCode = code;

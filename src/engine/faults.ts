@@ -1,25 +1,45 @@
 /**
- * Fault injection for qsnap's own tests: `QSNAP_FAULT=<point>[,<point>…]` makes the engine
- * misbehave at a named point, so tests can prove every failure path leaves the guest running
- * and its disks intact. Points: `after-stop` (hang right after pausing the guest, to be
- * killed), `bad-migration-socket` (QEMU connects to a socket nobody listens on),
- * `stream-error` (the receiver fails mid-stream), `stream-hang` (hang mid-stream, after the
- * guest was resumed and 20 MiB were received, to be killed), `fail-after-migrate` (fail as
- * soon as `migrate` returns, before QEMU's connection is accepted).
+ * Fault injection for qsnap's own tests: named points where the snapshot sequence misbehaves
+ * on purpose, so tests can prove every failure path leaves the guest running and its disks
+ * intact. Faults are explicit: an operation runs them only when its options carry them
+ * (`faults`); the CLI takes them from `QSNAP_FAULT=<point>[,<point>…]` once at start-up, so a
+ * test can inject them into a qsnap child process. Nothing on the way reads the environment.
+ *
+ * - `after-stop`: hang right after pausing the guest (to be killed: as if qsnap died there)
+ * - `bad-migration-socket`: QEMU connects to a socket nobody listens on
+ * - `fail-after-migrate`: fail as soon as `migrate` returns, before QEMU's connection is accepted
+ * - `stream-error`: the receiver fails after 20 MiB of the stream
+ * - `stream-hang`: hang after 20 MiB of the stream, the guest resumed (to be killed)
  */
-const HANGING = new Set(['after-stop', 'stream-hang']);
+export const FAULT_POINTS = [
+  'after-stop',
+  'bad-migration-socket',
+  'fail-after-migrate',
+  'stream-error',
+  'stream-hang',
+] as const;
 
-/** The fault points QSNAP_FAULT names now (read once where a hot path checks them). */
-export function activeFaults(): ReadonlySet<string> {
-  const spec = process.env['QSNAP_FAULT'];
-  return new Set(spec ? spec.split(',') : []);
+export type FaultPoint = (typeof FAULT_POINTS)[number];
+export type Faults = ReadonlySet<FaultPoint>;
+
+export const NO_FAULTS: Faults = new Set();
+
+/** How far into the stream the stream faults strike. */
+export const STREAM_FAULT_AFTER_BYTES = 20 * 2 ** 20;
+
+/** A `QSNAP_FAULT` value as fault points; unknown names are an error, so a test cannot pass by a typo. */
+export function parseFaults(spec: string | undefined): Faults {
+  const names = (spec ?? '').split(',').filter((n) => n !== '');
+  const unknown = names.filter((n) => !(FAULT_POINTS as readonly string[]).includes(n));
+  if (unknown.length)
+    throw new Error(`unknown fault point(s) ${unknown.join(', ')}; known: ${FAULT_POINTS.join(', ')}`);
+  return new Set(names as FaultPoint[]);
 }
 
-export function faultPoint(name: string, active: ReadonlySet<string> = activeFaults()): boolean {
-  if (!active.has(name)) return false;
-  if (HANGING.has(name)) {
-    // Block the event loop: nothing may run from here on (as if qsnap had been SIGKILLed here).
-    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 600_000);
-  }
-  return true;
+/**
+ * Block the event loop for good (ten minutes): from here nothing of this process runs any
+ * more, as if it had been SIGKILLed at this point, until the test kills it.
+ */
+export function hangForever(): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 600_000);
 }

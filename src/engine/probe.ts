@@ -89,23 +89,51 @@ async function listDeviceTypes(qmp: QmpClient): Promise<string[]> {
   return types;
 }
 
+/** The machine type as the migration stream names it: QOM says `pc-i440fx-7.2-machine`. */
+export async function readMachineType(qmp: QmpClient): Promise<string> {
+  const type = await qmp.execute('qom-get', { path: '/machine', property: 'type' });
+  return String(type).replace(/-machine$/, '');
+}
+
+/** Guest RAM in bytes: base memory plus hot-plugged memory. */
+export async function readRamBytes(qmp: QmpClient): Promise<number> {
+  const memory = await qmp.execute('query-memory-size-summary');
+  return memory['base-memory'] + (memory['plugged-memory'] ?? 0);
+}
+
+async function readDisks(qmp: QmpClient): Promise<DiskInfo[]> {
+  return (await qmp.execute('query-block')).map((block) => {
+    const inserted = block.inserted;
+    return {
+      device: deviceName(block.device, block.qdev),
+      qdev: block.qdev,
+      nodeName: inserted?.['node-name'],
+      file: inserted ? (plainFilename(inserted.image.filename) ?? inserted.image.filename) : undefined,
+      format: inserted?.image.format ?? inserted?.drv,
+      virtualSize: inserted?.image['virtual-size'],
+      backingFile: inserted?.image['full-backing-filename'] ?? inserted?.image['backing-filename'],
+      readOnly: inserted?.ro ?? true,
+      chain: imageChain(inserted?.image),
+      removable: block.removable,
+      inserted: inserted !== undefined,
+    };
+  });
+}
+
 /** Everything qsnap needs to know about a running QEMU before it acts on it. */
 export async function probeVm(qmp: QmpClient): Promise<VmInfo> {
-  const [version, status, machineType, memory, kvm, name, migration, blocks, deviceTypes] = await Promise.all(
-    [
-      qmp.execute('query-version'),
-      qmp.execute('query-status'),
-      qmp.execute('qom-get', { path: '/machine', property: 'type' }),
-      qmp.execute('query-memory-size-summary'),
-      qmp.execute('query-kvm'),
-      qmp.execute('query-name'),
-      qmp.execute('query-migrate'),
-      qmp.execute('query-block'),
-      listDeviceTypes(qmp),
-    ],
-  );
+  const [version, status, machine, ramBytes, kvm, name, migration, disks, deviceTypes] = await Promise.all([
+    qmp.execute('query-version'),
+    qmp.execute('query-status'),
+    readMachineType(qmp),
+    readRamBytes(qmp),
+    qmp.execute('query-kvm'),
+    qmp.execute('query-name'),
+    qmp.execute('query-migrate'),
+    readDisks(qmp),
+    listDeviceTypes(qmp),
+  ]);
   const v = version.qemu;
-  const machine = String(machineType).replace(/-machine$/, '');
   return {
     qemu: {
       version: { major: v.major, minor: v.minor, micro: v.micro },
@@ -115,26 +143,11 @@ export async function probeVm(qmp: QmpClient): Promise<VmInfo> {
     machine,
     runState: status.status,
     running: status.running,
-    ramBytes: memory['base-memory'] + (memory['plugged-memory'] ?? 0),
+    ramBytes,
     accel: kvm.enabled ? 'kvm' : 'tcg',
     name: name.name,
     migrationStatus: migration.status,
     deviceTypes,
-    disks: blocks.map((block) => ({
-      device: deviceName(block.device, block.qdev),
-      qdev: block.qdev,
-      nodeName: block.inserted?.['node-name'],
-      file: block.inserted
-        ? (plainFilename(block.inserted.image.filename) ?? block.inserted.image.filename)
-        : undefined,
-      format: block.inserted?.image.format ?? block.inserted?.drv,
-      virtualSize: block.inserted?.image['virtual-size'],
-      backingFile:
-        block.inserted?.image['full-backing-filename'] ?? block.inserted?.image['backing-filename'],
-      readOnly: block.inserted?.ro ?? true,
-      chain: imageChain(block.inserted?.image),
-      removable: block.removable,
-      inserted: block.inserted !== undefined,
-    })),
+    disks,
   };
 }

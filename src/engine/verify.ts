@@ -1,5 +1,6 @@
 import { access, constants } from 'node:fs/promises';
-import { openSnapshot, SnapshotFileError, type VerifyResult } from '../format/index.js';
+import { type DiskEntry, diskLayers, openSnapshot, type VerifyResult } from '../format/index.js';
+import { VerifyError } from './errors.js';
 import { Operation } from './operation.js';
 
 export interface SnapshotVerifyResult extends VerifyResult {
@@ -21,30 +22,31 @@ export function verifySnapshot(file: string): Operation<SnapshotVerifyResult> {
         signal: op.signal,
         onProgress: (p) => op.progress(p.bytesDone, p.bytesTotal, p.region),
       });
-      const diskLayers: string[] = [];
-      for (const disk of reader.manifest.disks) {
-        const recorded = (disk as { backingChain?: unknown }).backingChain;
-        const chain = Array.isArray(recorded) ? recorded.map(String) : [disk.frozenFile];
-        for (const layer of chain) {
-          try {
-            await access(layer, constants.R_OK);
-          } catch (err) {
-            throw new SnapshotFileError(
-              'QSNAP_FILE_DISK_MISSING',
-              `disk ${disk.device}: layer ${layer} is missing or unreadable`,
-              {
-                hint: 'the snapshot needs its frozen disk images; restore them from a backup or take a new snapshot',
-                cause: err,
-                details: { device: disk.device, layer },
-              },
-            );
-          }
-          diskLayers.push(layer);
-        }
-      }
-      return { file: reader.path, ...result, diskLayers };
+      const layers: string[] = [];
+      for (const disk of reader.manifest.disks) layers.push(...(await checkLayers(disk)));
+      return { file: reader.path, ...result, diskLayers: layers };
     } finally {
       await reader.close();
     }
   });
+}
+
+async function checkLayers(disk: DiskEntry): Promise<string[]> {
+  const layers = diskLayers(disk);
+  for (const layer of layers) {
+    try {
+      await access(layer, constants.R_OK);
+    } catch (err) {
+      throw new VerifyError(
+        'QSNAP_VERIFY_DISK_MISSING',
+        `disk ${disk.device}: layer ${layer} is missing or unreadable`,
+        {
+          hint: 'the snapshot needs its frozen disk images; restore them from a backup or take a new snapshot',
+          cause: err,
+          details: { device: disk.device, layer },
+        },
+      );
+    }
+  }
+  return layers;
 }

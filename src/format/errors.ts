@@ -10,9 +10,8 @@
  *       ├── QSNAP_FILE_IO               the OS refused a read/write (ENOSPC, EACCES, EROFS, EIO…)
  *       ├── QSNAP_FILE_EXISTS           the target path exists and `overwrite` was not given
  *       ├── QSNAP_FILE_INCOMPLETE       finish() while pages of a block were never delivered
- *       ├── QSNAP_FILE_USAGE            the caller broke the writer's contract (page out of range,
- *       │                               wrong size, used after finish/abort, backpressure ignored)
- *       └── QSNAP_FILE_DISK_MISSING     a disk layer the snapshot needs is gone (engine/verify.ts)
+ *       └── QSNAP_FILE_USAGE            the caller broke the writer's contract (page out of range,
+ *                                       wrong size, used after finish/abort, backpressure ignored)
  *
  * `details.region` of QSNAP_FILE_CORRUPT is one of CorruptRegion.
  */
@@ -27,8 +26,7 @@ export type SnapshotFileErrorCode =
   | 'QSNAP_FILE_IO'
   | 'QSNAP_FILE_EXISTS'
   | 'QSNAP_FILE_INCOMPLETE'
-  | 'QSNAP_FILE_USAGE'
-  | 'QSNAP_FILE_DISK_MISSING';
+  | 'QSNAP_FILE_USAGE';
 
 export type CorruptRegion = 'trailer' | 'manifest' | 'page-table' | 'prologue' | 'device-tail' | 'ram';
 

@@ -24,6 +24,7 @@ export {
 } from './layout.js';
 export {
   type DiskEntry,
+  diskLayers,
   type Manifest,
   type ManifestInput,
   ManifestSchema,

@@ -57,6 +57,8 @@ export const DiskSchema = z.looseObject({
   /** The overlay the running VM writes to since the snapshot. */
   overlayFile: AbsolutePath,
   overlayNodeName: z.string().min(1),
+  /** The frozen file and the images below it, top first: what a restore opens read-only. */
+  backingChain: z.array(AbsolutePath).min(1).optional(),
 });
 
 export const ManifestSchema = z.looseObject({
@@ -127,6 +129,11 @@ export type ManifestInput = z.input<typeof ManifestSchema>;
 export type RamBlockEntry = z.output<typeof RamBlockSchema>;
 export type Region = z.output<typeof RegionSchema>;
 export type DiskEntry = z.output<typeof DiskSchema>;
+
+/** The images a snapshot's disk reads, top first (files written before backingChain: the frozen file). */
+export function diskLayers(disk: DiskEntry): string[] {
+  return disk.backingChain ?? [disk.frozenFile];
+}
 
 export type ManifestParse =
   | { ok: true; manifest: Manifest }

@@ -1,25 +1,9 @@
-import { resolve } from 'node:path';
-import { RestoreError } from '../engine/errors.js';
-import {
-  type ArgvEntry,
-  formatQemuOpts,
-  getOpt,
-  joinArgv,
-  parseQemuOpts,
-  type QemuOpts,
-  setOpt,
-  splitArgv,
-} from './qemu-opts.js';
+import { type ArgvEntry, formatQemuOpts, getOpt, parseQemuOpts, splitArgv } from './qemu-opts.js';
 
 /**
- * Rewriting the command line a VM was started with into one that restores a snapshot
- * (pure: argv in, argv out). What a restore changes:
- * - every snapshotted disk opens a fresh qcow2 overlay whose backing file is the snapshot's
- *   frozen layer, so a frozen layer is never opened writable and one snapshot can be
- *   restored any number of times (`-drive file=…` and `-blockdev driver=file,filename=…`);
- * - `-incoming defer` (qsnap feeds the state over QMP `migrate-incoming`);
- * - lazy mode: the main RAM block becomes a private mapping of the snapshot file;
- * - a QMP socket when the command line has none; `-daemonize` goes (qsnap detaches QEMU).
+ * Reading a QEMU command line (pure: argv in, a description out): where it keeps its disks,
+ * its QMP socket, its devices, its RAM and memory backend. cmdline-rewrite.ts turns a parsed
+ * command line into one that restores a snapshot.
  */
 
 export interface ArgvDisk {
@@ -50,7 +34,7 @@ export interface ParsedCommandLine {
   ramBytes: number | undefined;
 }
 
-function isTruthy(value: string | undefined): boolean {
+export function isTruthy(value: string | undefined): boolean {
   return value === 'on' || value === 'true' || value === 'yes';
 }
 
@@ -69,7 +53,8 @@ export function parseRamSize(value: string): number | undefined {
   return Math.round(Number(m[1]) * 1024 ** unit);
 }
 
-function readJsonOption(value: string): Record<string, unknown> | undefined {
+/** A `-blockdev` value in JSON form (`{"driver": …}`), or undefined for the key=value form. */
+export function readJsonOption(value: string): Record<string, unknown> | undefined {
   if (!value.trimStart().startsWith('{')) return undefined;
   try {
     return JSON.parse(value) as Record<string, unknown>;
@@ -78,304 +63,196 @@ function readJsonOption(value: string): Record<string, unknown> | undefined {
   }
 }
 
+/** What the readers below collect while they walk the entries. */
+interface Reading extends ParsedCommandLine {
+  drivesOfDevices: Map<string, string>;
+  chardevSockets: Map<string, string>;
+  /** Format nodes by the file node they sit on: `file=<node>`. */
+  formatNodeOfFile: Map<string, { index: number; name: string | undefined; readOnly: boolean }>;
+}
+
+type Reader = (r: Reading, value: string, index: number, option: string) => void;
+
+function disk(
+  r: Reading,
+  index: number,
+  fields: Pick<ArgvDisk, 'kind' | 'file'> & Partial<Omit<ArgvDisk, 'kind' | 'file' | 'entryIndex'>>,
+): void {
+  r.disks.push({
+    entryIndex: index,
+    nodeName: undefined,
+    formatEntryIndex: undefined,
+    readOnly: false,
+    deviceId: undefined,
+    ...fields,
+  });
+}
+
+function readDevice(r: Reading, value: string): void {
+  const o = parseQemuOpts(value, 'driver');
+  const type = o.implied ?? getOpt(o, 'driver');
+  if (type) r.deviceTypes.push(type);
+  const drive = getOpt(o, 'drive');
+  const id = getOpt(o, 'id');
+  if (drive && id) r.drivesOfDevices.set(drive, id);
+}
+
+/** A JSON `-blockdev`: a format node with its file node nested, a file node, or a format node on a named file node. */
+function readBlockdevJson(r: Reading, json: Record<string, unknown>, index: number): void {
+  const file = json['file'];
+  const nested =
+    typeof file === 'object' &&
+    file !== null &&
+    typeof (file as Record<string, unknown>)['filename'] === 'string';
+  const filename = nested
+    ? (file as Record<string, unknown>)['filename']
+    : json['driver'] === 'file'
+      ? json['filename']
+      : undefined;
+  const nodeName = json['node-name'] as string | undefined;
+  const readOnly = json['read-only'] === true;
+  if (typeof filename === 'string') {
+    disk(r, index, {
+      kind: 'blockdev-json',
+      file: filename,
+      nodeName,
+      formatEntryIndex: nested ? index : undefined,
+      readOnly,
+    });
+  } else if (typeof file === 'string') {
+    r.formatNodeOfFile.set(file, { index, name: nodeName, readOnly });
+  }
+}
+
+/** A key=value `-blockdev`: a file node, a format node with `file.filename`, or a format node on a named file node. */
+function readBlockdev(r: Reading, value: string, index: number): void {
+  const json = readJsonOption(value);
+  if (json) {
+    readBlockdevJson(r, json, index);
+    return;
+  }
+  const o = parseQemuOpts(value);
+  const driver = getOpt(o, 'driver');
+  const nodeName = getOpt(o, 'node-name');
+  const readOnly = isTruthy(getOpt(o, 'read-only'));
+  const nested = getOpt(o, 'file.filename');
+  const fileRef = getOpt(o, 'file');
+  if (driver === 'file' || driver === 'host_device') {
+    const filename = getOpt(o, 'filename');
+    if (filename) disk(r, index, { kind: 'blockdev-file', file: filename, nodeName, readOnly });
+  } else if (nested) {
+    disk(r, index, { kind: 'blockdev-file', file: nested, nodeName, formatEntryIndex: index, readOnly });
+  } else if (fileRef) {
+    r.formatNodeOfFile.set(fileRef, { index, name: nodeName, readOnly });
+  }
+}
+
+function readDrive(r: Reading, value: string, index: number): void {
+  const o = parseQemuOpts(value);
+  const file = getOpt(o, 'file');
+  if (!file || getOpt(o, 'media') === 'cdrom') return;
+  disk(r, index, {
+    kind: 'drive',
+    file,
+    nodeName: getOpt(o, 'id') ?? getOpt(o, 'node-name'),
+    readOnly: isTruthy(getOpt(o, 'readonly')) || isTruthy(getOpt(o, 'read-only')),
+  });
+}
+
+/** `-hda` … `-hdd`: legacy shorthands become -drive entries so the same rewriting applies. */
+function readHd(r: Reading, value: string, index: number, option: string): void {
+  r.entries[index] = {
+    option: '-drive',
+    value: formatQemuOpts({
+      pairs: [
+        ['file', value],
+        ['index', String('abcd'.indexOf(option[3]!))],
+        ['media', 'disk'],
+      ],
+    }),
+  };
+  disk(r, index, { kind: 'drive', file: value });
+}
+
+function readQmp(r: Reading, value: string): void {
+  const o = parseQemuOpts(value, 'path');
+  if (o.implied?.startsWith('unix:')) r.qmpSocket = o.implied.slice(5);
+}
+
+function readChardev(r: Reading, value: string): void {
+  const o = parseQemuOpts(value, 'backend');
+  const id = getOpt(o, 'id');
+  const path = getOpt(o, 'path');
+  if (o.implied === 'socket' && id && path && isTruthy(getOpt(o, 'server') ?? 'off'))
+    r.chardevSockets.set(id, path);
+}
+
+/** `-mon chardev=X,mode=control` on a socket chardev is a QMP socket too. */
+function readMon(r: Reading, value: string): void {
+  const o = parseQemuOpts(value, 'chardev');
+  const chardev = o.implied ?? getOpt(o, 'chardev');
+  if (getOpt(o, 'mode') === 'control' && chardev && r.chardevSockets.has(chardev))
+    r.qmpSocket ??= r.chardevSockets.get(chardev);
+}
+
+function readMachine(r: Reading, value: string): void {
+  r.memoryBackendId = getOpt(parseQemuOpts(value, 'type'), 'memory-backend') ?? r.memoryBackendId;
+}
+
+const READERS: Record<string, Reader> = {
+  '-device': readDevice,
+  '-blockdev': readBlockdev,
+  '-drive': readDrive,
+  '-hda': readHd,
+  '-hdb': readHd,
+  '-hdc': readHd,
+  '-hdd': readHd,
+  '-qmp': readQmp,
+  '-chardev': readChardev,
+  '-mon': readMon,
+  '-m': (r, value) => {
+    r.ramBytes = parseRamSize(value);
+  },
+  '-machine': readMachine,
+  '-M': readMachine,
+};
+
+/** A -blockdev file node is the disk; the format node above it carries the device's drive name. */
+function linkFormatNodes(r: Reading): void {
+  for (const d of r.disks) {
+    if (d.kind !== 'drive' && d.formatEntryIndex === undefined && d.nodeName) {
+      const format = r.formatNodeOfFile.get(d.nodeName);
+      if (format) {
+        d.formatEntryIndex = format.index;
+        d.nodeName = format.name ?? d.nodeName;
+        d.readOnly ||= format.readOnly;
+      }
+    }
+    if (d.nodeName) d.deviceId = r.drivesOfDevices.get(d.nodeName);
+  }
+}
+
 /** Where a command line keeps its disks, QMP socket and devices. */
 export function parseCommandLine(argv: readonly string[]): ParsedCommandLine {
   const first = argv[0];
   const binary = first !== undefined && !first.startsWith('-') ? first : undefined;
-  const entries = splitArgv(binary ? argv.slice(1) : argv);
-  const disks: ArgvDisk[] = [];
-  const deviceTypes: string[] = [];
-  const drivesOfDevices = new Map<string, string>();
-  const chardevSockets = new Map<string, string>();
-  let qmpSocket: string | undefined;
-  let memoryBackendId: string | undefined;
-  let ramBytes: number | undefined;
-  const formatNodeOfFile = new Map<string, { index: number; name: string | undefined; readOnly: boolean }>();
-
-  entries.forEach((entry, index) => {
-    const value = entry.value ?? '';
-    switch (entry.option) {
-      case '-device': {
-        const o = parseQemuOpts(value, 'driver');
-        const type = o.implied ?? getOpt(o, 'driver');
-        if (type) deviceTypes.push(type);
-        const drive = getOpt(o, 'drive');
-        const id = getOpt(o, 'id');
-        if (drive && id) drivesOfDevices.set(drive, id);
-        break;
-      }
-      case '-blockdev': {
-        const json = readJsonOption(value);
-        if (json) {
-          const file = json['file'] as Record<string, unknown> | undefined;
-          // A format node with its file node nested, or a file node on its own.
-          const nested = file && typeof file === 'object' && typeof file['filename'] === 'string';
-          const filename = nested
-            ? file['filename']
-            : json['driver'] === 'file'
-              ? json['filename']
-              : undefined;
-          if (typeof filename === 'string') {
-            disks.push({
-              entryIndex: index,
-              kind: 'blockdev-json',
-              file: filename,
-              nodeName: json['node-name'] as string | undefined,
-              formatEntryIndex: nested ? index : undefined,
-              readOnly: json['read-only'] === true,
-              deviceId: undefined,
-            });
-          } else if (typeof json['file'] === 'string') {
-            formatNodeOfFile.set(json['file'], {
-              index,
-              name: json['node-name'] as string | undefined,
-              readOnly: json['read-only'] === true,
-            });
-          }
-          break;
-        }
-        const o = parseQemuOpts(value);
-        const driver = getOpt(o, 'driver');
-        const fileRef = getOpt(o, 'file');
-        const nested = getOpt(o, 'file.filename');
-        if (driver === 'file' || driver === 'host_device') {
-          const filename = getOpt(o, 'filename');
-          if (filename) {
-            disks.push({
-              entryIndex: index,
-              kind: 'blockdev-file',
-              file: filename,
-              nodeName: getOpt(o, 'node-name'),
-              formatEntryIndex: undefined,
-              readOnly: isTruthy(getOpt(o, 'read-only')),
-              deviceId: undefined,
-            });
-          }
-        } else if (nested) {
-          disks.push({
-            entryIndex: index,
-            kind: 'blockdev-file',
-            file: nested,
-            nodeName: getOpt(o, 'node-name'),
-            formatEntryIndex: index,
-            readOnly: isTruthy(getOpt(o, 'read-only')),
-            deviceId: undefined,
-          });
-        } else if (fileRef) {
-          formatNodeOfFile.set(fileRef, {
-            index,
-            name: getOpt(o, 'node-name'),
-            readOnly: isTruthy(getOpt(o, 'read-only')),
-          });
-        }
-        break;
-      }
-      case '-drive': {
-        const o = parseQemuOpts(value);
-        const file = getOpt(o, 'file');
-        const media = getOpt(o, 'media');
-        if (file && media !== 'cdrom') {
-          disks.push({
-            entryIndex: index,
-            kind: 'drive',
-            file,
-            nodeName: getOpt(o, 'id') ?? getOpt(o, 'node-name'),
-            formatEntryIndex: undefined,
-            readOnly: isTruthy(getOpt(o, 'readonly')) || isTruthy(getOpt(o, 'read-only')),
-            deviceId: undefined,
-          });
-        }
-        break;
-      }
-      case '-hda':
-      case '-hdb':
-      case '-hdc':
-      case '-hdd':
-        // Legacy shorthands become -drive entries so the same rewriting applies.
-        entries[index] = {
-          option: '-drive',
-          value: formatQemuOpts({
-            pairs: [
-              ['file', value],
-              ['index', String('abcd'.indexOf(entry.option[3]!))],
-              ['media', 'disk'],
-            ],
-          }),
-        };
-        disks.push({
-          entryIndex: index,
-          kind: 'drive',
-          file: value,
-          nodeName: undefined,
-          formatEntryIndex: undefined,
-          readOnly: false,
-          deviceId: undefined,
-        });
-        break;
-      case '-qmp': {
-        const o = parseQemuOpts(value, 'path');
-        if (o.implied?.startsWith('unix:')) qmpSocket = o.implied.slice(5);
-        break;
-      }
-      case '-chardev': {
-        const o = parseQemuOpts(value, 'backend');
-        const id = getOpt(o, 'id');
-        const path = getOpt(o, 'path');
-        if (o.implied === 'socket' && id && path && isTruthy(getOpt(o, 'server') ?? 'off'))
-          chardevSockets.set(id, path);
-        break;
-      }
-      case '-mon': {
-        const o = parseQemuOpts(value, 'chardev');
-        const chardev = o.implied ?? getOpt(o, 'chardev');
-        if (getOpt(o, 'mode') === 'control' && chardev && chardevSockets.has(chardev))
-          qmpSocket ??= chardevSockets.get(chardev);
-        break;
-      }
-      case '-m':
-        ramBytes = parseRamSize(value);
-        break;
-      case '-machine':
-      case '-M': {
-        const o = parseQemuOpts(value, 'type');
-        memoryBackendId = getOpt(o, 'memory-backend') ?? memoryBackendId;
-        break;
-      }
-    }
+  const r: Reading = {
+    binary,
+    entries: splitArgv(binary ? argv.slice(1) : argv),
+    disks: [],
+    qmpSocket: undefined,
+    deviceTypes: [],
+    memoryBackendId: undefined,
+    ramBytes: undefined,
+    drivesOfDevices: new Map(),
+    chardevSockets: new Map(),
+    formatNodeOfFile: new Map(),
+  };
+  r.entries.forEach((entry, index) => {
+    const read = Object.hasOwn(READERS, entry.option) ? READERS[entry.option] : undefined;
+    read?.(r, entry.value ?? '', index, entry.option);
   });
-
-  // A -blockdev file node is the disk; the format node above it carries the device's drive name.
-  for (const disk of disks) {
-    if (disk.kind !== 'drive' && disk.formatEntryIndex === undefined && disk.nodeName) {
-      const format = formatNodeOfFile.get(disk.nodeName);
-      if (format) {
-        disk.formatEntryIndex = format.index;
-        disk.nodeName = format.name ?? disk.nodeName;
-        disk.readOnly ||= format.readOnly;
-      }
-    }
-    if (disk.nodeName) disk.deviceId = drivesOfDevices.get(disk.nodeName);
-  }
-  return { binary, entries, disks, qmpSocket, deviceTypes, memoryBackendId, ramBytes };
-}
-
-export interface DiskRewrite {
-  /** The disk in the command line. */
-  argvDisk: ArgvDisk;
-  /** The qcow2 overlay (backed by the frozen layer) the restored VM opens instead. */
-  overlayFile: string;
-}
-
-export interface RewriteOptions {
-  disks: DiskRewrite[];
-  /** Lazy mode: map the main RAM block privately from the snapshot file. */
-  lazy?: { file: string; blockName: string; ramBytes: number };
-  /** Add `-qmp unix:<path>` when the command line has no QMP socket. */
-  qmpSocket?: string;
-}
-
-function rewriteBlockdev(value: string, change: (o: QemuOpts) => QemuOpts): string {
-  return formatQemuOpts(change(parseQemuOpts(value)));
-}
-
-/** Apply a restore plan to a parsed command line; returns the argv without the binary. */
-export function rewriteCommandLine(parsed: ParsedCommandLine, options: RewriteOptions): string[] {
-  const entries = parsed.entries.map((e) => ({ ...e }));
-  for (const { argvDisk, overlayFile } of options.disks) {
-    const entry = entries[argvDisk.entryIndex]!;
-    const overlay = resolve(overlayFile);
-    if (argvDisk.kind === 'drive') {
-      const o = parseQemuOpts(entry.value ?? '');
-      entry.value = formatQemuOpts(setOpt(setOpt(o, 'file', overlay), 'format', 'qcow2'));
-    } else if (argvDisk.kind === 'blockdev-json') {
-      const json = JSON.parse(entry.value ?? '{}') as Record<string, unknown>;
-      if (json['driver'] === 'file') json['filename'] = overlay;
-      else {
-        json['driver'] = 'qcow2';
-        json['file'] = { ...(json['file'] as object), filename: overlay };
-        delete json['backing'];
-      }
-      entry.value = JSON.stringify(json);
-    } else {
-      const fileEntry = entries[argvDisk.entryIndex]!;
-      fileEntry.value = rewriteBlockdev(fileEntry.value ?? '', (o) =>
-        getOpt(o, 'file.filename') !== undefined
-          ? setOpt(o, 'file.filename', overlay)
-          : setOpt(o, 'filename', overlay),
-      );
-    }
-    if (argvDisk.formatEntryIndex !== undefined) {
-      // The overlay is qcow2 whatever the frozen layer is; its header names the backing file.
-      const formatEntry = entries[argvDisk.formatEntryIndex]!;
-      const json = readJsonOption(formatEntry.value ?? '');
-      if (json === undefined) {
-        formatEntry.value = rewriteBlockdev(formatEntry.value ?? '', (o) => ({
-          ...o,
-          pairs: setOpt(o, 'driver', 'qcow2').pairs.filter(
-            ([k]) => !['backing', 'offset', 'size'].includes(k),
-          ),
-        }));
-      } else {
-        json['driver'] = 'qcow2';
-        for (const key of ['backing', 'offset', 'size']) delete json[key];
-        formatEntry.value = JSON.stringify(json);
-      }
-    }
-  }
-
-  const out = entries.filter((e) => e.option !== '-incoming' && e.option !== '-daemonize');
-  if (options.lazy) {
-    const { file, blockName, ramBytes } = options.lazy;
-    const backendId = parsed.memoryBackendId ?? blockName;
-    // Replace the user's backend of that id (if any) by a private mapping of the snapshot file.
-    const kept = out.filter((e) => {
-      if (e.option !== '-object') return true;
-      const o = parseQemuOpts(e.value ?? '', 'qom-type');
-      return !(o.implied?.startsWith('memory-backend') && getOpt(o, 'id') === backendId);
-    });
-    out.length = 0;
-    out.push(...kept);
-    out.push({
-      option: '-object',
-      value: formatQemuOpts({
-        implied: 'memory-backend-file',
-        pairs: [
-          ['id', backendId],
-          ['size', String(ramBytes)],
-          ['mem-path', resolve(file)],
-          ['share', 'off'],
-        ],
-      }),
-    });
-    if (!parsed.memoryBackendId) {
-      const machineIndex = out.findIndex((e) => e.option === '-machine' || e.option === '-M');
-      if (machineIndex >= 0) {
-        const m = out[machineIndex]!;
-        m.value = formatQemuOpts(setOpt(parseQemuOpts(m.value ?? '', 'type'), 'memory-backend', backendId));
-      } else {
-        out.push({ option: '-machine', value: `memory-backend=${backendId}` });
-      }
-    }
-  }
-  if (!parsed.qmpSocket && options.qmpSocket) {
-    out.push({ option: '-qmp', value: `unix:${options.qmpSocket.replaceAll(',', ',,')},server=on,wait=off` });
-  }
-  out.push({ option: '-incoming', value: 'defer' });
-  return joinArgv(out);
-}
-
-/** Devices that discard guest RAM, which on QEMU < 8.2 punches holes in a privately mapped file. */
-export const RAM_DISCARDING_DEVICES = /^virtio-(balloon|mem)/;
-
-export function refuseUnsafeLazy(parsed: ParsedCommandLine, devicesInSnapshot: string[]): void {
-  const discarding = [...parsed.deviceTypes, ...devicesInSnapshot].filter((t) =>
-    RAM_DISCARDING_DEVICES.test(t),
-  );
-  if (discarding.length) {
-    throw new RestoreError(
-      'QSNAP_RESTORE_LAZY_UNSAFE',
-      `lazy restore is unsafe with ${[...new Set(discarding)].join(', ')}: RAM discards would punch holes in the snapshot file`,
-      { hint: 'restore without --lazy (full restore), or remove the balloon/virtio-mem device' },
-    );
-  }
+  linkFormatNodes(r);
+  const { drivesOfDevices: _d, chardevSockets: _c, formatNodeOfFile: _f, ...parsed } = r;
+  return parsed;
 }

@@ -1,13 +1,14 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { QmpClient } from '../qmp/index.js';
 import { type AccelDecision, resolveAccel } from './accel.js';
 import { buildArgv } from './args.js';
 import { VmError } from './errors.js';
+import { childExists } from './process.js';
+import { makeRunDir } from './run-dir.js';
 import { type ResolvedVmSpec, VmSpec } from './spec.js';
 
 export interface ExitInfo {
@@ -53,15 +54,6 @@ function installExitHook(): void {
       if (ownedRunDir) rmSync(ownedRunDir, { recursive: true, force: true });
     }
   });
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 /**
@@ -130,7 +122,7 @@ export class Vm {
     }
     const spec: ResolvedVmSpec = parsed.data;
     const ownsRunDir = spec.runDir === undefined;
-    const runDir = spec.runDir ?? (await mkdtemp(join(tmpdir(), 'qsnap-vm-')));
+    const runDir = spec.runDir ?? (await makeRunDir());
     const accel = await resolveAccel(spec.accel);
     const built = buildArgv(spec, { runDir, accel: accel.accel });
     try {
@@ -282,7 +274,7 @@ export class Vm {
       }
       if (await this.waitExit(signal === 'SIGTERM' ? 3000 : 5000)) return;
     }
-    if (this.running && isAlive(this.pid)) {
+    if (this.running && childExists(this.pid)) {
       throw new VmError('QSNAP_VM_STOP', `QEMU pid ${this.pid} did not exit after SIGKILL`, {
         hint: 'the process may be stuck in the kernel (D state); check it with ps',
       });

@@ -11,7 +11,8 @@
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { FaultPoint } from '../../src/engine/faults.js';
 import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import {
   bootGuest,
@@ -44,20 +45,20 @@ describe.skipIf(!canRun)('snapshot failures leave the guest running and nothing 
     guest = await bootGuest(sandbox);
   });
 
-  afterEach(() => {
-    delete process.env['QSNAP_FAULT'];
-  });
-
   afterAll(async () => {
     await stopGuest(guest);
     await sandbox?.dispose();
   });
 
   /** Runs a snapshot expected to fail; returns its error and whether the guest was paused. */
-  async function failingSnapshot(out: string, qmp = guest.vm.qmpPath, { concurrent = false } = {}) {
+  async function failingSnapshot(
+    out: string,
+    qmp = guest.vm.qmpPath,
+    { concurrent = false, faults = [] as FaultPoint[] } = {},
+  ) {
     const stopsBefore = guest.stops;
     const chainBefore = await chainFiles(guest.vm.qmp);
-    const err = (await failure(snapshot({ qmp, out }).result)) as Error & {
+    const err = (await failure(snapshot({ qmp, out, faults: new Set(faults) }).result)) as Error & {
       code: string;
       details: Record<string, unknown>;
     };
@@ -166,9 +167,8 @@ describe.skipIf(!canRun)('snapshot failures leave the guest running and nothing 
 
   describe('failing after the pause', () => {
     it('QEMU cannot connect to the migration socket: QSNAP_SNAPSHOT_MIGRATION', async () => {
-      process.env['QSNAP_FAULT'] = 'bad-migration-socket';
       const out = join(sandbox.out, 'bad-socket.qsnap');
-      const { err, paused } = await failingSnapshot(out);
+      const { err, paused } = await failingSnapshot(out, undefined, { faults: ['bad-migration-socket'] });
       expect(err.code).toBe('QSNAP_SNAPSHOT_MIGRATION');
       expect(paused).toBe(true);
       expect(err.details['guest']).toBe('running');
@@ -178,9 +178,8 @@ describe.skipIf(!canRun)('snapshot failures leave the guest running and nothing 
     it('a failure between `migrate` and QEMU connecting: the late stream is drained too', async () => {
       // Regression: the cleanup took "not connected yet" for "not started" and cancelled the
       // migration, which QEMU 7.2 had already begun: the guest hung on write-protected RAM.
-      process.env['QSNAP_FAULT'] = 'fail-after-migrate';
       const out = join(sandbox.out, 'early.qsnap');
-      const { err, paused } = await failingSnapshot(out);
+      const { err, paused } = await failingSnapshot(out, undefined, { faults: ['fail-after-migrate'] });
       expect(err.code).toBe('QSNAP_SNAPSHOT_MIGRATION');
       expect(err.message).toMatch(/injected fault/);
       expect(paused).toBe(true);
@@ -192,16 +191,14 @@ describe.skipIf(!canRun)('snapshot failures leave the guest running and nothing 
     });
 
     it('the receiver fails mid-stream: QEMU still finishes, the guest does not hang', async () => {
-      process.env['QSNAP_FAULT'] = 'stream-error';
       const out = join(sandbox.out, 'stream-error.qsnap');
-      const { err, paused } = await failingSnapshot(out);
+      const { err, paused } = await failingSnapshot(out, undefined, { faults: ['stream-error'] });
       expect(err.code).toBe('QSNAP_SNAPSHOT_OUTPUT');
       expect(paused).toBe(true);
       expect(err.details['guest']).toBe('running');
       const migrate = await guest.vm.qmp.execute('query-migrate');
       expect(migrate.status, 'the drain guard read the stream to its end').toBe('completed');
       await expectIntact(sandbox, guest, { out });
-      delete process.env['QSNAP_FAULT'];
       const again = join(sandbox.out, 'after-stream-error.qsnap');
       await snapshot({ qmp: guest.vm.qmpPath, out: again }).result;
       await expectIntact(sandbox, guest, { out: again, outIs: 'valid' });

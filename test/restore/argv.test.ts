@@ -4,14 +4,14 @@
  * argv QEMU would get.
  */
 import { describe, expect, it } from 'vitest';
+import { refuseUnsafeLazy } from '../../src/engine/restore/lazy.js';
 import {
   type ArgvDisk,
   type ParsedCommandLine,
   parseCommandLine,
   parseRamSize,
-  refuseUnsafeLazy,
-  rewriteCommandLine,
 } from '../../src/vm/cmdline.js';
+import { rewriteCommandLine } from '../../src/vm/cmdline-rewrite.js';
 
 const OVERLAY = '/ovl/disk.restore-0badcafe.qcow2';
 const SNAPSHOT = '/snaps/vm.qsnap';

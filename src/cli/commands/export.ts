@@ -1,4 +1,4 @@
-import { exportStream } from '../../engine/restore/restore.js';
+import { exportStream } from '../../engine/restore/export.js';
 import { parseCommand, singleFile, UsageError } from '../args.js';
 import { formatBytes, formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';

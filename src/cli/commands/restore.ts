@@ -1,5 +1,6 @@
 import { resolve } from 'node:path';
 import { restore } from '../../engine/restore/restore.js';
+import { sweepStaleRunDirs } from '../../vm/run-dir.js';
 import { parseCommand, singleFile, UsageError } from '../args.js';
 import { formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';
@@ -53,6 +54,8 @@ export async function restoreCommand(argv: string[]): Promise<number> {
       'append -- and the command line the VM was started with',
     );
   }
+  // Detached restored QEMUs outlive qsnap; the run directories of those that have exited go now.
+  await sweepStaleRunDirs();
   const json = values.json ?? false;
   const out = makeOutput(json);
   const bar = new ProgressBar(!json);

@@ -1,6 +1,7 @@
 import { resolve } from 'node:path';
 import { snapshot } from '../../engine/snapshot/snapshot.js';
 import { parseCommand, parseSize, UsageError } from '../args.js';
+import type { CliEnv } from '../env.js';
 import { formatBytes, formatMs, makeOutput } from '../output.js';
 import { ProgressBar } from '../progress.js';
 
@@ -33,7 +34,7 @@ const spec = {
   ],
 } as const;
 
-export async function snapshotCommand(argv: string[]): Promise<number> {
+export async function snapshotCommand(argv: string[], env: CliEnv): Promise<number> {
   const parsed = parseCommand(spec, argv);
   if (!parsed) return 0;
   const { values } = parsed;
@@ -47,6 +48,8 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
     qmp: values.qmp,
     out: resolve(values.out),
     overwrite: values.overwrite ?? false,
+    stateDir: env.stateDir,
+    faults: env.faults,
     ...(values['max-bandwidth']
       ? { maxBandwidth: parseSize(values['max-bandwidth'], '--max-bandwidth') }
       : {}),

@@ -1,6 +1,7 @@
 import { connectVm } from '../../engine/connect.js';
 import { probeVm } from '../../engine/probe.js';
 import { parseCommand, UsageError } from '../args.js';
+import type { CliEnv } from '../env.js';
 import { formatBytes, makeOutput } from '../output.js';
 
 const spec = {
@@ -21,13 +22,13 @@ const spec = {
   ],
 } as const;
 
-export async function statusCommand(argv: string[]): Promise<number> {
+export async function statusCommand(argv: string[], env: CliEnv): Promise<number> {
   const parsed = parseCommand(spec, argv);
   if (!parsed) return 0;
   const { values } = parsed;
   if (!values.qmp) throw new UsageError('status: --qmp <socket> is required', 'see qsnap status --help');
   const out = makeOutput(values.json ?? false);
-  const { qmp, recovery } = await connectVm(values.qmp);
+  const { qmp, recovery } = await connectVm(values.qmp, { stateDir: env.stateDir });
   try {
     const vm = await probeVm(qmp);
     out.result({ ok: true, qmp: values.qmp, ...vm, recovery: recovery.recovered ? recovery : undefined });

@@ -1,16 +1,19 @@
-import { execFile } from 'node:child_process';
 import { constants } from 'node:fs';
 import { access, open, rm, stat } from 'node:fs/promises';
-import { basename, dirname, extname, join, resolve } from 'node:path';
-import { promisify } from 'node:util';
+import { dirname, resolve } from 'node:path';
 import type { QmpClient, TransactionAction } from '../../qmp/index.js';
 import { createOverlay } from '../../vm/qemu-img.js';
 import { SnapshotError } from '../errors.js';
 import type { DiskInfo } from '../probe.js';
+import { overlayPath } from './naming.js';
 
-const _run = promisify(execFile);
+/**
+ * Freezing a running VM's disks: each writable disk's current top image becomes the snapshot's
+ * frozen layer, and the VM goes on writing to a new qcow2 overlay on top of it. The overlays
+ * are made and opened while the guest runs; only the switch (one transaction) is in the pause.
+ */
 
-/** One writable disk to freeze: its current top image becomes the snapshot's frozen layer. */
+/** One writable disk to freeze. */
 export interface PlannedOverlay {
   device: string;
   /** The node the device writes to now; the transaction puts the overlay on top of it. */
@@ -43,56 +46,65 @@ export async function planOverlays(
   const plan: DiskPlan = { overlays: [], skipped: [] };
   for (const [index, disk] of disks.entries()) {
     const label = disk.device || `disk${index}`;
-    if (!disk.inserted) {
-      plan.skipped.push({ device: label, reason: 'no medium' });
-      continue;
-    }
-    if (disk.readOnly) {
-      plan.skipped.push({ device: label, reason: 'read-only' });
-      continue;
-    }
-    if (disk.removable) {
-      plan.skipped.push({ device: label, reason: 'removable medium' });
-      continue;
-    }
-    const filename = disk.file?.startsWith('json:') ? undefined : disk.file;
-    if (!filename || !disk.nodeName || !disk.format || disk.virtualSize === undefined) {
-      throw new SnapshotError(
-        'QSNAP_SNAPSHOT_DISK',
-        `disk ${label} is not backed by a plain image file (${disk.file ?? 'unknown'})`,
-        {
-          hint: 'qsnap freezes disks with qcow2 overlays on image files; attach this disk from a file',
-          details: { device: label },
-        },
-      );
-    }
-    const frozenFile = resolve(filename);
-    try {
-      await stat(frozenFile);
-    } catch {
-      throw new SnapshotError(
-        'QSNAP_SNAPSHOT_DISK',
-        `disk ${label}: image ${filename} is not reachable from here`,
-        {
-          hint: 'start QEMU with absolute image paths, or run qsnap on the same host and working directory as QEMU',
-          details: { device: label, file: filename },
-        },
-      );
-    }
-    const dir = overlayDir ? resolve(overlayDir) : dirname(frozenFile);
-    const stem = basename(frozenFile, extname(frozenFile)).replace(/\.qsnap-[0-9a-f]{8}$/, '');
-    plan.overlays.push({
-      device: label,
-      node: disk.nodeName,
-      format: disk.format,
-      virtualSize: disk.virtualSize,
-      frozenFile,
-      chain: disk.chain.length ? disk.chain.map((f) => resolve(f)) : [frozenFile],
-      overlayFile: join(dir, `${stem}.qsnap-${snapshotId.slice(0, 8)}.qcow2`),
-      overlayNode: `qsnap-${snapshotId.slice(0, 8)}-${index}`,
-    });
+    const skip = skipReason(disk);
+    if (skip) plan.skipped.push({ device: label, reason: skip });
+    else plan.overlays.push(await planOverlay(disk, label, index, snapshotId, overlayDir));
   }
-  for (const dir of new Set(plan.overlays.map((o) => dirname(o.overlayFile)))) {
+  await checkWritable(new Set(plan.overlays.map((o) => dirname(o.overlayFile))));
+  return plan;
+}
+
+function skipReason(disk: DiskInfo): string | undefined {
+  if (!disk.inserted) return 'no medium';
+  if (disk.readOnly) return 'read-only';
+  if (disk.removable) return 'removable medium';
+  return undefined;
+}
+
+async function planOverlay(
+  disk: DiskInfo,
+  label: string,
+  index: number,
+  snapshotId: string,
+  overlayDir: string | undefined,
+): Promise<PlannedOverlay> {
+  const filename = disk.file?.startsWith('json:') ? undefined : disk.file;
+  if (!filename || !disk.nodeName || !disk.format || disk.virtualSize === undefined) {
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_DISK',
+      `disk ${label} is not backed by a plain image file (${disk.file ?? 'unknown'})`,
+      {
+        hint: 'qsnap freezes disks with qcow2 overlays on image files; attach this disk from a file',
+        details: { device: label },
+      },
+    );
+  }
+  const frozenFile = resolve(filename);
+  await stat(frozenFile).catch(() => {
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_DISK',
+      `disk ${label}: image ${filename} is not reachable from here`,
+      {
+        hint: 'start QEMU with absolute image paths, or run qsnap on the same host and working directory as QEMU',
+        details: { device: label, file: filename },
+      },
+    );
+  });
+  const tag = snapshotId.slice(0, 8);
+  return {
+    device: label,
+    node: disk.nodeName,
+    format: disk.format,
+    virtualSize: disk.virtualSize,
+    frozenFile,
+    chain: disk.chain.length ? disk.chain.map((f) => resolve(f)) : [frozenFile],
+    overlayFile: overlayPath(frozenFile, 'qsnap', tag, overlayDir),
+    overlayNode: `qsnap-${tag}-${index}`,
+  };
+}
+
+async function checkWritable(dirs: Set<string>): Promise<void> {
+  for (const dir of dirs) {
     try {
       await access(dir, constants.W_OK);
     } catch {
@@ -102,11 +114,10 @@ export async function planOverlays(
       });
     }
   }
-  return plan;
 }
 
 /** A qcow2 overlay file whose backing file is the frozen image (not opened: QEMU holds its lock). */
-export async function createOverlayFile(overlay: PlannedOverlay): Promise<void> {
+async function createOverlayFile(overlay: PlannedOverlay): Promise<void> {
   try {
     await createOverlay({
       overlayFile: overlay.overlayFile,
@@ -148,10 +159,7 @@ export async function prepareOverlays(qmp: QmpClient, overlays: PlannedOverlay[]
     throw new SnapshotError(
       'QSNAP_SNAPSHOT_DISK',
       `cannot open the disk overlay in QEMU: ${(err as Error).message}`,
-      {
-        hint: 'check the QEMU log; the guest was not paused',
-        cause: err,
-      },
+      { hint: 'check the QEMU log; the guest was not paused', cause: err },
     );
   }
 }
@@ -176,20 +184,23 @@ export function freezeActions(overlays: PlannedOverlay[]): TransactionAction[] {
 
 /**
  * Remove overlays the guest never wrote to (before the transaction). A node QEMU refuses to
- * delete is in use: its file is kept, never removed under a running guest.
+ * delete is in use: its file is kept, never removed under a running guest. A node QEMU does
+ * not have (never added, or already gone) only loses its file.
  */
 export async function discardOverlays<T extends Pick<PlannedOverlay, 'overlayNode' | 'overlayFile'>>(
   qmp: QmpClient,
   overlays: T[],
 ): Promise<T[]> {
+  if (overlays.length === 0) return [];
+  const nodes = new Set(
+    (await qmp.execute('query-named-block-nodes', { flat: true })).map((n) => n['node-name']),
+  );
   const kept: T[] = [];
   for (const overlay of overlays) {
-    try {
-      await qmp.execute('blockdev-del', { 'node-name': overlay.overlayNode });
-    } catch (err) {
-      const code = (err as { errorClass?: string }).errorClass;
-      const missing = code === 'GenericError' && /find node|not found/i.test(String((err as Error).message));
-      if (!missing) {
+    if (nodes.has(overlay.overlayNode)) {
+      try {
+        await qmp.execute('blockdev-del', { 'node-name': overlay.overlayNode });
+      } catch {
         kept.push(overlay);
         continue;
       }

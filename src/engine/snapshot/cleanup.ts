@@ -1,92 +1,109 @@
 import { QsnapError } from '../../errors.js';
-import type { SnapshotWriter } from '../../format/index.js';
-import type { PlannedOverlay } from '../disks/freeze.js';
-import { discardOverlays } from '../disks/freeze.js';
+import { discardOverlays, type PlannedOverlay } from '../disks/freeze.js';
 import { type RollbackOutcome, rollbackOverlays } from '../disks/rollback.js';
 import { SnapshotError } from '../errors.js';
-import { type MigrationSettings, restoreMigration } from '../migration.js';
-import type { StreamReceiver } from './receiver.js';
-import type { LockedContext, PauseState } from './snapshot.js';
+import { MIGRATION_UNSETTLED, restoreMigration } from '../migration.js';
+import type { SnapshotContext, SnapshotRun } from './context.js';
 import { qemuGoneError, waitMigrationSettled } from './waits.js';
 
-function overlayOutcomes(overlays: PlannedOverlay[]): RollbackOutcome[] {
-  return overlays.map((o) => ({ device: o.device, overlayFile: o.overlayFile, rolledBack: false }));
+type GuestAfter = 'running' | 'paused' | 'gone';
+
+/** What putting the VM back achieved: notes for the user, disks left on a new overlay. */
+interface Restitution {
+  guest: GuestAfter;
+  notes: string[];
+  unrolled: RollbackOutcome[];
 }
 
 /**
  * Put everything back after a failure and say so in the error: the guest runs again if it
- * ran before, the migration is cancelled, the partial file is gone, unused overlays are
- * removed, disks already switched to their overlay are committed back (or named).
+ * ran before, the migration ends, the partial file is gone, unused overlays are removed,
+ * disks already switched to their overlay are committed back (or named).
  */
 export async function cleanupAfterFailure(
-  ctx: LockedContext,
+  ctx: SnapshotContext,
+  run: SnapshotRun,
   err: unknown,
-  state: {
-    receiver: StreamReceiver;
-    writer: SnapshotWriter | undefined;
-    pause: PauseState;
-    settings: MigrationSettings | undefined;
-  },
-): Promise<unknown> {
-  const { qmp, vm, op } = ctx;
-  const notes: string[] = [];
-  const unrolled: RollbackOutcome[] =
-    state.pause.frozen && qmp.state !== 'running' ? overlayOutcomes(ctx.overlays) : [];
-  let guest: 'running' | 'paused' | 'gone' = 'gone';
-  await state.receiver.abort(err);
-  await state.writer?.abort(err);
-  if (qmp.state === 'running') {
+): Promise<QsnapError> {
+  const done: Restitution = { guest: 'gone', notes: [], unrolled: [] };
+  await run.receiver.abort(err);
+  await run.writer?.abort(err);
+  if (ctx.qmp.state !== 'running') {
+    if (run.pause.frozen) done.unrolled.push(...notRolledBack(ctx.overlays));
+  } else {
     try {
-      if (state.pause.migrating) {
-        if (ctx.strategy === 'background-snapshot') {
-          // Never cancel a background snapshot QEMU has begun (see receiver.ts): the drain
-          // guard reads the rest of the stream and QEMU finishes it normally. Whether QEMU has
-          // connected yet is no guide: it connects asynchronously after `migrate`, and the
-          // receiver, still listening, hands a late connection to the guard as well.
-          const final = await waitMigrationSettled(qmp, 30 * 60_000);
-          notes.push(`QEMU's migration ran to its end (${final}) so the guest's RAM is released`);
-        } else {
-          const info = await qmp.execute('query-migrate');
-          if (info.status === 'active' || info.status === 'setup' || info.status === 'device') {
-            await qmp.execute('migrate_cancel');
-            await waitMigrationSettled(qmp, 60_000);
-            notes.push('migration cancelled');
-          }
-        }
-      }
-      const status = await qmp.execute('query-status');
-      if (vm.running && !status.running) {
-        await qmp.execute('cont');
-        notes.push('guest resumed');
-      }
-      guest = vm.running ? 'running' : 'paused';
-      if (state.pause.frozen) {
-        // Merge what the guest wrote since the freeze back and drop the overlays: the VM's
-        // disk layout is as before the failed snapshot.
-        for (const outcome of await rollbackOverlays(qmp, ctx.overlays)) {
-          if (outcome.rolledBack) notes.push(`disk ${outcome.device} is back on its original image`);
-          else {
-            unrolled.push(outcome);
-            notes.push(`disk ${outcome.device} now writes to ${outcome.overlayFile} (${outcome.error})`);
-          }
-        }
-      } else {
-        const kept = await discardOverlays(qmp, ctx.overlays);
-        for (const o of kept) notes.push(`overlay ${o.overlayFile} kept (in use)`);
-      }
-      if (state.settings) await restoreMigration(qmp, state.settings);
+      if (run.pause.migrating) done.notes.push(...(await endMigration(ctx)));
+      done.notes.push(...(await resumeIfStopped(ctx)));
+      done.guest = ctx.vm.running ? 'running' : 'paused';
+      await putDisksBack(ctx, run, done);
+      if (run.settings) await restoreMigration(ctx.qmp, run.settings);
     } catch (cleanupError) {
-      if (qmp.state === 'running')
-        op.warn(
+      if (ctx.qmp.state === 'running')
+        ctx.op.warn(
           'QSNAP_CLEANUP',
           `cleanup after the failure was incomplete: ${(cleanupError as Error).message}`,
         );
     }
   }
-  // A dead QEMU is often noticed first as the end of its stream (QSNAP_STREAM_TRUNCATED) or
-  // a failed command; the cleanup's queries settle which: name the root cause.
+  return rootCause(ctx, err, done);
+}
+
+function notRolledBack(overlays: PlannedOverlay[]): RollbackOutcome[] {
+  return overlays.map((o) => ({ device: o.device, overlayFile: o.overlayFile, rolledBack: false }));
+}
+
+async function endMigration(ctx: SnapshotContext): Promise<string[]> {
+  const { qmp } = ctx;
+  if (ctx.strategy === 'background-snapshot') {
+    // Never cancel a background snapshot QEMU has begun (drain-guard.ts): the drain guard
+    // reads the rest of the stream and QEMU finishes it normally. Whether QEMU has connected
+    // yet is no guide: it connects asynchronously after `migrate`, and the receiver, still
+    // listening, hands a late connection to the guard as well.
+    const final = await waitMigrationSettled(qmp, 30 * 60_000);
+    return [`QEMU's migration ran to its end (${final}) so the guest's RAM is released`];
+  }
+  const info = await qmp.execute('query-migrate');
+  if (!MIGRATION_UNSETTLED.has(info.status ?? 'none')) return [];
+  await qmp.execute('migrate_cancel');
+  await waitMigrationSettled(qmp, 60_000);
+  return ['migration cancelled'];
+}
+
+async function resumeIfStopped(ctx: SnapshotContext): Promise<string[]> {
+  if (!ctx.vm.running) return [];
+  const status = await ctx.qmp.execute('query-status');
+  if (status.running) return [];
+  await ctx.qmp.execute('cont');
+  return ['guest resumed'];
+}
+
+/**
+ * Frozen disks: merge what the guest wrote since the freeze back and drop the overlays, so the
+ * VM's disk layout is as before the failed snapshot. Not yet frozen: drop the unused overlays.
+ */
+async function putDisksBack(ctx: SnapshotContext, run: SnapshotRun, done: Restitution): Promise<void> {
+  if (!run.pause.frozen) {
+    for (const o of await discardOverlays(ctx.qmp, ctx.overlays))
+      done.notes.push(`overlay ${o.overlayFile} kept (in use)`);
+    return;
+  }
+  for (const outcome of await rollbackOverlays(ctx.qmp, ctx.overlays)) {
+    if (outcome.rolledBack) done.notes.push(`disk ${outcome.device} is back on its original image`);
+    else {
+      done.unrolled.push(outcome);
+      done.notes.push(`disk ${outcome.device} now writes to ${outcome.overlayFile} (${outcome.error})`);
+    }
+  }
+}
+
+/**
+ * The error to report, with what was put back. A dead QEMU is often noticed first as the end of
+ * its stream (QSNAP_STREAM_TRUNCATED) or a failed command; the cleanup's queries settle which,
+ * and the root cause is named.
+ */
+function rootCause(ctx: SnapshotContext, err: unknown, done: Restitution): QsnapError {
   const gone =
-    qmp.state !== 'running' && !(err instanceof QsnapError && err.code === 'QSNAP_SNAPSHOT_QEMU_GONE');
+    ctx.qmp.state !== 'running' && !(err instanceof QsnapError && err.code === 'QSNAP_SNAPSHOT_QEMU_GONE');
   const base = gone
     ? qemuGoneError(err)
     : err instanceof QsnapError
@@ -94,11 +111,13 @@ export async function cleanupAfterFailure(
       : new SnapshotError(
           'QSNAP_SNAPSHOT_FAILED',
           `snapshot failed: ${(err as Error)?.message ?? String(err)}`,
-          { cause: err },
+          {
+            cause: err,
+          },
         );
-  base.details['guest'] = guest;
-  base.details['cleanup'] = notes;
-  if (unrolled.length)
-    base.details['disks'] = unrolled.map((o) => ({ device: o.device, overlayFile: o.overlayFile }));
+  base.details['guest'] = done.guest;
+  base.details['cleanup'] = done.notes;
+  if (done.unrolled.length)
+    base.details['disks'] = done.unrolled.map((o) => ({ device: o.device, overlayFile: o.overlayFile }));
   return base;
 }

@@ -1,9 +1,7 @@
-import { type ChildProcess, spawn } from 'node:child_process';
 import { rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
-import type { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { type SnapshotWriter, SnapshotWriter as Writer } from '../../format/index.js';
+import { SnapshotWriter } from '../../format/index.js';
 import {
   MigrationStreamParser,
   type PrologueEvent,
@@ -12,7 +10,9 @@ import {
   type StreamSummary,
 } from '../../stream/index.js';
 import { SnapshotError } from '../errors.js';
-import { activeFaults, faultPoint } from '../faults.js';
+import { hangForever } from '../faults.js';
+import { DrainGuard } from './drain-guard.js';
+import { ReadRateLimit } from './rate-limit.js';
 
 export interface ReceivedStream {
   writer: SnapshotWriter;
@@ -34,53 +34,24 @@ export interface ReceiverOptions {
   onProgress: (doneBytes: number, totalBytes: number) => void;
   /** Read the stream no faster than this (bytes per second). */
   maxBytesPerSecond?: number | undefined;
+  /** Test-only (faults.ts): fail, or hang, once this many bytes of the stream arrived. */
+  fault?: { afterBytes: number; kind: 'error' | 'hang' } | undefined;
+}
+
+/** A page parsed before the file writer existed (at most one socket chunk's worth). */
+interface PendingPage {
+  blockIndex: number;
+  offset: number;
+  data: Buffer | undefined;
 }
 
 /**
  * Listens on a unix socket for QEMU's outgoing migration, parses the stream as it arrives
  * and writes every page to its place in the snapshot file. Holds the socket (backpressure)
  * while the file writer catches up, so memory stays bounded whatever the stream's speed.
- *
- * A background snapshot, once begun, must be read to its end. QEMU 7.2 leaves guest RAM
- * write-protected with nobody to resolve the faults when the stream breaks or the migration
- * is cancelled: the guest hangs for good and QEMU refuses further background snapshots
- * (measured here; newer QEMUs stop the write tracking on every exit path). So a failure
- * here never closes the stream: a drain guard — a small detached process holding a copy of
- * the socket — reads the rest to /dev/null. It starts when told to, or by itself when qsnap
- * dies (even by SIGKILL), because the pipe it waits on then reaches end-of-file.
+ * Once QEMU has connected, a failure hands the rest of the stream to a drain guard
+ * (drain-guard.ts): a begun background snapshot is never cut off.
  */
-/**
- * The drain guard: a small Node process holding the migration socket as its fd 4 and a pipe
- * from qsnap as its fd 3. It reads nothing until a line arrives on the pipe or the pipe
- * reaches end-of-file (qsnap died); then it reads the socket to its end and exits. The socket
- * is passed as fd 4, not as stdin: libuv makes a child's fds 0–2 blocking, and the flag is
- * shared with qsnap's own descriptor of the socket.
- */
-const DRAIN_GUARD = `// qsnap drain guard
-process.title = 'qsnap-drain-guard';
-const net = require('node:net');
-let draining = false;
-function drain() {
-  if (draining) return;
-  draining = true;
-  const stream = new net.Socket({ fd: 4, readable: true, writable: false });
-  stream.on('data', () => {});
-  stream.on('end', () => process.exit(0));
-  stream.on('error', () => process.exit(0));
-}
-const control = new net.Socket({ fd: 3, readable: true, writable: false });
-control.on('data', drain);
-control.on('end', drain);
-control.on('error', drain);
-`;
-
-function spawnDrainGuard(socket: Socket): ChildProcess {
-  return spawn(process.execPath, ['-e', DRAIN_GUARD], {
-    stdio: ['ignore', 'ignore', 'ignore', 'pipe', socket],
-    detached: true,
-  });
-}
-
 export class StreamReceiver {
   readonly done: Promise<ReceivedStream>;
   /**
@@ -89,12 +60,13 @@ export class StreamReceiver {
    */
   readonly captured: Promise<void>;
   private onCaptured!: () => void;
+  private settle!: { resolve: (r: ReceivedStream) => void; reject: (err: unknown) => void };
   private server: Server | undefined;
   private socket: Socket | undefined;
+  private guard: DrainGuard | undefined;
   private writer: SnapshotWriter | undefined;
   private creating: Promise<void> | undefined;
-  /** Pages parsed before the writer existed (at most one socket chunk). */
-  private pending: { blockIndex: number; offset: number; data: Buffer | undefined }[] = [];
+  private pending: PendingPage[] = [];
   private prologue: PrologueEvent | undefined;
   private ramSetup: RamSetupEvent | undefined;
   private readonly tail: Buffer[] = [];
@@ -104,12 +76,8 @@ export class StreamReceiver {
   private totalBytes = 0;
   private lastProgressAt = 0;
   private firstByteAt = 0;
-  private settle!: { resolve: (r: ReceivedStream) => void; reject: (err: unknown) => void };
   private failed = false;
-  private guard: ChildProcess | undefined;
-
-  /** Test-only fault points, read once: the data handler runs for every chunk of the stream. */
-  private readonly faults = activeFaults();
+  private readonly rate: ReadRateLimit;
 
   constructor(private readonly options: ReceiverOptions) {
     this.done = new Promise((resolve, reject) => {
@@ -119,6 +87,7 @@ export class StreamReceiver {
     this.captured = new Promise((resolve) => {
       this.onCaptured = resolve;
     });
+    this.rate = new ReadRateLimit(options.maxBytesPerSecond);
   }
 
   async listen(): Promise<void> {
@@ -133,7 +102,7 @@ export class StreamReceiver {
     });
   }
 
-  /** Stop accepting, drop the connection, remove the partial file; idempotent. */
+  /** Stop accepting, hand the stream to the guard, remove the partial file; idempotent. */
   async abort(reason: unknown): Promise<void> {
     this.fail(reason);
     await this.creating?.catch(() => undefined);
@@ -141,7 +110,7 @@ export class StreamReceiver {
   }
 
   async close(): Promise<void> {
-    if (!this.failed) this.guard?.kill('SIGKILL');
+    if (!this.failed) this.guard?.dismiss();
     this.socket?.destroy();
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
     await rm(this.options.socketPath, { force: true });
@@ -155,10 +124,7 @@ export class StreamReceiver {
     }
     this.socket = socket;
     this.server?.close();
-    this.guard = spawnDrainGuard(socket);
-    this.guard.on('error', () => undefined);
-    this.guard.unref();
-    (this.guard.stdio[3] as unknown as Socket | undefined)?.unref?.();
+    this.guard = DrainGuard.spawn(socket);
     if (this.failed) {
       // qsnap failed between `migrate` and this connection: QEMU's background snapshot may
       // already be under way, so it must be drained like any other (never just dropped).
@@ -166,43 +132,8 @@ export class StreamReceiver {
       return;
     }
     const parser = new MigrationStreamParser(this.sink());
-    socket.on('data', (chunk: Buffer) => {
-      if (this.failed) return;
-      if (this.bytes === 0) this.firstByteAt = performance.now();
-      this.bytes += chunk.length;
-      if (this.faults.size > 0 && this.bytes > 20 * 2 ** 20) faultPoint('stream-hang', this.faults);
-      if (this.faults.size > 0 && this.bytes > 20 * 2 ** 20 && faultPoint('stream-error', this.faults)) {
-        this.fail(
-          new SnapshotError(
-            'QSNAP_SNAPSHOT_OUTPUT',
-            'injected fault: the snapshot file could not be written',
-          ),
-        );
-        return;
-      }
-      try {
-        parser.feed(chunk);
-      } catch (err) {
-        this.fail(err);
-        return;
-      }
-      this.applyBackpressure(socket);
-      const now = performance.now();
-      if (now - this.lastProgressAt > 100 && this.totalBytes > 0) {
-        this.lastProgressAt = now;
-        this.options.onProgress(this.pagesSeen * 4096, this.totalBytes);
-      }
-    });
-    socket.on('end', () => {
-      if (this.failed) return;
-      try {
-        parser.end();
-      } catch (err) {
-        this.fail(err);
-        return;
-      }
-      void this.complete();
-    });
+    socket.on('data', (chunk: Buffer) => this.onData(socket, parser, chunk));
+    socket.on('end', () => this.onEnd(parser));
     socket.on('error', (err) =>
       this.fail(
         new SnapshotError('QSNAP_SNAPSHOT_MIGRATION', `migration stream failed: ${err.message}`, {
@@ -213,30 +144,60 @@ export class StreamReceiver {
     socket.resume();
   }
 
+  private onData(socket: Socket, parser: MigrationStreamParser, chunk: Buffer): void {
+    if (this.failed) return;
+    if (this.bytes === 0) this.firstByteAt = performance.now();
+    this.bytes += chunk.length;
+    if (this.options.fault && this.bytes > this.options.fault.afterBytes && this.strikeFault()) return;
+    try {
+      parser.feed(chunk);
+    } catch (err) {
+      this.fail(err);
+      return;
+    }
+    this.applyBackpressure(socket);
+    this.reportProgress(false);
+  }
+
+  private onEnd(parser: MigrationStreamParser): void {
+    if (this.failed) return;
+    try {
+      parser.end();
+    } catch (err) {
+      this.fail(err);
+      return;
+    }
+    void this.complete();
+  }
+
+  /** The test-only stream fault (faults.ts); true when the receiver failed. */
+  private strikeFault(): boolean {
+    if (this.options.fault?.kind === 'hang') hangForever();
+    this.fail(
+      new SnapshotError('QSNAP_SNAPSHOT_OUTPUT', 'injected fault: the snapshot file could not be written'),
+    );
+    return true;
+  }
+
+  private reportProgress(force: boolean): void {
+    const now = performance.now();
+    if (!force && (now - this.lastProgressAt <= 100 || this.totalBytes === 0)) return;
+    this.lastProgressAt = now;
+    this.options.onProgress(this.pagesSeen * 4096, this.totalBytes);
+  }
+
+  /** Pause the socket while the file writer catches up or the stream is ahead of its rate limit. */
   private applyBackpressure(socket: Socket): void {
     const writer = this.creating ?? (this.writer?.needsDrain ? this.writer.onceDrained() : undefined);
-    const aheadMs = this.aheadOfRateMs();
+    const aheadMs = this.rate.delayMs(this.bytes, this.firstByteAt);
     if (!writer && aheadMs <= 0) return;
-    const wait = Promise.all([writer, aheadMs > 0 ? sleep(aheadMs) : undefined]);
     socket.pause();
-    wait.then(
+    Promise.all([writer, aheadMs > 0 ? sleep(aheadMs) : undefined]).then(
       () => {
         if (!this.failed) socket.resume();
       },
       (err) => this.fail(err),
     );
-  }
-
-  /**
-   * How far the stream is ahead of --max-bandwidth. QEMU 7.2 ignores max-bandwidth for a
-   * background snapshot (measured: 20 MiB/s set, 50–70 MiB/s sent), so qsnap enforces it by
-   * reading no faster.
-   */
-  private aheadOfRateMs(): number {
-    const rate = this.options.maxBytesPerSecond;
-    if (!rate) return 0;
-    const ahead = (this.bytes / rate) * 1000 - (performance.now() - this.firstByteAt);
-    return ahead > 5 ? ahead : 0;
   }
 
   private async complete(): Promise<void> {
@@ -251,7 +212,7 @@ export class StreamReceiver {
           },
         );
       }
-      this.options.onProgress(this.pagesSeen * 4096, this.totalBytes);
+      this.reportProgress(true);
       this.settle.resolve({
         writer: this.writer,
         prologue: this.prologue,
@@ -274,11 +235,34 @@ export class StreamReceiver {
     this.settle.reject(err);
   }
 
-  /** Hand the rest of the stream to the guard (see the class comment), then let go of it. */
+  /** Hand the rest of the stream to the guard, then let go of it. */
   private handOff(): void {
-    const control = this.guard?.stdio[3] as Writable | null | undefined;
-    if (control?.writable) control.end('\n');
+    this.guard?.drain();
     this.socket?.destroy();
+  }
+
+  /** The file writer exists once the block list is known: pages parsed before wait for it. */
+  private createWriter(setup: RamSetupEvent): void {
+    this.ramSetup = setup;
+    this.totalBytes = setup.blocks.reduce((sum, b) => sum + b.usedLength, 0);
+    this.creating = SnapshotWriter.create(this.options.out, {
+      blocks: setup.blocks.map((b) => ({ name: b.idstr, usedLength: b.usedLength })),
+      overwrite: this.options.overwrite,
+    }).then((writer) => {
+      this.writer = writer;
+      this.creating = undefined;
+      this.options.onWriterCreated(writer);
+      for (const page of this.pending) this.writePage(page.blockIndex, page.offset, page.data);
+      this.pending = [];
+    });
+    this.creating.catch((err) => this.fail(err));
+  }
+
+  /** A data page (zero page when `data` is undefined), to the file or the pending list. */
+  private writePage(blockIndex: number, offset: number, data: Buffer | undefined): void {
+    if (!this.writer) this.pending.push({ blockIndex, offset, data: data && Buffer.from(data) });
+    else if (data) this.writer.writePage(blockIndex, offset, data);
+    else this.writer.writeZeroPage(blockIndex, offset);
   }
 
   private sink(): StreamSink {
@@ -286,33 +270,14 @@ export class StreamReceiver {
       onPrologue: (p) => {
         this.prologue = p;
       },
-      onRamSetup: (setup) => {
-        this.ramSetup = setup;
-        this.totalBytes = setup.blocks.reduce((sum, b) => sum + b.usedLength, 0);
-        this.creating = Writer.create(this.options.out, {
-          blocks: setup.blocks.map((b) => ({ name: b.idstr, usedLength: b.usedLength })),
-          overwrite: this.options.overwrite,
-        }).then((writer) => {
-          this.writer = writer;
-          this.creating = undefined;
-          this.options.onWriterCreated(writer);
-          for (const page of this.pending) {
-            if (page.data) writer.writePage(page.blockIndex, page.offset, page.data);
-            else writer.writeZeroPage(page.blockIndex, page.offset);
-          }
-          this.pending = [];
-        });
-        this.creating.catch((err) => this.fail(err));
-      },
+      onRamSetup: (setup) => this.createWriter(setup),
       onPage: (blockIndex, offset, data) => {
         this.pagesSeen++;
-        if (this.writer) this.writer.writePage(blockIndex, offset, data);
-        else this.pending.push({ blockIndex, offset, data: Buffer.from(data) });
+        this.writePage(blockIndex, offset, data);
       },
       onZeroPage: (blockIndex, offset) => {
         this.pagesSeen++;
-        if (this.writer) this.writer.writeZeroPage(blockIndex, offset);
-        else this.pending.push({ blockIndex, offset, data: undefined });
+        this.writePage(blockIndex, offset, undefined);
       },
       onRamPart: (index) => {
         if (index === 0) this.onCaptured();

@@ -1,0 +1,27 @@
+import { type Faults, parseFaults } from '../engine/faults.js';
+import { defaultStateDir } from '../engine/state-dir.js';
+import { UsageError } from './args.js';
+
+/**
+ * What the CLI takes from its environment, read once at start-up and handed to the commands:
+ * nothing below the CLI reads the environment.
+ */
+export interface CliEnv {
+  /** Intent records: `$QSNAP_STATE_DIR`, else `$XDG_STATE_HOME/qsnap`. */
+  stateDir: string;
+  /** Test-only fault points from `QSNAP_FAULT` (engine/faults.ts). */
+  faults: Faults;
+}
+
+export function readCliEnv(env: NodeJS.ProcessEnv = process.env): CliEnv {
+  let faults: Faults;
+  try {
+    faults = parseFaults(env['QSNAP_FAULT']);
+  } catch (err) {
+    throw new UsageError(
+      `QSNAP_FAULT: ${(err as Error).message}`,
+      'unset QSNAP_FAULT (it is for qsnap’s own tests)',
+    );
+  }
+  return { stateDir: defaultStateDir(env), faults };
+}

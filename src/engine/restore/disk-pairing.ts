@@ -1,0 +1,104 @@
+import { mkdir } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import type { Manifest } from '../../format/index.js';
+import type { ArgvDisk } from '../../vm/cmdline.js';
+import { backingChain, createOverlay } from '../../vm/qemu-img.js';
+import { overlayPath } from '../disks/naming.js';
+import { RestoreError } from '../errors.js';
+
+/** One snapshotted disk, the command line's disk it restores, and the overlay the restored VM gets. */
+export interface PairedDisk {
+  argvDisk: ArgvDisk;
+  device: string;
+  frozenFile: string;
+  format: string;
+  virtualSize: number;
+  overlayFile: string;
+}
+
+/**
+ * Pair each disk of the snapshot with the disk of the command line it restores: the command
+ * line's image is the frozen layer itself, an image below it (the VM's original disk after
+ * several snapshots), or an image above it. A writable disk of the command line that is not
+ * in the snapshot is refused: its contents would come from another instant.
+ */
+export async function pairDisks(
+  manifest: Manifest,
+  disks: ArgvDisk[],
+  overlayDir: string | undefined,
+  tag: string,
+): Promise<PairedDisk[]> {
+  const paired: PairedDisk[] = [];
+  const used = new Set<ArgvDisk>();
+  for (const disk of manifest.disks) {
+    const candidates = disks.filter((d) => !used.has(d) && !d.readOnly);
+    // The chain recorded at snapshot time saves a qemu-img run per restore.
+    const chain = disk.backingChain ?? (await backingChain(disk.frozenFile));
+    const match = await findMatch(candidates, disk.device, disk.frozenFile, chain);
+    used.add(match);
+    paired.push({
+      argvDisk: match,
+      device: disk.device,
+      frozenFile: disk.frozenFile,
+      format: disk.format,
+      virtualSize: disk.virtualSize,
+      overlayFile: overlayPath(disk.frozenFile, 'restore', tag, overlayDir),
+    });
+  }
+  const stray = disks.filter((d) => !used.has(d) && !d.readOnly);
+  if (stray.length) {
+    throw new RestoreError(
+      'QSNAP_RESTORE_DISKS',
+      `writable disk ${stray[0]!.file} in the command line is not part of the snapshot`,
+      {
+        hint: 'its contents would come from another instant than the snapshot; remove it or make it read-only',
+        details: { files: stray.map((d) => d.file) },
+      },
+    );
+  }
+  return paired;
+}
+
+async function findMatch(
+  candidates: ArgvDisk[],
+  device: string,
+  frozenFile: string,
+  frozenChain: string[],
+): Promise<ArgvDisk> {
+  let matches = candidates.filter((d) => frozenChain.includes(resolve(d.file)));
+  if (matches.length === 0) {
+    // The command line may name an image above the frozen layer (a later overlay).
+    const above: ArgvDisk[] = [];
+    for (const d of candidates) if ((await backingChain(d.file)).includes(resolve(frozenFile))) above.push(d);
+    matches = above;
+  }
+  const match = matches.find((d) => d.deviceId === device) ?? matches[0];
+  if (match) return match;
+  throw new RestoreError(
+    'QSNAP_RESTORE_DISKS',
+    `no disk in the command line matches the snapshot's disk ${device} (${frozenFile})`,
+    {
+      hint: 'pass the command line the VM was started with, naming its original disk image',
+      details: { device, frozenFile },
+    },
+  );
+}
+
+/** The restored VM's overlay on the frozen layer. */
+export async function createRestoreOverlay(disk: PairedDisk): Promise<void> {
+  try {
+    await mkdir(dirname(disk.overlayFile), { recursive: true });
+    await createOverlay({
+      overlayFile: disk.overlayFile,
+      backingFile: disk.frozenFile,
+      backingFormat: disk.format,
+      virtualSize: disk.virtualSize,
+    });
+  } catch (err) {
+    throw new RestoreError(
+      'QSNAP_RESTORE_DISKS',
+      `cannot create the restore overlay ${disk.overlayFile}: ${(err as Error).message}`,
+      { hint: 'check that the directory is writable (or choose --overlay-dir)', cause: err },
+    );
+  }
+}

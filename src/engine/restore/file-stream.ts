@@ -1,0 +1,61 @@
+import { once } from 'node:events';
+import type { Socket } from 'node:net';
+import type { SnapshotReader } from '../../format/index.js';
+import { type RamPageRun, tryDecodePrologue, writeMigrationStream } from '../../stream/index.js';
+import { RestoreError } from '../errors.js';
+
+/**
+ * A snapshot file turned back into the QEMU migration stream it came from: the original
+ * prologue and device state verbatim, RAM pages read (and checked) from the file. With
+ * `skipMainBlock` the main RAM block is left out (lazy restore maps it from the file).
+ */
+export async function* snapshotStream(
+  reader: SnapshotReader,
+  options: { skipMainBlock: boolean; verify: boolean | 'data' },
+): AsyncGenerator<Buffer> {
+  const stored = await reader.readPrologue();
+  const header = tryDecodePrologue(stored, 0);
+  if (!header)
+    throw new RestoreError('QSNAP_RESTORE_FORMAT', 'the snapshot has no valid stream header', {
+      hint: 'run qsnap verify on it',
+    });
+  const deviceTail = await reader.readDeviceTail();
+  yield* writeMigrationStream({
+    prologue: stored.subarray(0, header.size),
+    ramSetup: { bytes: stored.subarray(header.size) },
+    deviceTail,
+    pages: (_block, index) => {
+      if (index === 0 && options.skipMainBlock) return 'skip';
+      return blockRuns(reader, index, options.verify);
+    },
+  });
+}
+
+async function* blockRuns(
+  reader: SnapshotReader,
+  blockIndex: number,
+  verify: boolean | 'data',
+): AsyncGenerator<RamPageRun> {
+  for await (const run of reader.readPages(blockIndex, { verify })) {
+    if (run.kind === 'data') yield { offset: run.offset, data: run.data };
+    else yield { offset: run.offset, zeroPages: run.pageCount };
+  }
+}
+
+/** Write `chunks` to `socket` with backpressure, then end it; rejects if the peer closes first. */
+export async function feed(socket: Socket, chunks: AsyncIterable<Buffer>): Promise<void> {
+  // Listened for before the first write: QEMU exits as soon as it refuses the stream, and a
+  // socket that closed while nobody waited for 'drain' would otherwise leave this loop waiting forever.
+  let cause: Error | undefined;
+  const gone = new Promise<never>((_, reject) => {
+    socket.on('error', (err) => {
+      cause ??= err;
+    });
+    socket.once('close', () => reject(cause ?? new Error('QEMU closed the incoming migration socket')));
+  });
+  gone.catch(() => undefined);
+  for await (const chunk of chunks) {
+    if (!socket.write(chunk)) await Promise.race([once(socket, 'drain'), gone]);
+  }
+  await new Promise<void>((resolve) => socket.end(resolve));
+}

@@ -1,0 +1,110 @@
+import { Socket, type SocketConstructorOpts } from 'node:net';
+import { QsnapError } from '../../errors.js';
+import type { SnapshotReader } from '../../format/index.js';
+import type { QmpClient } from '../../qmp/index.js';
+import type { Vm } from '../../vm/launcher.js';
+import { RestoreError } from '../errors.js';
+import { MIGRATION_ENDED, pollMigration } from '../migration.js';
+import { readMachineType, readRamBytes, versionAtLeast } from '../probe.js';
+
+/**
+ * The destination side of a restore: checking that the new QEMU can take the snapshot,
+ * connecting to its incoming socket, waiting for it to finish loading, and naming its reason
+ * when it refuses.
+ */
+
+/** Refuse before any state is sent: an older QEMU, another machine type, another RAM size. */
+export async function checkCompatible(qmp: QmpClient, reader: SnapshotReader): Promise<void> {
+  const m = reader.manifest;
+  const [version, machine, ramBytes] = await Promise.all([
+    qmp.execute('query-version'),
+    readMachineType(qmp),
+    readRamBytes(qmp),
+  ]);
+  const dest = version.qemu;
+  if (!versionAtLeast(dest, m.qemu.version.major, m.qemu.version.minor)) {
+    throw new RestoreError(
+      'QSNAP_RESTORE_QEMU_VERSION',
+      `the snapshot comes from QEMU ${m.qemu.version.major}.${m.qemu.version.minor}, this QEMU is older (${dest.major}.${dest.minor})`,
+      { hint: 'restore with the same or a newer QEMU' },
+    );
+  }
+  if (machine !== m.qemu.machine) {
+    throw new RestoreError(
+      'QSNAP_RESTORE_MACHINE',
+      `the command line gives machine type ${machine}, the snapshot has ${m.qemu.machine}`,
+      { hint: `start with -machine ${m.qemu.machine} (the command line the VM was started with)` },
+    );
+  }
+  if (ramBytes !== m.vm.ramBytes) throw ramSizeError(ramBytes, m.vm.ramBytes);
+}
+
+export function ramSizeError(given: number, snapshot: number): RestoreError {
+  return new RestoreError(
+    'QSNAP_RESTORE_RAM_SIZE',
+    `the command line gives ${given} bytes of RAM, the snapshot has ${snapshot}`,
+    { hint: `use -m ${snapshot / 2 ** 20}M as when the snapshot was taken` },
+  );
+}
+
+/** Connect to QEMU's incoming socket, retrying until it listens. */
+export async function connectWhenListening(path: string, timeoutMs: number): Promise<Socket> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await new Promise<Socket>((resolve, reject) => {
+        // A deep write queue lets the next sections be built while QEMU loads the previous ones;
+        // with the default 16 KiB, building and loading take turns instead of overlapping.
+        const socket = new Socket({ writableHighWaterMark: 16 * 2 ** 20 } as SocketConstructorOpts);
+        socket.connect(path);
+        socket.once('connect', () => resolve(socket));
+        socket.once('error', reject);
+      });
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  }
+}
+
+/** Wait until QEMU's incoming migration completed; its failure as QSNAP_RESTORE_LOAD. */
+export async function waitIncoming(qmp: QmpClient, timeoutMs: number): Promise<void> {
+  const { info, timedOut } = await pollMigration(qmp, {
+    done: (status) => MIGRATION_ENDED.has(status),
+    intervalMs: 2,
+    timeoutMs,
+  });
+  if (timedOut) {
+    throw new RestoreError('QSNAP_RESTORE_LOAD', `QEMU did not finish loading within ${timeoutMs} ms`, {
+      hint: 'see the QEMU log',
+    });
+  }
+  if (info.status !== 'completed') {
+    throw new RestoreError(
+      'QSNAP_RESTORE_LOAD',
+      `QEMU refused the snapshot's state${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
+      {
+        hint: 'check that the command line matches the snapshotted VM (devices, machine, memory); see the QEMU log',
+      },
+    );
+  }
+}
+
+/**
+ * QEMU exits when an incoming migration fails (7.2: migration.c process_incoming_migration_co),
+ * so the usual sign of a refused state is the monitor going away: say so with QEMU's own words.
+ */
+export async function loadFailure(vm: Vm, err: unknown): Promise<unknown> {
+  if (!(err instanceof QsnapError) || err.code !== 'QSNAP_QMP_DISCONNECTED') return err;
+  await Promise.race([vm.exited, new Promise((r) => setTimeout(r, 2000))]);
+  const said = vm.logTail(3).replaceAll('\n', ' | ');
+  return new RestoreError(
+    'QSNAP_RESTORE_LOAD',
+    `QEMU refused the snapshot's state and exited${said ? `: ${said}` : ''}`,
+    {
+      hint: 'check that the command line matches the snapshotted VM (devices, machine, memory); see the QEMU log',
+      cause: err,
+      details: { log: vm.logPath },
+    },
+  );
+}

@@ -1,0 +1,52 @@
+import type { Vm } from '../../vm/launcher.js';
+
+export type RestoreMode = 'full' | 'lazy';
+
+export interface RestoreOptions {
+  /** The snapshot file. */
+  file: string;
+  /** The QEMU command line the VM was started with (binary first, or options only). */
+  argv: string[];
+  /** Map the main RAM block straight from the snapshot file instead of loading it. */
+  lazy?: boolean;
+  /** Leave the guest paused after loading. */
+  paused?: boolean;
+  /** QMP socket to add when the command line has none (default `<runDir>/qmp.sock`). */
+  qmp?: string;
+  /** Where the restore overlays go (default: beside each frozen layer). */
+  overlayDir?: string;
+  /** Directory for QEMU's log and qsnap's control socket (default: a new temp directory, kept while QEMU runs). */
+  runDir?: string;
+  /**
+   * 'auto' (default): check everything the restore reads — every page it sends; in lazy mode
+   * the mapped RAM block is not read, so not checked. 'full': verify the whole file first.
+   */
+  verify?: 'auto' | 'full';
+  /** Keep QEMU attached to this process (tests); default: it outlives qsnap. */
+  attached?: boolean;
+}
+
+export interface RestoredDisk {
+  device: string;
+  frozenFile: string;
+  /** The new overlay the restored VM writes to. */
+  overlayFile: string;
+}
+
+export interface RestoreResult {
+  mode: RestoreMode;
+  /** From the start of the command to the guest running (or loaded, with paused). */
+  restoreMs: number;
+  /** Time QEMU took from migrate-incoming to a completed load. */
+  loadMs: number;
+  pid: number;
+  /** The restored VM's QMP socket. */
+  qmp: string;
+  runDir: string;
+  logFile: string;
+  runState: string;
+  disks: RestoredDisk[];
+  argv: string[];
+  /** The running QEMU, when the caller asked to keep it attached. */
+  vm?: Vm;
+}

@@ -1,0 +1,77 @@
+import { constants } from 'node:fs';
+import { access, stat } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { SnapshotError } from '../errors.js';
+import { MIGRATION_UNSETTLED } from '../migration.js';
+import { type VmInfo, versionAtLeast } from '../probe.js';
+import type { SnapshotStrategy } from './types.js';
+
+/** Devices whose state lives outside QEMU's migration stream, which background snapshots refuse. */
+const UNSUPPORTED_DEVICES = ['vfio-pci', 'vfio-pci-nohotplug', 'vfio-ccw', 'vfio-ap', 'vfio-platform'];
+
+/**
+ * Everything that can be checked before the VM is touched: its run state gives the strategy;
+ * a migration under way or a passthrough device is refused.
+ */
+export function preflight(vm: VmInfo): SnapshotStrategy {
+  const strategy = chooseStrategy(vm);
+  if (MIGRATION_UNSETTLED.has(vm.migrationStatus ?? 'none')) {
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_BUSY',
+      `a migration of this VM is already ${vm.migrationStatus}`,
+      {
+        hint: 'wait for it to finish or cancel it (migrate_cancel), then retry',
+      },
+    );
+  }
+  const blocking = vm.deviceTypes.filter((t) => UNSUPPORTED_DEVICES.includes(t));
+  if (blocking.length) {
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_UNSUPPORTED',
+      `devices ${blocking.join(', ')} cannot be snapshotted live`,
+      { hint: 'detach passthrough devices before snapshotting' },
+    );
+  }
+  return strategy;
+}
+
+function chooseStrategy(vm: VmInfo): SnapshotStrategy {
+  if (vm.running) return 'background-snapshot';
+  if (vm.runState === 'paused' || vm.runState === 'suspended') {
+    // QEMU 7.2–8.2 resume the guest after a background snapshot's capture even if it was
+    // paused (migration.c bg_migration_vm_start_bh); a paused guest is already frozen, so a
+    // plain migration of it is point-in-time and leaves it stopped. ≥ 9.0 keep the state.
+    return versionAtLeast(vm.qemu.version, 9, 0) ? 'background-snapshot' : 'stopped-precopy';
+  }
+  throw new SnapshotError(
+    'QSNAP_SNAPSHOT_UNSUPPORTED',
+    `the VM is ${vm.runState}; only a running or paused VM can be snapshotted`,
+    {
+      hint: vm.runState === 'postmigrate' ? 'resume it with `cont` first' : 'start the guest first',
+      details: { runState: vm.runState },
+    },
+  );
+}
+
+/** The output's directory is writable and, unless `overwrite`, nothing is at `out` yet. */
+export async function checkOutput(out: string, overwrite: boolean): Promise<void> {
+  const dir = dirname(out);
+  try {
+    await access(dir, constants.W_OK);
+  } catch (err) {
+    throw new SnapshotError('QSNAP_SNAPSHOT_OUTPUT', `cannot write to ${dir}`, {
+      hint: 'choose an --out path in a writable directory',
+      cause: err,
+    });
+  }
+  if (overwrite) return;
+  const exists = await stat(out).then(
+    () => true,
+    () => false,
+  );
+  if (exists) {
+    throw new SnapshotError('QSNAP_SNAPSHOT_OUTPUT', `${out} already exists`, {
+      hint: 'choose another --out path or pass --overwrite',
+    });
+  }
+}

@@ -1,0 +1,94 @@
+import { rm } from 'node:fs/promises';
+import type { QmpClient } from '../../qmp/index.js';
+import { discardOverlays } from '../disks/freeze.js';
+import type { Intent, IntentStore } from '../intent.js';
+import { MIGRATION_UNSETTLED, pollMigration, restoreMigration } from '../migration.js';
+
+export interface RecoveryReport {
+  recovered: boolean;
+  resumed: boolean;
+  actions: string[];
+  overlaysInUse: { device: string; overlayFile: string }[];
+}
+
+/**
+ * Put a VM back in order after a qsnap that died mid-operation: let its migration end, resume
+ * the guest if it ran before, remove overlays and temporary files nothing uses, put the
+ * migration settings back. Safe to call on every connect: it does nothing unless a record
+ * exists whose owner is gone.
+ */
+export async function recoverStaleIntent(
+  intents: IntentStore,
+  qmpPath: string,
+  qmp: QmpClient,
+): Promise<RecoveryReport> {
+  const report: RecoveryReport = { recovered: false, resumed: false, actions: [], overlaysInUse: [] };
+  const stale = await intents.findStale(qmpPath);
+  if (!stale) return report;
+  report.recovered = true;
+  const { intent } = stale;
+  if (intent) {
+    await settleMigration(qmp, report);
+    if (intent.vmWasRunning) await resumeGuest(qmp, intent, report);
+    await releaseOverlays(qmp, intent, report);
+    if (intent.migration) {
+      await restoreMigration(qmp, { saved: intent.migration }).catch(() => undefined);
+      report.actions.push('restored migration settings');
+    }
+    for (const file of intent.tempFiles) await rm(file, { force: true, recursive: true });
+    if (intent.tempFiles.length) report.actions.push(`removed ${intent.tempFiles.length} temporary file(s)`);
+  }
+  await stale.remove();
+  return report;
+}
+
+/**
+ * A background snapshot the dead qsnap began is being read to its end by its drain guard
+ * (drain-guard.ts): cancelling it would hang the guest on QEMU 7.2, so wait for it. A plain
+ * migration is cancelled.
+ */
+async function settleMigration(qmp: QmpClient, report: RecoveryReport): Promise<void> {
+  const info = await qmp.execute('query-migrate');
+  if (!MIGRATION_UNSETTLED.has(info.status ?? 'none')) return;
+  const caps = await qmp.execute('query-migrate-capabilities');
+  const background = caps.some((c) => c.capability === 'background-snapshot' && c.state);
+  if (!background) {
+    await qmp.execute('migrate_cancel');
+    report.actions.push('cancelled the unfinished migration');
+  }
+  const settled = await pollMigration(qmp, {
+    done: (status) => !MIGRATION_UNSETTLED.has(status),
+    intervalMs: 50,
+    timeoutMs: 10 * 60_000,
+  });
+  if (background)
+    report.actions.push(`let the interrupted background snapshot run out (${settled.info.status})`);
+}
+
+/** Run states a dead qsnap leaves a guest in that it had been running before. */
+const LEFT_STOPPED = new Set(['paused', 'postmigrate', 'finish-migrate']);
+
+async function resumeGuest(qmp: QmpClient, intent: Intent, report: RecoveryReport): Promise<void> {
+  const status = await qmp.execute('query-status');
+  if (status.running || !LEFT_STOPPED.has(status.status)) return;
+  await qmp.execute('cont');
+  report.resumed = true;
+  report.actions.push(`resumed the guest left ${status.status} by qsnap pid ${intent.owner.pid}`);
+}
+
+/**
+ * An overlay not marked in use may still be: qsnap can die between the transaction and the
+ * record's update. Only a node QEMU lets go of (or never had) loses its file.
+ */
+async function releaseOverlays(qmp: QmpClient, intent: Intent, report: RecoveryReport): Promise<void> {
+  const unused = intent.overlays.filter((o) => !o.inUse);
+  const kept = new Set(await discardOverlays(qmp, unused));
+  for (const overlay of intent.overlays) {
+    if (overlay.inUse || kept.has(overlay)) {
+      report.overlaysInUse.push({ device: overlay.device, overlayFile: overlay.overlayFile });
+      report.actions.push(`disk ${overlay.device} now writes to ${overlay.overlayFile}`);
+    } else {
+      report.actions.push(`removed unused overlay ${overlay.overlayFile}`);
+    }
+  }
+}
