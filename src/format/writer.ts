@@ -574,11 +574,6 @@ export class SnapshotWriter {
   }
 
   /**
-   * Writes a chunk: one positioned writev per run of contiguous pages, several at once (pages
-   * scattered over RAM, or data pages between holes, give many small runs; issuing them one
-   * after another would cost an event-loop round trip each).
-   */
-  /**
    * Start writing pages back to disk while the stream still arrives (an fdatasync every
    * WRITEBACK_BYTES, one at a time, in the background), so the fsync that seals the file has
    * little left to do. Its errors surface at that final fsync.
@@ -592,6 +587,11 @@ export class SnapshotWriter {
     });
   }
 
+  /**
+   * Writes a chunk: one positioned writev per run of contiguous pages, several at once (pages
+   * scattered over RAM, or data pages between holes, give many small runs; issuing them one
+   * after another would cost an event-loop round trip each).
+   */
   async #writeChunk(chunk: Chunk): Promise<void> {
     const { buf } = chunk;
     const runs = planWrites(chunk.pages, chunk.count, this.#chunkPages);
