@@ -143,21 +143,41 @@ export function checkRecordedLayout(
     deviceTail: recorded.stream.deviceTail.length,
     manifest: manifest.length,
   });
+  const mismatch =
+    recordedBlockMismatch(recorded.ram.blocks, layout) ??
+    recordedSpanMismatch(recorded, manifest, layout) ??
+    (layout.fileLength !== fileLength
+      ? `regions end at ${layout.fileLength}, the file is ${fileLength} bytes`
+      : undefined);
+  return mismatch ? { ok: false, problem: mismatch } : { ok: true, layout };
+}
+
+/** Explains the first recorded block that is misplaced or miscounted, or undefined when none is. */
+function recordedBlockMismatch(
+  recorded: RecordedLayout['ram']['blocks'],
+  layout: FileLayout,
+): string | undefined {
   for (const [i, b] of layout.blocks.entries()) {
-    const r = recorded.ram.blocks[i]!;
+    const r = recorded[i]!;
     if (r.fileOffset !== b.fileOffset || r.fileLength !== b.fileLength) {
-      return {
-        ok: false,
-        problem: `block "${b.name}" is at ${r.fileOffset}+${r.fileLength}, expected ${b.fileOffset}+${b.fileLength}`,
-      };
+      return `block "${b.name}" is at ${r.fileOffset}+${r.fileLength}, expected ${b.fileOffset}+${b.fileLength}`;
     }
     if (r.dataPages + r.zeroPages + r.missingPages !== b.pageCount) {
-      return { ok: false, problem: `block "${b.name}": page counts do not add up to ${b.pageCount}` };
+      return `block "${b.name}": page counts do not add up to ${b.pageCount}`;
     }
     if (r.zeroCrcDataPages.some((p) => !Number.isSafeInteger(p) || p < 0 || p >= b.pageCount)) {
-      return { ok: false, problem: `block "${b.name}": zeroCrcDataPages out of range` };
+      return `block "${b.name}": zeroCrcDataPages out of range`;
     }
   }
+  return undefined;
+}
+
+/** Explains the first recorded region after RAM that is not where the layout puts it, or undefined. */
+function recordedSpanMismatch(
+  recorded: RecordedLayout,
+  manifest: Span,
+  layout: FileLayout,
+): string | undefined {
   const spans: [string, Span, Span][] = [
     ['page table', recorded.ram.pageTable, layout.pageTable],
     ['prologue', recorded.stream.prologue, layout.prologue],
@@ -166,14 +186,8 @@ export function checkRecordedLayout(
   ];
   for (const [name, r, want] of spans) {
     if (r.offset !== want.offset || r.length !== want.length) {
-      return {
-        ok: false,
-        problem: `${name} is at ${r.offset}+${r.length}, expected ${want.offset}+${want.length}`,
-      };
+      return `${name} is at ${r.offset}+${r.length}, expected ${want.offset}+${want.length}`;
     }
   }
-  if (layout.fileLength !== fileLength) {
-    return { ok: false, problem: `regions end at ${layout.fileLength}, the file is ${fileLength} bytes` };
-  }
-  return { ok: true, layout };
+  return undefined;
 }

@@ -12,12 +12,13 @@ import {
   sha256Hex,
   TRAILER_MAX,
   type Trailer,
+  type TrailerDecode,
   ZERO_PAGE_CRC,
 } from './codec.js';
 import { type CorruptRegion, corrupt, ioError, notSnapshot, SnapshotFileError, usage } from './errors.js';
 import { closeFd, prefetch, readExact } from './io.js';
-import { checkRecordedLayout, type FileLayout, type Span } from './layout.js';
-import { type Manifest, parseManifest } from './manifest.js';
+import { type BlockLayout, checkRecordedLayout, type FileLayout, type Span } from './layout.js';
+import { type Manifest, type ManifestParse, parseManifest } from './manifest.js';
 
 /** A manifest larger than this is refused before it is read (qsnap writes a few KiB). */
 const MANIFEST_MAX = 64 * 1024 * 1024;
@@ -65,6 +66,12 @@ interface BadRegion {
   details: Record<string, unknown>;
 }
 
+interface RamCheck {
+  dataPages: number;
+  zeroPages: number;
+  first?: BadRegion;
+}
+
 /** Opens and checks trailer + manifest. Throws QSNAP_FILE_NOT_SNAPSHOT / _TRUNCATED / _CORRUPT / _VERSION / _IO. */
 export async function openSnapshot(file: string): Promise<SnapshotReader> {
   const abs = path.resolve(file);
@@ -91,6 +98,17 @@ interface Head {
 }
 
 async function readHead(file: string, fd: number): Promise<Head> {
+  const size = await regularFileSize(file, fd);
+  const trailer = await readTrailer(file, fd, size);
+  const manifestSpan = manifestSpanBeforeTrailer(file, trailer, size);
+  const { manifest, manifestSha256 } = await readManifest(file, fd, trailer, manifestSpan);
+  const checked = checkRecordedLayout(manifest, manifestSpan, size);
+  if (!checked.ok) throw corrupt(file, 'manifest', `inconsistent layout: ${checked.problem}`);
+  return { trailer, manifest, manifestSha256, layout: checked.layout };
+}
+
+/** The size of `fd`, which must be a regular file with something in it. */
+async function regularFileSize(file: string, fd: number): Promise<number> {
   let st: fs.Stats;
   try {
     st = await fstat(fd);
@@ -98,36 +116,16 @@ async function readHead(file: string, fd: number): Promise<Head> {
     throw ioError('inspect', file, err);
   }
   if (!st.isFile()) throw notSnapshot(file, 'not a regular file');
-  const size = st.size;
-  if (size === 0) throw notSnapshot(file, 'empty file');
+  if (st.size === 0) throw notSnapshot(file, 'empty file');
+  return st.size;
+}
+
+/** The trailer at the end of the file, intact and recording the file's actual length. */
+async function readTrailer(file: string, fd: number, size: number): Promise<Trailer> {
   const tail = Buffer.alloc(Math.min(size, TRAILER_MAX));
   await readExact(file, fd, tail, size - tail.length);
   const t = decodeTrailer(tail);
-  if (!t.ok) {
-    switch (t.problem) {
-      case 'no-magic':
-        throw notSnapshot(file, 'no qsnap trailer at the end');
-      case 'newer-version':
-        throw new SnapshotFileError(
-          'QSNAP_FILE_VERSION',
-          `${file} uses snapshot format ${t.versionMajor}.${t.versionMinor}; this qsnap reads format 1`,
-          {
-            hint: 'open it with a newer qsnap',
-            details: { file, versionMajor: t.versionMajor, versionMinor: t.versionMinor },
-          },
-        );
-      case 'bad-crc':
-        throw corrupt(file, 'trailer', 'trailer checksum mismatch', {
-          offset: size - tail.length,
-          stored: t.stored,
-          computed: t.computed,
-        });
-      case 'bad-length':
-        throw corrupt(file, 'trailer', `impossible trailer length ${t.trailerLength}`);
-      case 'bad-version':
-        throw corrupt(file, 'trailer', `impossible format version ${t.versionMajor}`);
-    }
-  }
+  if (!t.ok) throw trailerError(file, t, size - tail.length);
   const trailer = t.trailer;
   if (trailer.fileLength !== size) {
     throw new SnapshotFileError(
@@ -139,6 +137,41 @@ async function readHead(file: string, fd: number): Promise<Head> {
       },
     );
   }
+  return trailer;
+}
+
+function trailerError(
+  file: string,
+  t: Exclude<TrailerDecode, { ok: true }>,
+  tailOffset: number,
+): SnapshotFileError {
+  switch (t.problem) {
+    case 'no-magic':
+      return notSnapshot(file, 'no qsnap trailer at the end');
+    case 'newer-version':
+      return new SnapshotFileError(
+        'QSNAP_FILE_VERSION',
+        `${file} uses snapshot format ${t.versionMajor}.${t.versionMinor}; this qsnap reads format 1`,
+        {
+          hint: 'open it with a newer qsnap',
+          details: { file, versionMajor: t.versionMajor, versionMinor: t.versionMinor },
+        },
+      );
+    case 'bad-crc':
+      return corrupt(file, 'trailer', 'trailer checksum mismatch', {
+        offset: tailOffset,
+        stored: t.stored,
+        computed: t.computed,
+      });
+    case 'bad-length':
+      return corrupt(file, 'trailer', `impossible trailer length ${t.trailerLength}`);
+    case 'bad-version':
+      return corrupt(file, 'trailer', `impossible format version ${t.versionMajor}`);
+  }
+}
+
+/** Where the trailer says the manifest is: of a sane size, and ending where the trailer starts. */
+function manifestSpanBeforeTrailer(file: string, trailer: Trailer, size: number): Span {
   const manifestSpan = { offset: trailer.manifestOffset, length: trailer.manifestLength };
   if (
     manifestSpan.length > MANIFEST_MAX ||
@@ -146,6 +179,16 @@ async function readHead(file: string, fd: number): Promise<Head> {
   ) {
     throw corrupt(file, 'trailer', 'the manifest does not end where the trailer starts', manifestSpan);
   }
+  return manifestSpan;
+}
+
+/** The manifest, checked against the trailer's sha256 and version. */
+async function readManifest(
+  file: string,
+  fd: number,
+  trailer: Trailer,
+  manifestSpan: Span,
+): Promise<{ manifest: Manifest; manifestSha256: string }> {
   const bytes = Buffer.alloc(manifestSpan.length);
   await readExact(file, fd, bytes, manifestSpan.offset);
   const manifestSha256 = sha256Hex(bytes);
@@ -156,24 +199,7 @@ async function readHead(file: string, fd: number): Promise<Head> {
     });
   }
   const m = parseManifest(bytes);
-  if (!m.ok) {
-    if (m.problem === 'newer-version') {
-      throw new SnapshotFileError(
-        'QSNAP_FILE_VERSION',
-        `${file} has a manifest of format version ${m.version}; this qsnap reads 1`,
-        {
-          hint: 'open it with a newer qsnap',
-          details: { file, version: m.version },
-        },
-      );
-    }
-    throw corrupt(
-      file,
-      'manifest',
-      `invalid manifest: ${m.message}`,
-      m.problem === 'invalid' ? { issues: m.issues } : {},
-    );
-  }
+  if (!m.ok) throw manifestError(file, m);
   if (m.manifest.version !== trailer.versionMajor) {
     throw corrupt(
       file,
@@ -181,9 +207,26 @@ async function readHead(file: string, fd: number): Promise<Head> {
       `manifest version ${m.manifest.version} differs from trailer version ${trailer.versionMajor}`,
     );
   }
-  const checked = checkRecordedLayout(m.manifest, manifestSpan, size);
-  if (!checked.ok) throw corrupt(file, 'manifest', `inconsistent layout: ${checked.problem}`);
-  return { trailer, manifest: m.manifest, manifestSha256, layout: checked.layout };
+  return { manifest: m.manifest, manifestSha256 };
+}
+
+function manifestError(file: string, m: Exclude<ManifestParse, { ok: true }>): SnapshotFileError {
+  if (m.problem === 'newer-version') {
+    return new SnapshotFileError(
+      'QSNAP_FILE_VERSION',
+      `${file} has a manifest of format version ${m.version}; this qsnap reads 1`,
+      {
+        hint: 'open it with a newer qsnap',
+        details: { file, version: m.version },
+      },
+    );
+  }
+  return corrupt(
+    file,
+    'manifest',
+    `invalid manifest: ${m.message}`,
+    m.problem === 'invalid' ? { issues: m.issues } : {},
+  );
 }
 
 export class SnapshotReader {
@@ -255,45 +298,35 @@ export class SnapshotReader {
     const verifyHoles = verify === true;
     const maxPages = Math.max(1, Math.floor((opts.maxRunBytes ?? 8 * MiB) / PAGE_SIZE));
     const zeroAt = (i: number): boolean => this.isZeroPage(blockIndex, i, table);
-    function* runs(): Generator<Span & { zero: boolean; first: number; count: number }> {
-      let i = 0;
-      while (i < b.pageCount) {
-        const zero = zeroAt(i);
-        let j = i + 1;
-        while (j < b.pageCount && zeroAt(j) === zero && ((zero && !verifyHoles) || j - i < maxPages)) j++;
-        const read = !zero || verifyHoles;
-        yield {
-          zero,
-          first: i,
-          count: j - i,
-          offset: b.fileOffset + i * PAGE_SIZE,
-          length: read ? (j - i) * PAGE_SIZE : 0,
-        };
-        i = j;
-      }
-    }
-    for await (const { item, data } of prefetch(this.path, this.#open(), runs(), maxPages * PAGE_SIZE, 2)) {
+    const runs = pageRuns(b, zeroAt, maxPages, verifyHoles);
+    for await (const { item, data } of prefetch(this.path, this.#open(), runs, maxPages * PAGE_SIZE, 2)) {
       const offset = item.first * PAGE_SIZE;
       if (verify !== false && (!item.zero || verifyHoles)) {
-        const bad = checkPages(data, table, item.first, item.count, zeroAt);
-        if (bad.length > 0) {
-          const pageIndex = item.first + bad[0]!;
-          throw corrupt(
-            this.path,
-            'ram',
-            `page ${pageIndex} of block "${b.name}" does not match its checksum`,
-            {
-              block: b.name,
-              blockIndex,
-              pageIndex,
-              fileOffset: b.fileOffset + pageIndex * PAGE_SIZE,
-            },
-          );
-        }
+        this.#checkRun(b, blockIndex, table, item, data, zeroAt);
       }
       if (item.zero) yield { kind: 'zero', blockIndex, offset, pageCount: item.count };
       else yield { kind: 'data', blockIndex, offset, pageCount: item.count, data };
     }
+  }
+
+  /** Throws QSNAP_FILE_CORRUPT naming the first page of the run that does not match the table. */
+  #checkRun(
+    b: BlockLayout,
+    blockIndex: number,
+    table: Uint32Array,
+    run: { first: number; count: number },
+    data: Buffer,
+    zeroAt: (pageIndex: number) => boolean,
+  ): void {
+    const bad = checkPages(data, table, run.first, run.count, zeroAt);
+    if (bad.length === 0) return;
+    const pageIndex = run.first + bad[0]!;
+    throw corrupt(this.path, 'ram', `page ${pageIndex} of block "${b.name}" does not match its checksum`, {
+      block: b.name,
+      blockIndex,
+      pageIndex,
+      fileOffset: b.fileOffset + pageIndex * PAGE_SIZE,
+    });
   }
 
   /**
@@ -305,78 +338,91 @@ export class SnapshotReader {
     const started = performance.now();
     const fd = this.#open();
     const L = this.layout;
-    const bad: BadRegion[] = [];
-    const bytesTotal = L.fileLength;
-    let bytesDone = 0;
-    const progress = (region: CorruptRegion, n: number): void => {
-      bytesDone += n;
-      opts.onProgress?.({ region, bytesDone, bytesTotal });
-    };
-    const checkRegion = async (
-      region: CorruptRegion,
-      span: Span,
-      sha256: string,
-    ): Promise<Buffer | undefined> => {
-      opts.signal?.throwIfAborted();
-      const bytes = Buffer.alloc(span.length);
-      await readExact(this.path, fd, bytes, span.offset);
-      progress(region, span.length);
-      if (sha256Hex(bytes) === sha256) return bytes;
-      bad.push({
-        region,
-        offset: span.offset,
-        what: `${region} checksum mismatch`,
-        details: { offset: span.offset, length: span.length },
-      });
-      return undefined;
-    };
-
+    const pass = new VerifyPass(opts, L.fileLength);
     // Trailer and manifest may have changed since open.
+    await this.#verifyTrailer(fd, pass);
+    await this.#verifyRegion(fd, pass, 'manifest', L.manifest, this.#manifestSha256);
+    const tableBytes = await this.#verifyRegion(
+      fd,
+      pass,
+      'page-table',
+      L.pageTable,
+      this.manifest.ram.pageTable.sha256,
+    );
+    await this.#verifyRegion(fd, pass, 'prologue', L.prologue, this.manifest.stream.prologue.sha256);
+    await this.#verifyRegion(fd, pass, 'device-tail', L.deviceTail, this.manifest.stream.deviceTail.sha256);
+
+    let ram: RamCheck = { dataPages: 0, zeroPages: 0 };
+    if (tableBytes) {
+      ram = await this.#verifyRam(fd, decodePageTable(tableBytes), opts, (n) => pass.progress('ram', n));
+      if (ram.first) pass.bad.push(ram.first);
+    } else {
+      pass.progress('ram', L.ramEnd);
+    }
+
+    if (pass.bad.length > 0) throw this.#firstCorruption(pass.bad, tableBytes !== undefined);
+    return {
+      bytesVerified: pass.bytesDone,
+      dataPages: ram.dataPages,
+      zeroPages: ram.zeroPages,
+      durationMs: performance.now() - started,
+    };
+  }
+
+  /** The trailer must still be intact and record the manifest and file length it did at open. */
+  async #verifyTrailer(fd: number, pass: VerifyPass): Promise<void> {
+    const L = this.layout;
     const tail = Buffer.alloc(L.trailer.length);
     await readExact(this.path, fd, tail, L.trailer.offset);
-    progress('trailer', tail.length);
+    pass.progress('trailer', tail.length);
     const t = decodeTrailer(tail);
     if (
       !t.ok ||
       t.trailer.manifestSha256 !== this.trailer.manifestSha256 ||
       t.trailer.fileLength !== L.fileLength
     ) {
-      bad.push({
+      pass.bad.push({
         region: 'trailer',
         offset: L.trailer.offset,
         what: 'trailer changed or damaged',
         details: {},
       });
     }
-    await checkRegion('manifest', L.manifest, this.#manifestSha256);
-    const tableBytes = await checkRegion('page-table', L.pageTable, this.manifest.ram.pageTable.sha256);
-    await checkRegion('prologue', L.prologue, this.manifest.stream.prologue.sha256);
-    await checkRegion('device-tail', L.deviceTail, this.manifest.stream.deviceTail.sha256);
+  }
 
-    let dataPages = 0;
-    let zeroPages = 0;
-    if (tableBytes) {
-      const table = decodePageTable(tableBytes);
-      const ram = await this.#verifyRam(fd, table, opts, (n) => progress('ram', n));
-      dataPages = ram.dataPages;
-      zeroPages = ram.zeroPages;
-      if (ram.first) bad.push(ram.first);
-    } else {
-      progress('ram', L.ramEnd);
-    }
+  /** The region's bytes when they match `sha256`; undefined, and a bad region noted, when not. */
+  async #verifyRegion(
+    fd: number,
+    pass: VerifyPass,
+    region: CorruptRegion,
+    span: Span,
+    sha256: string,
+  ): Promise<Buffer | undefined> {
+    pass.throwIfAborted();
+    const bytes = Buffer.alloc(span.length);
+    await readExact(this.path, fd, bytes, span.offset);
+    pass.progress(region, span.length);
+    if (sha256Hex(bytes) === sha256) return bytes;
+    pass.bad.push({
+      region,
+      offset: span.offset,
+      what: `${region} checksum mismatch`,
+      details: { offset: span.offset, length: span.length },
+    });
+    return undefined;
+  }
 
-    if (bad.length > 0) {
-      bad.sort((a, b) => a.offset - b.offset);
-      const first = bad[0]!;
-      const badPages = bad.find((r) => r.region === 'ram')?.details['badPages'] ?? 0;
-      throw corrupt(this.path, first.region, first.what, {
-        ...first.details,
-        badRegions: bad.map((r) => r.region),
-        badPages,
-        ramChecked: tableBytes !== undefined,
-      });
-    }
-    return { bytesVerified: bytesDone, dataPages, zeroPages, durationMs: performance.now() - started };
+  /** QSNAP_FILE_CORRUPT for the first bad region in file order, listing all of them. */
+  #firstCorruption(bad: BadRegion[], ramChecked: boolean): SnapshotFileError {
+    bad.sort((a, b) => a.offset - b.offset);
+    const first = bad[0]!;
+    const badPages = bad.find((r) => r.region === 'ram')?.details['badPages'] ?? 0;
+    return corrupt(this.path, first.region, first.what, {
+      ...first.details,
+      badRegions: bad.map((r) => r.region),
+      badPages,
+      ramChecked,
+    });
   }
 
   async close(): Promise<void> {
@@ -391,55 +437,23 @@ export class SnapshotReader {
     table: Uint32Array,
     opts: VerifyOptions,
     progress: (n: number) => void,
-  ): Promise<{ dataPages: number; zeroPages: number; first?: BadRegion }> {
+  ): Promise<RamCheck> {
     const chunkPages = (8 * MiB) / PAGE_SIZE;
-    const L = this.layout;
-    function* chunks(): Generator<Span & { blockIndex: number; first: number; count: number }> {
-      for (const [blockIndex, b] of L.blocks.entries()) {
-        for (let first = 0; first < b.pageCount; first += chunkPages) {
-          const count = Math.min(chunkPages, b.pageCount - first);
-          yield {
-            blockIndex,
-            first,
-            count,
-            offset: b.fileOffset + first * PAGE_SIZE,
-            length: count * PAGE_SIZE,
-          };
-        }
-      }
-    }
-    let dataPages = 0;
-    let zeroPages = 0;
-    let badPages = 0;
-    const badPagesByBlock: Record<string, number> = {};
-    let first: BadRegion | undefined;
-    for await (const { item, data } of prefetch(this.path, fd, chunks(), chunkPages * PAGE_SIZE, 3)) {
+    const blocks = this.layout.blocks;
+    const tally = new RamTally();
+    const chunks = ramChunks(blocks, chunkPages);
+    for await (const { item, data } of prefetch(this.path, fd, chunks, chunkPages * PAGE_SIZE, 3)) {
       opts.signal?.throwIfAborted();
-      const b = L.blocks[item.blockIndex]!;
+      const b = blocks[item.blockIndex]!;
       const blockTable = table.subarray(b.firstPage, b.firstPage + b.pageCount);
       const zeroAt = (i: number): boolean => this.isZeroPage(item.blockIndex, i, blockTable);
-      const bad = checkPages(data, blockTable, item.first, item.count, zeroAt, (zero, n) => {
-        if (zero) zeroPages += n;
-        else dataPages += n;
-      });
-      if (bad.length > 0) {
-        badPages += bad.length;
-        badPagesByBlock[b.name] = (badPagesByBlock[b.name] ?? 0) + bad.length;
-        if (!first) {
-          const pageIndex = item.first + bad[0]!;
-          const fileOffset = b.fileOffset + pageIndex * PAGE_SIZE;
-          first = {
-            region: 'ram',
-            offset: fileOffset,
-            what: `page ${pageIndex} of block "${b.name}" does not match its checksum`,
-            details: { block: b.name, blockIndex: item.blockIndex, pageIndex, fileOffset },
-          };
-        }
-      }
+      const bad = checkPages(data, blockTable, item.first, item.count, zeroAt, (zero, n) =>
+        tally.countPages(zero, n),
+      );
+      if (bad.length > 0) tally.addBadPages(b, item.blockIndex, item.first + bad[0]!, bad.length);
       progress(data.length);
     }
-    if (first) first.details = { ...first.details, badPages, badPagesByBlock };
-    return { dataPages, zeroPages, ...(first ? { first } : {}) };
+    return tally.result();
   }
 
   async #loadPageTable(): Promise<Uint32Array> {
@@ -527,4 +541,104 @@ function checkPages(
 
 function fstat(fd: number): Promise<fs.Stats> {
   return new Promise((res, rej) => fs.fstat(fd, (e, st) => (e ? rej(e) : res(st))));
+}
+
+/** A block's pages as runs of zero or data pages, for prefetch: holes are read only to verify them. */
+function* pageRuns(
+  b: BlockLayout,
+  zeroAt: (pageIndex: number) => boolean,
+  maxPages: number,
+  verifyHoles: boolean,
+): Generator<Span & { zero: boolean; first: number; count: number }> {
+  let i = 0;
+  while (i < b.pageCount) {
+    const zero = zeroAt(i);
+    let j = i + 1;
+    while (j < b.pageCount && zeroAt(j) === zero && ((zero && !verifyHoles) || j - i < maxPages)) j++;
+    const read = !zero || verifyHoles;
+    yield {
+      zero,
+      first: i,
+      count: j - i,
+      offset: b.fileOffset + i * PAGE_SIZE,
+      length: read ? (j - i) * PAGE_SIZE : 0,
+    };
+    i = j;
+  }
+}
+
+/** Every block's pages in chunks of at most `chunkPages`, for prefetch. */
+function* ramChunks(
+  blocks: readonly BlockLayout[],
+  chunkPages: number,
+): Generator<Span & { blockIndex: number; first: number; count: number }> {
+  for (const [blockIndex, b] of blocks.entries()) {
+    for (let first = 0; first < b.pageCount; first += chunkPages) {
+      const count = Math.min(chunkPages, b.pageCount - first);
+      yield {
+        blockIndex,
+        first,
+        count,
+        offset: b.fileOffset + first * PAGE_SIZE,
+        length: count * PAGE_SIZE,
+      };
+    }
+  }
+}
+
+/** Bytes done and bad regions found by one verify(), reported to its onProgress. */
+class VerifyPass {
+  readonly bad: BadRegion[] = [];
+  bytesDone = 0;
+  readonly #opts: VerifyOptions;
+  readonly #bytesTotal: number;
+
+  constructor(opts: VerifyOptions, bytesTotal: number) {
+    this.#opts = opts;
+    this.#bytesTotal = bytesTotal;
+  }
+
+  progress(region: CorruptRegion, n: number): void {
+    this.bytesDone += n;
+    this.#opts.onProgress?.({ region, bytesDone: this.bytesDone, bytesTotal: this.#bytesTotal });
+  }
+
+  throwIfAborted(): void {
+    this.#opts.signal?.throwIfAborted();
+  }
+}
+
+/** Page counts of a RAM check, and its bad pages: how many, per block, and the first in file order. */
+class RamTally {
+  #dataPages = 0;
+  #zeroPages = 0;
+  #badPages = 0;
+  readonly #badPagesByBlock: Record<string, number> = {};
+  #first: BadRegion | undefined;
+
+  countPages(zero: boolean, n: number): void {
+    if (zero) this.#zeroPages += n;
+    else this.#dataPages += n;
+  }
+
+  /** `n` bad pages of block `b`, the first of them page `pageIndex`. */
+  addBadPages(b: BlockLayout, blockIndex: number, pageIndex: number, n: number): void {
+    this.#badPages += n;
+    this.#badPagesByBlock[b.name] = (this.#badPagesByBlock[b.name] ?? 0) + n;
+    if (this.#first) return;
+    const fileOffset = b.fileOffset + pageIndex * PAGE_SIZE;
+    this.#first = {
+      region: 'ram',
+      offset: fileOffset,
+      what: `page ${pageIndex} of block "${b.name}" does not match its checksum`,
+      details: { block: b.name, blockIndex, pageIndex, fileOffset },
+    };
+  }
+
+  result(): RamCheck {
+    const first = this.#first;
+    if (first)
+      first.details = { ...first.details, badPages: this.#badPages, badPagesByBlock: this.#badPagesByBlock };
+    return { dataPages: this.#dataPages, zeroPages: this.#zeroPages, ...(first ? { first } : {}) };
+  }
 }

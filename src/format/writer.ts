@@ -25,7 +25,7 @@ import {
 } from './codec.js';
 import { ioError, SnapshotFileError, usage } from './errors.js';
 import { closeFd, fsyncDir, fsyncFd, pwriteAll } from './io.js';
-import { type BlockSpec, layoutFile, layoutRam, type RamLayout } from './layout.js';
+import { type BlockLayout, type BlockSpec, layoutFile, layoutRam, type RamLayout } from './layout.js';
 import { type DiskEntry, type Manifest, ManifestSchema, serializeManifest } from './manifest.js';
 
 export interface SnapshotWriterOptions {
@@ -314,23 +314,31 @@ export class SnapshotWriter {
     await this.#whenIdle();
     await this.#syncing;
     if (this.#failure) throw this.#failure;
-
-    const missing = this.#counts.missingPages > 0 ? this.missingPages() : undefined;
-    if (missing && !opts.allowMissingPages) {
-      const first = missing.blocks[0]!;
-      throw new SnapshotFileError(
-        'QSNAP_FILE_INCOMPLETE',
-        `${missing.total} RAM pages never arrived (first: block "${first.name}" offset ${first.firstOffset})`,
-        {
-          hint: 'the migration stream ended early; take the snapshot again',
-          details: { file: this.path, missingPages: missing.total, blocks: missing.blocks },
-        },
-      );
-    }
+    if (this.#counts.missingPages > 0 && !opts.allowMissingPages) throw this.#incompleteError();
 
     const pageTable = encodePageTable(this.#crcs);
     const manifest = this.#buildManifest(opts, pageTable);
-    const manifestBytes = serializeManifest(manifest);
+    await this.#writeSealAndClose(opts, pageTable, serializeManifest(manifest));
+    await this.#publish();
+    this.#state = 'finished';
+    return manifest;
+  }
+
+  #incompleteError(): SnapshotFileError {
+    const missing = this.missingPages();
+    const first = missing.blocks[0]!;
+    return new SnapshotFileError(
+      'QSNAP_FILE_INCOMPLETE',
+      `${missing.total} RAM pages never arrived (first: block "${first.name}" offset ${first.firstOffset})`,
+      {
+        hint: 'the migration stream ended early; take the snapshot again',
+        details: { file: this.path, missingPages: missing.total, blocks: missing.blocks },
+      },
+    );
+  }
+
+  /** Page table, blobs, manifest and trailer after the RAM, fsynced; then the file is closed. */
+  async #writeSealAndClose(opts: FinishOptions, pageTable: Buffer, manifestBytes: Buffer): Promise<void> {
     const layout = layoutFile(this.layout, {
       prologue: opts.prologue.byteLength,
       deviceTail: opts.deviceTail.byteLength,
@@ -359,50 +367,12 @@ export class SnapshotWriter {
     } catch (err) {
       throw ioError('close', this.path, err, { tempPath: this.tempPath });
     }
-    await this.#publish();
-    this.#state = 'finished';
-    return manifest;
   }
 
   #buildManifest(opts: FinishOptions, pageTable: Buffer): Manifest {
     const { info } = opts;
-    // Regions before the manifest do not depend on its length.
-    const at = layoutFile(this.layout, {
-      prologue: opts.prologue.byteLength,
-      deviceTail: opts.deviceTail.byteLength,
-      manifest: 0,
-    });
-    const region = (span: { offset: number; length: number }, bytes: Uint8Array) => ({
-      ...span,
-      sha256: sha256Hex(bytes),
-    });
-    const pageTableRegion = region(at.pageTable, pageTable);
-    const prologue = region(at.prologue, opts.prologue);
-    const deviceTail = region(at.deviceTail, opts.deviceTail);
-    const blocks = this.layout.blocks.map((b) => {
-      let dataPages = 0;
-      let missingPages = 0;
-      const zeroCrcDataPages: number[] = [];
-      for (let i = 0; i < b.pageCount; i++) {
-        const s = this.#pageState[b.firstPage + i];
-        if (s === DATA) {
-          dataPages++;
-          if (this.#crcs[b.firstPage + i] === ZERO_PAGE_CRC) zeroCrcDataPages.push(i);
-        } else if (s === UNSEEN) missingPages++;
-      }
-      const zeroPages = b.pageCount - dataPages - missingPages;
-      return {
-        name: b.name,
-        usedLength: b.usedLength,
-        fileOffset: b.fileOffset,
-        fileLength: b.fileLength,
-        dataPages,
-        zeroPages,
-        missingPages,
-        zeroCrcDataPages,
-      };
-    });
-    const candidate = {
+    const regions = this.#blobRegions(opts, pageTable);
+    return validManifest({
       format: 'qsnap-snapshot',
       version: 1,
       id: info.id ?? randomUUID(),
@@ -411,8 +381,12 @@ export class SnapshotWriter {
       vm: info.vm,
       strategy: info.strategy ?? 'background-snapshot',
       pointInTime: info.pointInTime,
-      ram: { pageSize: PAGE_SIZE, blocks, pageTable: pageTableRegion },
-      stream: { ...info.stream, prologue, deviceTail },
+      ram: {
+        pageSize: PAGE_SIZE,
+        blocks: this.layout.blocks.map((b) => this.#blockEntry(b)),
+        pageTable: regions.pageTable,
+      },
+      stream: { ...info.stream, prologue: regions.prologue, deviceTail: regions.deviceTail },
       disks: info.disks ?? [],
       skippedDisks: info.skippedDisks ?? [],
       timings: info.timings,
@@ -423,17 +397,51 @@ export class SnapshotWriter {
         missingPages: this.#counts.missingPages,
         duplicatePages: this.#counts.duplicatePages,
       },
+    });
+  }
+
+  /** Place and sha256 of the page table, prologue and device tail. */
+  #blobRegions(opts: FinishOptions, pageTable: Buffer) {
+    // Regions before the manifest do not depend on its length.
+    const at = layoutFile(this.layout, {
+      prologue: opts.prologue.byteLength,
+      deviceTail: opts.deviceTail.byteLength,
+      manifest: 0,
+    });
+    const region = (span: { offset: number; length: number }, bytes: Uint8Array) => ({
+      ...span,
+      sha256: sha256Hex(bytes),
+    });
+    return {
+      pageTable: region(at.pageTable, pageTable),
+      prologue: region(at.prologue, opts.prologue),
+      deviceTail: region(at.deviceTail, opts.deviceTail),
     };
-    const parsed = ManifestSchema.safeParse(candidate);
-    if (!parsed.success) {
-      throw usage(
-        `invalid snapshot information for the manifest: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`,
-        {
-          issues: parsed.error.issues,
-        },
-      );
+  }
+
+  /** A block's manifest entry: where it is, and its pages counted by state. */
+  #blockEntry(b: BlockLayout) {
+    let dataPages = 0;
+    let missingPages = 0;
+    const zeroCrcDataPages: number[] = [];
+    for (let i = 0; i < b.pageCount; i++) {
+      const s = this.#pageState[b.firstPage + i];
+      if (s === DATA) {
+        dataPages++;
+        if (this.#crcs[b.firstPage + i] === ZERO_PAGE_CRC) zeroCrcDataPages.push(i);
+      } else if (s === UNSEEN) missingPages++;
     }
-    return parsed.data;
+    const zeroPages = b.pageCount - dataPages - missingPages;
+    return {
+      name: b.name,
+      usedLength: b.usedLength,
+      fileOffset: b.fileOffset,
+      fileLength: b.fileLength,
+      dataPages,
+      zeroPages,
+      missingPages,
+      zeroCrcDataPages,
+    };
   }
 
   /**
@@ -566,11 +574,6 @@ export class SnapshotWriter {
   }
 
   /**
-   * Writes a chunk: one positioned writev per run of contiguous pages, several at once (pages
-   * scattered over RAM, or data pages between holes, give many small runs; issuing them one
-   * after another would cost an event-loop round trip each).
-   */
-  /**
    * Start writing pages back to disk while the stream still arrives (an fdatasync every
    * WRITEBACK_BYTES, one at a time, in the background), so the fsync that seals the file has
    * little left to do. Its errors surface at that final fsync.
@@ -584,6 +587,11 @@ export class SnapshotWriter {
     });
   }
 
+  /**
+   * Writes a chunk: one positioned writev per run of contiguous pages, several at once (pages
+   * scattered over RAM, or data pages between holes, give many small runs; issuing them one
+   * after another would cost an event-loop round trip each).
+   */
   async #writeChunk(chunk: Chunk): Promise<void> {
     const { buf } = chunk;
     const runs = planWrites(chunk.pages, chunk.count, this.#chunkPages);
@@ -643,6 +651,20 @@ function exists(file: string): SnapshotFileError {
     hint: 'choose another file name, or allow replacing it (overwrite)',
     details: { file },
   });
+}
+
+/** The manifest as the schema outputs it; information the caller got wrong is a usage error. */
+function validManifest(candidate: unknown): Manifest {
+  const parsed = ManifestSchema.safeParse(candidate);
+  if (!parsed.success) {
+    throw usage(
+      `invalid snapshot information for the manifest: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`,
+      {
+        issues: parsed.error.issues,
+      },
+    );
+  }
+  return parsed.data;
 }
 
 async function pathExists(file: string): Promise<boolean> {

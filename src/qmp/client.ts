@@ -425,66 +425,79 @@ export class QmpClient {
     schema: z.ZodType | undefined,
   ): Promise<unknown> {
     const socket = this.#socket;
-    if (this.#state !== 'running' || socket === undefined) {
-      return Promise.reject(
-        this.#disconnectError ?? new QmpDisconnectedError(this.target, 'closed-by-client'),
-      );
-    }
+    if (this.#state !== 'running' || socket === undefined) return Promise.reject(this.#notRunningError());
     const { signal } = options;
     if (signal?.aborted) return Promise.reject(signal.reason);
     const timeoutMs = options.timeoutMs ?? this.#commandTimeoutMs;
     const id = this.#nextId++;
 
     return new Promise<unknown>((resolve, reject) => {
-      let timer: NodeJS.Timeout | undefined;
-      const cleanup = () => {
-        if (timer) clearTimeout(timer);
-        signal?.removeEventListener('abort', onAbort);
-      };
-      /** Stop waiting; a reply that still comes is dropped as late. */
-      const abandon = (error: unknown) => {
-        if (this.#pending.get(id) !== pending) return;
-        this.#pending.delete(id);
-        this.#abandoned.set(id, command);
-        if (this.#abandoned.size > ABANDONED_IDS_KEPT) {
-          this.#abandoned.delete(this.#abandoned.keys().next().value as number);
-        }
-        cleanup();
-        reject(error);
-      };
-      const onAbort = () => abandon(signal?.reason);
       const pending: PendingCommand = {
         command,
         settle: (reply) => {
-          cleanup();
-          if (reply.kind === 'error')
-            return reject(new QmpCommandError(command, reply.errorClass, reply.desc));
-          if (schema === undefined) return resolve(reply.value);
-          const parsed = schema.safeParse(reply.value);
-          if (parsed.success) return resolve(parsed.data);
-          const issues = summarizeIssues(parsed.error.issues);
-          this.#log('warn', `reply to ${command} failed its schema`, { issues });
-          reject(
-            new QmpProtocolError('bad-reply', `reply to ${command} does not match its schema: ${issues}`, {
-              command,
-              details: { issues },
-            }),
-          );
+          stopTimers();
+          const outcome = this.#replyOutcome(command, reply, schema);
+          if (outcome.ok) resolve(outcome.value);
+          else reject(outcome.error);
         },
         fail: (error) => {
-          cleanup();
+          stopTimers();
           reject(error);
         },
       };
       this.#pending.set(id, pending);
-      if (isTimerDelay(timeoutMs)) {
-        timer = setTimeout(() => abandon(new QmpTimeoutError({ command }, timeoutMs)), timeoutMs);
-      }
-      signal?.addEventListener('abort', onAbort, { once: true });
-      const message =
-        args === undefined ? { execute: command, id } : { execute: command, arguments: args, id };
-      socket.write(encodeMessage(message)); // a failed write surfaces as 'error' then 'close'
+      const stopTimers = onTimeoutOrAbort(command, timeoutMs, signal, (error) => {
+        // Stop waiting; a reply that still comes is dropped as late.
+        if (!this.#abandon(id, pending)) return;
+        stopTimers();
+        reject(error);
+      });
+      socket.write(encodeMessage(executeMessage(command, args, id))); // a failed write surfaces as 'error' then 'close'
     });
+  }
+
+  /** Why a command cannot be sent: the session has ended. */
+  #notRunningError(): QmpDisconnectedError {
+    return this.#disconnectError ?? new QmpDisconnectedError(this.target, 'closed-by-client');
+  }
+
+  /** QEMU's answer as the command's value, or as QmpCommandError, or QmpProtocolError when it fails `schema`. */
+  #replyOutcome(
+    command: string,
+    reply: ReplyMessage,
+    schema: z.ZodType | undefined,
+  ): { ok: true; value: unknown } | { ok: false; error: QmpError } {
+    if (reply.kind === 'error') {
+      return { ok: false, error: new QmpCommandError(command, reply.errorClass, reply.desc) };
+    }
+    if (schema === undefined) return { ok: true, value: reply.value };
+    const parsed = schema.safeParse(reply.value);
+    if (parsed.success) return { ok: true, value: parsed.data };
+    const issues = summarizeIssues(parsed.error.issues);
+    this.#log('warn', `reply to ${command} failed its schema`, { issues });
+    const error = new QmpProtocolError(
+      'bad-reply',
+      `reply to ${command} does not match its schema: ${issues}`,
+      {
+        command,
+        details: { issues },
+      },
+    );
+    return { ok: false, error };
+  }
+
+  /**
+   * Forgets command `id` if `pending` still waits for it, and remembers the id so that a late
+   * reply is recognised; false when the command has settled already.
+   */
+  #abandon(id: number, pending: PendingCommand): boolean {
+    if (this.#pending.get(id) !== pending) return false;
+    this.#pending.delete(id);
+    this.#abandoned.set(id, pending.command);
+    if (this.#abandoned.size > ABANDONED_IDS_KEPT) {
+      this.#abandoned.delete(this.#abandoned.keys().next().value as number);
+    }
+    return true;
   }
 
   #log(level: 'debug' | 'warn' | 'error', message: string, fields?: Record<string, unknown>): void {
@@ -505,6 +518,32 @@ function idLessReply(message: ReplyMessage): QmpProtocolError {
     );
   }
   return new QmpProtocolError('id-less-reply', 'QMP peer sent a reply without an id');
+}
+
+/** `arguments` is left out when there are none. */
+function executeMessage(command: string, args: Record<string, unknown> | undefined, id: number) {
+  return args === undefined ? { execute: command, id } : { execute: command, arguments: args, id };
+}
+
+/**
+ * Calls `onStop` with a QmpTimeoutError once `timeoutMs` has passed, and with the abort reason if
+ * `signal` aborts, until the function it returns cancels both.
+ */
+function onTimeoutOrAbort(
+  command: string,
+  timeoutMs: number,
+  signal: AbortSignal | undefined,
+  onStop: (error: unknown) => void,
+): () => void {
+  const timer = isTimerDelay(timeoutMs)
+    ? setTimeout(() => onStop(new QmpTimeoutError({ command }, timeoutMs)), timeoutMs)
+    : undefined;
+  const onAbort = () => onStop(signal?.reason);
+  signal?.addEventListener('abort', onAbort, { once: true });
+  return () => {
+    if (timer) clearTimeout(timer);
+    signal?.removeEventListener('abort', onAbort);
+  };
 }
 
 /** The connection ended (or failed) before the handshake finished. */

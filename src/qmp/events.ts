@@ -141,59 +141,21 @@ export class EventHub {
    * if more than `maxBuffered` are left unread.
    */
   events(filter?: EventFilter, options: { maxBuffered?: number } = {}): AsyncIterableIterator<QmpEvent> {
-    const maxBuffered = options.maxBuffered ?? DEFAULT_MAX_BUFFERED_EVENTS;
     const matches = toPredicate(filter);
-    const queue: QmpEvent[] = [];
-    let failure: Error | undefined;
-    let finished = false;
-    let waiter: { resolve: (r: IteratorResult<QmpEvent>) => void; reject: (e: Error) => void } | undefined;
-
-    const finish = () => {
-      if (finished) return;
-      finished = true;
+    const buffer = new EventBuffer(options.maxBuffered ?? DEFAULT_MAX_BUFFERED_EVENTS, () => {
       unsubscribe();
-      this.#onEnd.delete(finish);
-      const w = waiter;
-      waiter = undefined;
-      if (w && failure) w.reject(failure);
-      else if (w) w.resolve({ done: true, value: undefined });
-    };
-    const unsubscribe = this.on('*', (event) => {
-      if (!matches(event)) return;
-      if (waiter) {
-        const w = waiter;
-        waiter = undefined;
-        w.resolve({ done: false, value: event });
-      } else if (queue.length >= maxBuffered) {
-        failure = new QmpEventOverflowError(maxBuffered);
-        finish();
-      } else {
-        queue.push(event);
-      }
+      this.#onEnd.delete(onEnd);
     });
-    this.#onEnd.add(finish);
-    if (this.ended) finish();
+    const unsubscribe = this.on('*', (event) => {
+      if (matches(event)) buffer.push(event);
+    });
+    const onEnd = () => buffer.finish();
+    this.#onEnd.add(onEnd);
+    if (this.ended) buffer.finish();
 
     const iterator: AsyncIterableIterator<QmpEvent> = {
-      next: () => {
-        const event = queue.shift();
-        if (event) return Promise.resolve({ done: false, value: event });
-        if (failure) {
-          const f = failure;
-          failure = undefined;
-          return Promise.reject(f);
-        }
-        if (finished) return Promise.resolve({ done: true, value: undefined });
-        return new Promise((resolve, reject) => {
-          waiter = { resolve, reject };
-        });
-      },
-      return: () => {
-        queue.length = 0;
-        failure = undefined;
-        finish();
-        return Promise.resolve({ done: true, value: undefined });
-      },
+      next: () => buffer.next(),
+      return: () => buffer.return(),
       [Symbol.asyncIterator]: () => iterator,
     };
     return iterator;
@@ -252,6 +214,70 @@ export class EventHub {
     for (const onEnd of [...this.#onEnd]) onEnd(error);
     this.#onEnd.clear();
     this.#listeners.clear();
+  }
+}
+
+/**
+ * The state behind one events() iterator: events not read yet, at most one next() waiting, and
+ * how it ended. `onFinish` detaches it from the hub.
+ */
+class EventBuffer {
+  readonly #queue: QmpEvent[] = [];
+  readonly #maxBuffered: number;
+  readonly #onFinish: () => void;
+  #failure: Error | undefined;
+  #finished = false;
+  #waiter: { resolve: (r: IteratorResult<QmpEvent>) => void; reject: (e: Error) => void } | undefined;
+
+  constructor(maxBuffered: number, onFinish: () => void) {
+    this.#maxBuffered = maxBuffered;
+    this.#onFinish = onFinish;
+  }
+
+  /** An event that passed the filter: to the waiting next(), else queued; a full queue fails. */
+  push(event: QmpEvent): void {
+    if (this.#waiter) {
+      const w = this.#waiter;
+      this.#waiter = undefined;
+      w.resolve({ done: false, value: event });
+    } else if (this.#queue.length >= this.#maxBuffered) {
+      this.#failure = new QmpEventOverflowError(this.#maxBuffered);
+      this.finish();
+    } else {
+      this.#queue.push(event);
+    }
+  }
+
+  /** No more events: detaches, and settles a waiting next() with the failure or done. Idempotent. */
+  finish(): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    this.#onFinish();
+    const w = this.#waiter;
+    this.#waiter = undefined;
+    if (w && this.#failure) w.reject(this.#failure);
+    else if (w) w.resolve({ done: true, value: undefined });
+  }
+
+  next(): Promise<IteratorResult<QmpEvent>> {
+    const event = this.#queue.shift();
+    if (event) return Promise.resolve({ done: false, value: event });
+    if (this.#failure) {
+      const f = this.#failure;
+      this.#failure = undefined;
+      return Promise.reject(f);
+    }
+    if (this.#finished) return Promise.resolve({ done: true, value: undefined });
+    return new Promise((resolve, reject) => {
+      this.#waiter = { resolve, reject };
+    });
+  }
+
+  return(): Promise<IteratorResult<QmpEvent>> {
+    this.#queue.length = 0;
+    this.#failure = undefined;
+    this.finish();
+    return Promise.resolve({ done: true, value: undefined });
   }
 }
 

@@ -192,45 +192,17 @@ function tryDecodeConfigurationSubsection(
   base: number,
   into: StreamPrologue,
 ): number | undefined {
-  let pos = start + 1;
-  if (buf.length < pos + 1) return undefined;
-  const nameLength = buf[pos]!;
-  pos += 1;
-  if (buf.length < pos + nameLength + 4) return undefined;
-  const name = buf.toString('latin1', pos, pos + nameLength);
-  pos += nameLength;
-  const version = buf.readUInt32BE(pos);
-  pos += 4;
-  if (version !== 1) {
-    throw unsupportedError(
-      `configuration subsection ${name} has version ${version}, qsnap knows version 1`,
-      'use a QEMU version qsnap supports (7.2 … 10.x)',
-      base + start,
-    );
-  }
-  switch (name) {
+  const header = tryDecodeSubsectionHeader(buf, start, base);
+  if (!header) return undefined;
+  const pos = start + header.size;
+  switch (header.name) {
     case 'configuration/target-page-bits': {
       if (buf.length < pos + 4) return undefined;
       into.targetPageBits = buf.readUInt32BE(pos);
       return pos + 4;
     }
-    case 'configuration/capabilities': {
-      // savevm.c, vmstate_capabilites: be32 count, then count × (u8 len, name) (get_capability)
-      if (buf.length < pos + 4) return undefined;
-      const count = buf.readUInt32BE(pos);
-      if (count > 256) throw formatError(`capability count ${count} is implausible`, base + pos);
-      pos += 4;
-      const capabilities: string[] = [];
-      for (let i = 0; i < count; i++) {
-        if (buf.length < pos + 1) return undefined;
-        const length = buf[pos]!;
-        if (buf.length < pos + 1 + length) return undefined;
-        capabilities.push(buf.toString('latin1', pos + 1, pos + 1 + length));
-        pos += 1 + length;
-      }
-      into.capabilities = capabilities;
-      return pos;
-    }
+    case 'configuration/capabilities':
+      return tryDecodeCapabilities(buf, pos, base, into);
     case 'configuration/uuid': {
       // savevm.c, vmstate_uuid: the 16 raw bytes of the source's UUID
       if (buf.length < pos + 16) return undefined;
@@ -239,11 +211,60 @@ function tryDecodeConfigurationSubsection(
     }
     default:
       throw unsupportedError(
-        `unknown configuration subsection ${JSON.stringify(name)}`,
+        `unknown configuration subsection ${JSON.stringify(header.name)}`,
         'this QEMU writes a stream feature qsnap does not know; use a QEMU version qsnap supports',
         base + start,
       );
   }
+}
+
+/** 0x05, u8 len, name, be32 version; every configuration subsection is version 1. */
+function tryDecodeSubsectionHeader(
+  buf: Buffer,
+  start: number,
+  base: number,
+): ({ name: string } & Decoded) | undefined {
+  let pos = start + 1;
+  if (buf.length < pos + 1) return undefined;
+  const nameLength = buf[pos]!;
+  pos += 1;
+  if (buf.length < pos + nameLength + 4) return undefined;
+  const name = buf.toString('latin1', pos, pos + nameLength);
+  pos += nameLength;
+  const version = buf.readUInt32BE(pos);
+  if (version !== 1) {
+    throw unsupportedError(
+      `configuration subsection ${name} has version ${version}, qsnap knows version 1`,
+      'use a QEMU version qsnap supports (7.2 … 10.x)',
+      base + start,
+    );
+  }
+  return { name, size: pos + 4 - start };
+}
+
+/** Sets `into.capabilities` once the whole list is there; returns the position after it. */
+function tryDecodeCapabilities(
+  buf: Buffer,
+  start: number,
+  base: number,
+  into: StreamPrologue,
+): number | undefined {
+  // savevm.c, vmstate_capabilites: be32 count, then count × (u8 len, name) (get_capability)
+  let pos = start;
+  if (buf.length < pos + 4) return undefined;
+  const count = buf.readUInt32BE(pos);
+  if (count > 256) throw formatError(`capability count ${count} is implausible`, base + pos);
+  pos += 4;
+  const capabilities: string[] = [];
+  for (let i = 0; i < count; i++) {
+    if (buf.length < pos + 1) return undefined;
+    const length = buf[pos]!;
+    if (buf.length < pos + 1 + length) return undefined;
+    capabilities.push(buf.toString('latin1', pos + 1, pos + 1 + length));
+    pos += 1 + length;
+  }
+  into.capabilities = capabilities;
+  return pos;
 }
 
 function formatUuid(bytes: Buffer): string {
@@ -452,15 +473,49 @@ export function tryDecodeRamSetupSection(
   base: number,
   options: { ignoreShared: boolean },
 ): RamSetupSection | undefined {
-  const start = pos;
+  const header = tryDecodeRamStartHeader(buf, pos, base);
+  if (!header) return undefined;
+  let at = pos + header.size;
+  const totalBytes = tryDecodeMemSizeTotal(buf, at, base);
+  if (totalBytes === undefined) return undefined;
+  at += 8;
+  const blockList = tryDecodeRamBlockList(buf, at, base, totalBytes, options.ignoreShared);
+  if (!blockList) return undefined;
+  at += blockList.size;
+  const eos = tryDecodeRecordsThroughEos(buf, at, base);
+  if (!eos) return undefined;
+  at += eos.size;
+  const footer = tryDecodeOptionalFooter(buf, at, base, header.sectionId);
+  if (!footer) return undefined;
+  at += footer.size;
+  return {
+    sectionId: header.sectionId,
+    blocks: blockList.blocks,
+    footers: footer.footers,
+    ignoreShared: options.ignoreShared,
+    totalBytes,
+    skippedRecords: eos.skippedRecords,
+    size: at - pos,
+  };
+}
+
+/** A START header for idstr "ram", instance 0, version 4; anything else is refused. */
+function tryDecodeRamStartHeader(
+  buf: Buffer,
+  pos: number,
+  base: number,
+): (SectionHeader & Decoded) | undefined {
   const header = tryDecodeSectionHeader(buf, pos, base);
   if (!header) return undefined;
   if (header.type !== SectionType.START) {
     throw formatError('expected the RAM START section', base + pos);
   }
   checkRamSectionHeader(header, base + pos);
-  pos += header.size;
+  return header;
+}
 
+/** The payload's first be64, total | MEM_SIZE; returns the total (8 bytes). */
+function tryDecodeMemSizeTotal(buf: Buffer, pos: number, base: number): number | undefined {
   if (buf.length < pos + 8) return undefined;
   const first = buf.readUInt32BE(pos + 4) & FLAGS_MASK;
   if (first !== RamFlag.MEM_SIZE) {
@@ -469,42 +524,69 @@ export function tryDecodeRamSetupSection(
       base + pos,
     );
   }
-  const totalBytes = readU64(buf, pos, base, 'RAM total') - first;
-  pos += 8;
+  return readU64(buf, pos, base, 'RAM total') - first;
+}
 
+/** Blocks until their used lengths add up to `totalBytes`: each a page multiple, each idstr once. */
+function tryDecodeRamBlockList(
+  buf: Buffer,
+  start: number,
+  base: number,
+  totalBytes: number,
+  ignoreShared: boolean,
+): ({ blocks: RamBlock[] } & Decoded) | undefined {
   const blocks: RamBlock[] = [];
   const names = new Set<string>();
+  let pos = start;
   let remaining = totalBytes;
   while (remaining > 0) {
     if (blocks.length >= MAX_RAM_BLOCKS)
       throw limitError('RAM block list is too long', base + pos, MAX_RAM_BLOCKS);
-    const blockAt = pos;
-    if (buf.length < pos + 1) return undefined;
-    const idLength = buf[pos]!;
-    const fixed = 1 + idLength + 8 + (options.ignoreShared ? 8 : 0);
-    if (buf.length < pos + fixed) return undefined;
-    if (idLength === 0) throw formatError('RAM block with an empty idstr', base + pos);
-    const idstr = buf.toString('latin1', pos + 1, pos + 1 + idLength);
-    pos += 1 + idLength;
-    const usedLength = readU64(buf, pos, base, `used_length of RAM block ${idstr}`);
-    pos += 8;
+    const entry = tryDecodeRamBlock(buf, pos, base, ignoreShared);
+    if (!entry) return undefined;
+    const { idstr, usedLength } = entry.block;
     if (usedLength === 0 || usedLength % PAGE_SIZE !== 0 || usedLength > remaining) {
       throw formatError(
         `RAM block ${idstr}: used_length ${hex(usedLength)} is not a page multiple within the total ${hex(totalBytes)}`,
-        base + blockAt,
+        base + pos,
       );
     }
-    if (names.has(idstr)) throw formatError(`RAM block ${idstr} is listed twice`, base + blockAt);
+    if (names.has(idstr)) throw formatError(`RAM block ${idstr} is listed twice`, base + pos);
     names.add(idstr);
-    const block: RamBlock = { idstr, usedLength };
-    if (options.ignoreShared) {
-      block.mrAddr = buf.readBigUInt64BE(pos);
-      pos += 8;
-    }
-    blocks.push(block);
+    blocks.push(entry.block);
     remaining -= usedLength;
+    pos += entry.size;
   }
+  return { blocks, size: pos - start };
+}
 
+/** One block-list entry: u8 len, idstr, be64 used_length [, be64 mr->addr with x-ignore-shared]. */
+function tryDecodeRamBlock(
+  buf: Buffer,
+  pos: number,
+  base: number,
+  ignoreShared: boolean,
+): ({ block: RamBlock } & Decoded) | undefined {
+  if (buf.length < pos + 1) return undefined;
+  const idLength = buf[pos]!;
+  const size = 1 + idLength + 8 + (ignoreShared ? 8 : 0);
+  if (buf.length < pos + size) return undefined;
+  if (idLength === 0) throw formatError('RAM block with an empty idstr', base + pos);
+  const idstr = buf.toString('latin1', pos + 1, pos + 1 + idLength);
+  const usedAt = pos + 1 + idLength;
+  const usedLength = readU64(buf, usedAt, base, `used_length of RAM block ${idstr}`);
+  const block: RamBlock = { idstr, usedLength };
+  if (ignoreShared) block.mrAddr = buf.readBigUInt64BE(usedAt + 8);
+  return { block, size };
+}
+
+/** The records after the block list, through EOS: MULTIFD_FLUSH records are skipped, others refused. */
+function tryDecodeRecordsThroughEos(
+  buf: Buffer,
+  start: number,
+  base: number,
+): ({ skippedRecords: number } & Decoded) | undefined {
+  let pos = start;
   let skippedRecords = 0;
   for (;;) {
     if (buf.length < pos + 8) return undefined;
@@ -522,26 +604,22 @@ export function tryDecodeRamSetupSection(
       base + pos,
     );
   }
-  pos += EOS_BYTES;
+  return { skippedRecords, size: pos + EOS_BYTES - start };
+}
 
+/** The section footer when the stream has footers; the byte at `pos` tells whether it has. */
+function tryDecodeOptionalFooter(
+  buf: Buffer,
+  pos: number,
+  base: number,
+  sectionId: number,
+): ({ footers: boolean } & Decoded) | undefined {
   if (buf.length < pos + 1) return undefined;
-  const footers = buf[pos] === SectionType.FOOTER;
-  if (footers) {
-    const footer = tryDecodeFooter(buf, pos, base);
-    if (!footer) return undefined;
-    if (footer.sectionId !== header.sectionId)
-      throw footerMismatch(footer.sectionId, header.sectionId, base + pos);
-    pos += footer.size;
-  }
-  return {
-    sectionId: header.sectionId,
-    blocks,
-    footers,
-    ignoreShared: options.ignoreShared,
-    totalBytes,
-    skippedRecords,
-    size: pos - start,
-  };
+  if (buf[pos] !== SectionType.FOOTER) return { footers: false, size: 0 };
+  const footer = tryDecodeFooter(buf, pos, base);
+  if (!footer) return undefined;
+  if (footer.sectionId !== sectionId) throw footerMismatch(footer.sectionId, sectionId, base + pos);
+  return { footers: true, size: footer.size };
 }
 
 /** Refuse iterable sections other than RAM, and RAM sections of another version. */

@@ -15,6 +15,7 @@ import { BufferList } from './buffer-list.js';
 import {
   checkRamSectionHeader,
   classifyRecord,
+  type DeviceTailEnd,
   decodeDeviceTailEnd,
   FOOTER_BYTES,
   footerMismatch,
@@ -243,61 +244,80 @@ export class MigrationStreamParser {
   private readSection(): boolean {
     const list = this.list;
     if (list.length === 0) return false;
-    const at = list.consumed;
     const type = list.byteAt(0);
     switch (type) {
       case SectionType.START:
         return this.readRamStart();
       case SectionType.PART:
-      case SectionType.END: {
-        const header = tryDecodeSectionHeader(list.peekUpTo(5), 0, at);
-        if (!header) return false;
-        if (this.ramSectionId < 0) {
-          throw formatError(`${SECTION_TYPE_NAMES[type]} section ${header.sectionId} before any START`, at);
-        }
-        if (header.sectionId !== this.ramSectionId) {
-          throw formatError(
-            `${SECTION_TYPE_NAMES[type]} for section ${header.sectionId}, but the only iterable section is RAM (${this.ramSectionId})`,
-            at,
-          );
-        }
-        if (this.ramEnded) throw formatError('RAM section after its END section', at);
-        list.skip(header.size);
-        this.state = S_RECORDS;
-        if (type === SectionType.END) {
-          this.ramEnded = true;
-          this.sink.onRamEnd?.();
-        } else {
-          this.sink.onRamPart(this.ramParts++, at);
-        }
-        return true;
-      }
+      case SectionType.END:
+        return this.readRamPartOrEnd(type);
       case SectionType.FULL:
       case SectionType.EOF:
-        if (this.ramSectionId < 0) {
-          if (type === SectionType.FULL) {
-            const header = tryDecodeSectionHeader(list.peekUpTo(MAX_SECTION_HEADER_BYTES), 0, at);
-            if (!header) return false;
-            throw unsupportedError(
-              `device ${JSON.stringify(header.idstr)} is saved before RAM (early-setup device, QEMU ≥ 8.0)`,
-              'remove the device (e.g. virtio-mem) from the VM; qsnap needs RAM to come first',
-              at,
-              { idstr: header.idstr },
-            );
-          }
-          throw formatError('the stream ends (EOF) without a RAM section', at);
-        }
-        this.startTail();
-        return false;
+        return this.readTailStart(type);
       case SectionType.COMMAND:
         return this.readCommand();
       default:
         throw formatError(
           `unexpected ${SECTION_TYPE_NAMES[type] ?? `section type 0x${type.toString(16)}`} where a section starts`,
-          at,
+          list.consumed,
           { type },
         );
     }
+  }
+
+  /** A PART or END header of the RAM section; its records follow. */
+  private readRamPartOrEnd(type: number): boolean {
+    const list = this.list;
+    const at = list.consumed;
+    const header = tryDecodeSectionHeader(list.peekUpTo(5), 0, at);
+    if (!header) return false;
+    this.checkRamContinuation(type, header.sectionId, at);
+    list.skip(header.size);
+    this.state = S_RECORDS;
+    if (type === SectionType.END) {
+      this.ramEnded = true;
+      this.sink.onRamEnd?.();
+    } else {
+      this.sink.onRamPart(this.ramParts++, at);
+    }
+    return true;
+  }
+
+  /** PART and END continue the one RAM section START opened, and nothing follows its END. */
+  private checkRamContinuation(type: number, sectionId: number, at: number): void {
+    if (this.ramSectionId < 0) {
+      throw formatError(`${SECTION_TYPE_NAMES[type]} section ${sectionId} before any START`, at);
+    }
+    if (sectionId !== this.ramSectionId) {
+      throw formatError(
+        `${SECTION_TYPE_NAMES[type]} for section ${sectionId}, but the only iterable section is RAM (${this.ramSectionId})`,
+        at,
+      );
+    }
+    if (this.ramEnded) throw formatError('RAM section after its END section', at);
+  }
+
+  /** FULL or EOF: the device tail starts here, once RAM has come first. */
+  private readTailStart(type: number): boolean {
+    if (this.ramSectionId < 0) return this.refuseTailBeforeRam(type);
+    this.startTail();
+    return false;
+  }
+
+  /** Throws, naming the device of a FULL section once its header is there; false until then. */
+  private refuseTailBeforeRam(type: number): boolean {
+    const at = this.list.consumed;
+    if (type === SectionType.FULL) {
+      const header = tryDecodeSectionHeader(this.list.peekUpTo(MAX_SECTION_HEADER_BYTES), 0, at);
+      if (!header) return false;
+      throw unsupportedError(
+        `device ${JSON.stringify(header.idstr)} is saved before RAM (early-setup device, QEMU ≥ 8.0)`,
+        'remove the device (e.g. virtio-mem) from the VM; qsnap needs RAM to come first',
+        at,
+        { idstr: header.idstr },
+      );
+    }
+    throw formatError('the stream ends (EOF) without a RAM section', at);
   }
 
   private readRamStart(): boolean {
@@ -419,18 +439,39 @@ export class MigrationStreamParser {
     const header = this.header;
     if (!tryDecodeRecordHeaderFromList(list, at, header)) return false;
     const kind = classifyRecord(header.flags, header.offset, at);
-    if (kind === 'eos') {
-      list.skip(header.size);
-      this.state = this.footers ? S_FOOTER : S_SECTION;
+    if (kind === 'eos' || kind === 'multifd-flush') {
+      this.skipMarkerRecord(kind);
       return true;
     }
-    if (kind === 'multifd-flush') {
-      // 8.1.0–8.1.2 write it even without multifd; it carries nothing (ram.c, ram_save_iterate)
-      list.skip(header.size);
-      this.skippedRecords++;
-      return true;
+    const block = this.blockOfRecord(header, at);
+    const recordBytes = header.size + (kind === 'page' ? PAGE_SIZE : 1);
+    if (list.length < recordBytes) {
+      this.waitingAt = at;
+      this.waitingFor = recordBytes;
+      return false;
     }
 
+    this.block = block;
+    this.blockLength = this.blockLengths[block]!;
+    list.skip(header.size);
+    if (kind === 'zero') this.readZeroPayload(block, header.offset, at);
+    else this.readPagePayload(block, header.offset);
+    return true;
+  }
+
+  /** EOS ends the section's records; MULTIFD_FLUSH is skipped. */
+  private skipMarkerRecord(kind: 'eos' | 'multifd-flush'): void {
+    this.list.skip(this.header.size);
+    if (kind === 'eos') {
+      this.state = this.footers ? S_FOOTER : S_SECTION;
+    } else {
+      // 8.1.0–8.1.2 write it even without multifd; it carries nothing (ram.c, ram_save_iterate)
+      this.skippedRecords++;
+    }
+  }
+
+  /** The block a page record is in: the one it names, else the current one; its offset must lie within it. */
+  private blockOfRecord(header: RecordHeader, at: number): number {
     let block = this.block;
     if (header.idstr !== undefined) {
       const named = this.blockIndexByName.get(header.idstr);
@@ -454,31 +495,26 @@ export class MigrationStreamParser {
         at,
       );
     }
-    const payload = kind === 'page' ? PAGE_SIZE : 1;
-    if (list.length < header.size + payload) {
-      this.waitingAt = at;
-      this.waitingFor = header.size + payload;
-      return false;
-    }
+    return block;
+  }
 
-    this.block = block;
-    this.blockLength = length;
-    list.skip(header.size);
-    if (kind === 'zero') {
-      // ram.c, save_zero_page_to_file writes fill byte 0; the loader would memset any other value
-      const fill = list.byteAt(0);
-      if (fill !== 0) throw formatError(`ZERO page record with fill byte 0x${fill.toString(16)}`, at);
-      list.skip(1);
-      this.zeroPages++;
-      this.zeroPagesPerBlock[block]!++;
-      this.sink.onZeroPage(block, header.offset);
-    } else {
-      const data = list.shiftInto(PAGE_SIZE, this.scratch);
-      this.pages++;
-      this.pagesPerBlock[block]!++;
-      this.sink.onPage(block, header.offset, data);
-    }
-    return true;
+  /** The fill byte of a ZERO record whose header was skipped. */
+  private readZeroPayload(block: number, offset: number, at: number): void {
+    // ram.c, save_zero_page_to_file writes fill byte 0; the loader would memset any other value
+    const fill = this.list.byteAt(0);
+    if (fill !== 0) throw formatError(`ZERO page record with fill byte 0x${fill.toString(16)}`, at);
+    this.list.skip(1);
+    this.zeroPages++;
+    this.zeroPagesPerBlock[block]!++;
+    this.sink.onZeroPage(block, offset);
+  }
+
+  /** The 4096 bytes of a PAGE record whose header was skipped. */
+  private readPagePayload(block: number, offset: number): void {
+    const data = this.list.shiftInto(PAGE_SIZE, this.scratch);
+    this.pages++;
+    this.pagesPerBlock[block]!++;
+    this.sink.onPage(block, offset, data);
   }
 
   /** Everything from the first section that is not RAM is the device tail, kept verbatim. */
@@ -505,21 +541,32 @@ export class MigrationStreamParser {
   }
 
   private finish(): StreamSummary {
-    if (this.state !== S_TAIL) {
-      const end = this.list.consumed + this.list.length;
-      throw truncatedError(`the stream ended inside ${STATE_NAMES[this.state]} at byte ${end}`, end, {
-        ramParts: this.ramParts,
-      });
-    }
+    if (this.state !== S_TAIL) throw this.truncatedBeforeTail();
+    const tailEnd = this.decodeTailEnd();
+    this.tailChunks = [];
+    this.state = S_DONE;
+    const summary = this.summarize(tailEnd);
+    this.sink.onEnd(summary);
+    return summary;
+  }
+
+  private truncatedBeforeTail(): StreamError {
+    const end = this.list.consumed + this.list.length;
+    return truncatedError(`the stream ended inside ${STATE_NAMES[this.state]} at byte ${end}`, end, {
+      ramParts: this.ramParts,
+    });
+  }
+
+  /** EOF [and VMDESCRIPTION] at the end of the whole tail, or TRUNCATED; 4096-byte pages only. */
+  private decodeTailEnd(): DeviceTailEnd {
     const tail = this.tailChunks.length === 1 ? this.tailChunks[0]! : Buffer.concat(this.tailChunks);
     const tailEnd = decodeDeviceTailEnd(tail, this.tailOffset, {
       requireVmDescription: this.requireVmDescription,
     });
-    const end = this.tailOffset + this.tailBytes;
     if (!tailEnd) {
       throw truncatedError(
         `the device state (${this.tailBytes} bytes from byte ${this.tailOffset}) does not end with EOF${this.requireVmDescription ? ' and VMDESCRIPTION' : ''}`,
-        end,
+        this.tailOffset + this.tailBytes,
       );
     }
     if (tailEnd.vmDescription && tailEnd.vmDescription.page_size !== PAGE_SIZE) {
@@ -529,10 +576,12 @@ export class MigrationStreamParser {
         this.tailOffset + tailEnd.eofAt + 1,
       );
     }
-    this.tailChunks = [];
-    this.state = S_DONE;
-    const summary: StreamSummary = {
-      streamBytes: end,
+    return tailEnd;
+  }
+
+  private summarize(tailEnd: DeviceTailEnd): StreamSummary {
+    return {
+      streamBytes: this.tailOffset + this.tailBytes,
       prologueBytes: this.prologueBytes,
       ramParts: this.ramParts,
       ramEnd: this.ramEnded,
@@ -551,8 +600,6 @@ export class MigrationStreamParser {
         ? { vmDescription: tailEnd.vmDescription, vmDescriptionBytes: tailEnd.vmDescriptionBytes! }
         : {}),
     };
-    this.sink.onEnd(summary);
-    return summary;
   }
 }
 
