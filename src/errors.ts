@@ -13,7 +13,7 @@
  *   ├── VmError                      src/vm/errors.ts        QSNAP_VM_*
  *   ├── StreamError                  src/stream/errors.ts    QSNAP_STREAM_*
  *   ├── SnapshotFileError            src/format/errors.ts    QSNAP_FILE_*
- *   ├── GuestError                   src/guest/console.ts    QSNAP_GUEST_*
+ *   ├── GuestError                   src/guest/errors.ts     QSNAP_GUEST_*
  *   ├── SnapshotError                src/engine/errors.ts    QSNAP_SNAPSHOT_*
  *   ├── RestoreError                 src/engine/errors.ts    QSNAP_RESTORE_*
  *   ├── ExportError                  src/engine/errors.ts    QSNAP_EXPORT_*

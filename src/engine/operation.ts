@@ -1,4 +1,5 @@
 import { EventEmitter } from 'node:events';
+import type { WarningCode } from './errors.js';
 
 /**
  * A long-running engine operation (snapshot, restore, verify): it reports what it is doing
@@ -9,7 +10,7 @@ import { EventEmitter } from 'node:events';
 export type OperationEvent =
   | { type: 'phase'; phase: string; detail?: string; atMs: number }
   | { type: 'progress'; doneBytes: number; totalBytes: number; detail?: string }
-  | { type: 'warning'; code: string; message: string }
+  | { type: 'warning'; code: WarningCode; message: string }
   | { type: 'info'; message: string; data?: Record<string, unknown> };
 
 export type EventListener = (event: OperationEvent) => void;
@@ -62,5 +63,5 @@ export interface OperationContext {
   emit(event: OperationEvent): void;
   phase(phase: string, detail?: string): void;
   progress(doneBytes: number, totalBytes: number, detail?: string): void;
-  warn(code: string, message: string): void;
+  warn(code: WarningCode, message: string): void;
 }

@@ -19,46 +19,12 @@
  * QEMU drops serial output while no client is connected: a client that connects late, or
  * to a restored guest, sees no READY line, only heartbeats.
  *
- * Errors:
- *   QsnapError              src/errors.ts
- *   └── GuestError
- *       ├── GuestConsoleError    QSNAP_GUEST_CONSOLE   cannot connect, disconnected, closed
- *       ├── GuestTimeoutError    QSNAP_GUEST_TIMEOUT   no matching line in time
- *       └── GuestProtocolError   QSNAP_GUEST_PROTOCOL  the workload answered QSNAP-ERROR or died
+ * Errors: guest/errors.ts.
  */
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { QsnapError } from '../errors.js';
-
-export abstract class GuestError extends QsnapError {}
-
-export class GuestConsoleError extends GuestError {
-  constructor(message: string, options: { cause?: unknown; details?: Record<string, unknown> } = {}) {
-    super('QSNAP_GUEST_CONSOLE', message, {
-      hint: 'check that QEMU runs with the serial chardev socket and that no other client holds it',
-      ...options,
-    });
-  }
-}
-
-export class GuestTimeoutError extends GuestError {
-  constructor(message: string, options: { cause?: unknown; details?: Record<string, unknown> } = {}) {
-    super('QSNAP_GUEST_TIMEOUT', message, {
-      hint: 'is the guest running the qsnap workload? read the chardev logfile for its console',
-      ...options,
-    });
-  }
-}
-
-export class GuestProtocolError extends GuestError {
-  constructor(message: string, details: Record<string, unknown>) {
-    super('QSNAP_GUEST_PROTOCOL', message, {
-      hint: 'the guest workload refused the command; see details.line',
-      details,
-    });
-  }
-}
+import { GuestConsoleError, GuestProtocolError, GuestTimeoutError } from './errors.js';
 
 export interface WaitOptions {
   timeoutMs?: number;

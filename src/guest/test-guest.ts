@@ -5,10 +5,10 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { QsnapError } from '../errors.js';
 import { type LaunchOptions, Vm } from '../vm/launcher.js';
 import type { VmSpec } from '../vm/spec.js';
 import { GuestConsole } from './console.js';
+import { GuestImageError } from './errors.js';
 
 const run = promisify(execFile);
 
@@ -55,9 +55,7 @@ export function testGuestImage(): { kernel: string; initrd: string } {
   const kernel = join(IMAGE_DIR, 'vmlinuz');
   const initrd = join(IMAGE_DIR, 'initrd.img');
   if (!existsSync(kernel) || !existsSync(initrd)) {
-    throw new QsnapError('QSNAP_GUEST_IMAGE', `the test guest is not built (${IMAGE_DIR})`, {
-      hint: 'run make image',
-    });
+    throw new GuestImageError(IMAGE_DIR);
   }
   return { kernel, initrd };
 }

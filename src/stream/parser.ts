@@ -537,16 +537,16 @@ export class MigrationStreamParser {
       );
     }
     this.tailChunks.push(Buffer.from(chunk));
-    this.sink.onDeviceTail(chunk);
   }
 
   private finish(): StreamSummary {
     if (this.state !== S_TAIL) throw this.truncatedBeforeTail();
-    const tailEnd = this.decodeTailEnd();
+    const tail = this.tailChunks.length === 1 ? this.tailChunks[0]! : Buffer.concat(this.tailChunks);
     this.tailChunks = [];
+    const tailEnd = this.decodeTailEnd(tail);
     this.state = S_DONE;
     const summary = this.summarize(tailEnd);
-    this.sink.onEnd(summary);
+    this.sink.onEnd(summary, tail);
     return summary;
   }
 
@@ -558,8 +558,7 @@ export class MigrationStreamParser {
   }
 
   /** EOF [and VMDESCRIPTION] at the end of the whole tail, or TRUNCATED; 4096-byte pages only. */
-  private decodeTailEnd(): DeviceTailEnd {
-    const tail = this.tailChunks.length === 1 ? this.tailChunks[0]! : Buffer.concat(this.tailChunks);
+  private decodeTailEnd(tail: Buffer): DeviceTailEnd {
     const tailEnd = decodeDeviceTailEnd(tail, this.tailOffset, {
       requireVmDescription: this.requireVmDescription,
     });

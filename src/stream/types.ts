@@ -106,10 +106,12 @@ export interface StreamSink {
   onRamPart(index: number, streamOffset: number): void;
   /** The RAM END section (precopy streams only). */
   onRamEnd?(): void;
-  /** Device tail bytes as they arrive, verbatim; valid only during the call (copy if kept). */
-  onDeviceTail(chunk: Buffer): void;
-  /** The stream ended complete and valid. */
-  onEnd(summary: StreamSummary): void;
+  /**
+   * The stream ended complete and valid. `deviceTail` is the device state verbatim: every byte
+   * from the first section that is not RAM through EOF and VMDESCRIPTION (the parser keeps it
+   * to find its end, bounded by maxDeviceTailBytes; the sink may keep this buffer).
+   */
+  onEnd(summary: StreamSummary, deviceTail: Buffer): void;
 }
 
 /** A run of consecutive pages of one block, as a writer source yields them. */

@@ -40,3 +40,21 @@ export async function resolveAccel(
 export function accelArgs(accel: Accel): string[] {
   return accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg'];
 }
+
+/** Whether a command line asks for KVM (`-accel kvm`, `-enable-kvm`, `-machine accel=kvm`). */
+export function requestsKvm(argv: readonly string[]): boolean {
+  return argv.some(
+    (arg, i) =>
+      arg === '-enable-kvm' ||
+      ((argv[i - 1] === '-accel' || argv[i - 1] === '-machine' || argv[i - 1] === '-M') &&
+        /(^|,|accel=|:)kvm(,|:|$)/.test(arg)),
+  );
+}
+
+/**
+ * A QEMU that exited during start-up failed because of KVM when it asked for KVM and said so
+ * (7.2: "Could not access KVM kernel module", "failed to initialize kvm"; accel/kvm/kvm-all.c).
+ */
+export function isKvmStartupFailure(argv: readonly string[], log: string): boolean {
+  return requestsKvm(argv) && /\bkvm\b/i.test(log);
+}

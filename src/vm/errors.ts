@@ -1,4 +1,4 @@
-import { QsnapError } from '../errors.js';
+import { QsnapError, type QsnapErrorOptions } from '../errors.js';
 
 /**
  * Errors of launching and stopping QEMU.
@@ -7,7 +7,20 @@ import { QsnapError } from '../errors.js';
  *   ├── QSNAP_VM_SPEC        the spec or argv is invalid (zod issues in details)
  *   ├── QSNAP_VM_NO_QEMU     the QEMU binary is not installed
  *   ├── QSNAP_VM_LAUNCH      QEMU exited or never answered QMP during start-up
- *   ├── QSNAP_VM_ACCEL       the requested accelerator cannot run a guest here
+ *   ├── QSNAP_VM_ACCEL       QEMU exited during start-up because the KVM it was given cannot be used
  *   └── QSNAP_VM_STOP        QEMU did not stop even after SIGKILL
  */
-export class VmError extends QsnapError {}
+export type VmErrorCode =
+  | 'QSNAP_VM_SPEC'
+  | 'QSNAP_VM_NO_QEMU'
+  | 'QSNAP_VM_LAUNCH'
+  | 'QSNAP_VM_ACCEL'
+  | 'QSNAP_VM_STOP';
+
+export class VmError extends QsnapError {
+  declare readonly code: VmErrorCode;
+
+  constructor(code: VmErrorCode, message: string, options: QsnapErrorOptions = {}) {
+    super(code, message, options);
+  }
+}

@@ -4,7 +4,7 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { QmpClient } from '../qmp/index.js';
-import { type AccelDecision, resolveAccel } from './accel.js';
+import { type AccelDecision, isKvmStartupFailure, resolveAccel } from './accel.js';
 import { buildArgv } from './args.js';
 import { VmError } from './errors.js';
 import { childExists } from './process.js';
@@ -54,6 +54,49 @@ function installExitHook(): void {
       if (ownedRunDir) rmSync(ownedRunDir, { recursive: true, force: true });
     }
   });
+}
+
+/** qsnap's private QMP monitor: QEMU serves one client per socket, so the public one stays free. */
+function controlMonitorArgs(controlPath: string): string[] {
+  return [
+    '-chardev',
+    `socket,id=qsnap-control,path=${controlPath.replaceAll(',', ',,')},server=on,wait=off`,
+    '-mon',
+    'chardev=qsnap-control,mode=control',
+  ];
+}
+
+/** Start QEMU with its output to `logPath`; resolves once it runs, or throws a coded error. */
+async function spawnQemu(
+  binary: string,
+  argv: string[],
+  runDir: string,
+  logPath: string,
+): Promise<ChildProcess> {
+  mkdirSync(runDir, { recursive: true });
+  const logFd = openSync(logPath, 'a');
+  let child: ChildProcess;
+  try {
+    child = spawn(binary, argv, { detached: true, stdio: ['ignore', logFd, logFd] });
+  } finally {
+    closeSync(logFd);
+  }
+  const spawnError = await new Promise<Error | undefined>((resolve) => {
+    child.once('spawn', () => resolve(undefined));
+    child.once('error', (err) => resolve(err));
+  });
+  if (!spawnError) return child;
+  const missing = (spawnError as NodeJS.ErrnoException).code === 'ENOENT';
+  throw new VmError(
+    missing ? 'QSNAP_VM_NO_QEMU' : 'QSNAP_VM_LAUNCH',
+    missing ? `${binary} is not installed` : `cannot start ${binary}: ${spawnError.message}`,
+    {
+      hint: missing
+        ? 'install it: apt-get install qemu-system-x86 qemu-utils (or run make setup)'
+        : 'check the QEMU binary',
+      cause: spawnError,
+    },
+  );
 }
 
 /**
@@ -143,41 +186,14 @@ export class Vm {
 
   /** Launch QEMU from a complete argv (without the binary) that opens `qmpPath`. */
   static async launchArgv(argv: string[], options: LaunchArgvOptions): Promise<Vm> {
-    const binary = options.qemuBinary ?? 'qemu-system-x86_64';
     const logPath = join(options.runDir, 'qemu.log');
-    mkdirSync(options.runDir, { recursive: true });
-    const logFd = openSync(logPath, 'a');
-    const controlPath = join(options.runDir, 'control.sock');
-    const fullArgv = [
-      ...argv,
-      '-chardev',
-      `socket,id=qsnap-control,path=${controlPath.replaceAll(',', ',,')},server=on,wait=off`,
-      '-mon',
-      'chardev=qsnap-control,mode=control',
-    ];
-    let child: ChildProcess;
-    try {
-      child = spawn(binary, fullArgv, { detached: true, stdio: ['ignore', logFd, logFd] });
-    } finally {
-      closeSync(logFd);
-    }
-    const spawnError = await new Promise<Error | undefined>((resolve) => {
-      child.once('spawn', () => resolve(undefined));
-      child.once('error', (err) => resolve(err));
-    });
-    if (spawnError) {
-      const missing = (spawnError as NodeJS.ErrnoException).code === 'ENOENT';
-      throw new VmError(
-        missing ? 'QSNAP_VM_NO_QEMU' : 'QSNAP_VM_LAUNCH',
-        missing ? `${binary} is not installed` : `cannot start ${binary}: ${spawnError.message}`,
-        {
-          hint: missing
-            ? 'install it: apt-get install qemu-system-x86 qemu-utils (or run make setup)'
-            : 'check the QEMU binary',
-          cause: spawnError,
-        },
-      );
-    }
+    const fullArgv = [...argv, ...controlMonitorArgs(join(options.runDir, 'control.sock'))];
+    const child = await spawnQemu(
+      options.qemuBinary ?? 'qemu-system-x86_64',
+      fullArgv,
+      options.runDir,
+      logPath,
+    );
     const vm = new Vm(child, argv, fullArgv, options, logPath);
     if (options.detached) child.unref();
     else {
@@ -207,21 +223,28 @@ export class Vm {
     }
   }
 
+  /** Why QEMU exited before it answered QMP, in its own words. */
+  private startupError(): VmError {
+    const tail = this.logTail(3).replaceAll('\n', ' | ');
+    const details = { log: this.logPath, argv: this.fullArgv };
+    if (isKvmStartupFailure(this.fullArgv, tail)) {
+      return new VmError('QSNAP_VM_ACCEL', `QEMU could not use KVM: ${tail}`, {
+        hint: 'check that /dev/kvm exists and is usable by this user, or run under TCG (QSNAP_ACCEL=tcg, or accel: tcg)',
+        details,
+      });
+    }
+    return new VmError(
+      'QSNAP_VM_LAUNCH',
+      `QEMU exited during start-up (code ${this.exitInfo?.code})${tail ? `: ${tail}` : ''}`,
+      { hint: 'check the QEMU command line and the message above', details },
+    );
+  }
+
   private async waitForQmp(timeoutMs: number): Promise<QmpClient> {
     const deadline = Date.now() + timeoutMs;
     let lastError: unknown;
     while (Date.now() < deadline) {
-      if (!this.running) {
-        const tail = this.logTail(3).replaceAll('\n', ' | ');
-        throw new VmError(
-          'QSNAP_VM_LAUNCH',
-          `QEMU exited during start-up (code ${this.exitInfo?.code})${tail ? `: ${tail}` : ''}`,
-          {
-            hint: 'check the QEMU command line and the message above',
-            details: { log: this.logPath, argv: this.fullArgv },
-          },
-        );
-      }
+      if (!this.running) throw this.startupError();
       if (existsSync(this.controlPath)) {
         try {
           return await QmpClient.connect(this.controlPath, {

@@ -51,7 +51,6 @@ export interface Collected {
 
 export function collectingSink(options: { images?: boolean } = {}): { sink: StreamSink; result: Collected } {
   const result: Collected = { events: [], tail: Buffer.alloc(0) };
-  const tail: Buffer[] = [];
   const sink: StreamSink = {
     onPrologue(p) {
       result.prologue = p;
@@ -94,11 +93,8 @@ export function collectingSink(options: { images?: boolean } = {}): { sink: Stre
     onRamEnd() {
       result.events.push('end');
     },
-    onDeviceTail(chunk) {
-      tail.push(Buffer.from(chunk));
-    },
-    onEnd(summary) {
-      result.tail = Buffer.concat(tail);
+    onEnd(summary, deviceTail) {
+      result.tail = deviceTail;
       result.summary = summary;
       result.events.push('eof');
     },

@@ -61,7 +61,6 @@ describe('MigrationStreamParser throughput', () => {
         },
         onZeroPage() {},
         onRamPart() {},
-        onDeviceTail() {},
         onEnd() {},
       });
       const started = process.hrtime.bigint();

@@ -5,7 +5,7 @@
 import { constants, existsSync } from 'node:fs';
 import { access } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { accelArgs, resolveAccel } from '../../src/vm/accel.js';
+import { accelArgs, isKvmStartupFailure, requestsKvm, resolveAccel } from '../../src/vm/accel.js';
 
 const isPvmHost = existsSync('/sys/module/kvm_pvm');
 
@@ -65,5 +65,29 @@ describe('accelArgs', () => {
   it('passes the host CPU under KVM and keeps the default CPU model under TCG', () => {
     expect(accelArgs('kvm')).toEqual(['-accel', 'kvm', '-cpu', 'host']);
     expect(accelArgs('tcg')).toEqual(['-accel', 'tcg']);
+  });
+});
+
+describe('a QEMU that could not use KVM (QSNAP_VM_ACCEL)', () => {
+  it('recognises every way a command line asks for KVM, and nothing else', () => {
+    expect(requestsKvm(['-accel', 'kvm'])).toBe(true);
+    expect(requestsKvm(['-accel', 'kvm,kernel-irqchip=split'])).toBe(true);
+    expect(requestsKvm(['-enable-kvm'])).toBe(true);
+    expect(requestsKvm(['-machine', 'q35,accel=kvm'])).toBe(true);
+    expect(requestsKvm(['-M', 'pc,accel=kvm:tcg'])).toBe(true);
+    expect(requestsKvm(['-accel', 'tcg'])).toBe(false);
+    expect(requestsKvm(['-machine', 'q35', '-name', 'kvm'])).toBe(false);
+    expect(requestsKvm(['-drive', 'file=kvm.qcow2'])).toBe(false);
+  });
+
+  it('blames KVM only when KVM was asked for and QEMU named it', () => {
+    const said =
+      'Could not access KVM kernel module: Permission denied | qemu-system-x86_64: failed to initialize kvm: Permission denied';
+    expect(isKvmStartupFailure(['-accel', 'kvm'], said)).toBe(true);
+    // Negative controls: the same words without KVM asked for, KVM asked for and another failure.
+    expect(isKvmStartupFailure(['-accel', 'tcg'], said)).toBe(false);
+    expect(
+      isKvmStartupFailure(['-accel', 'kvm'], "qemu-system-x86_64: -drive file=x: Could not open 'x'"),
+    ).toBe(false);
   });
 });

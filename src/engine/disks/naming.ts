@@ -9,12 +9,12 @@ import { basename, dirname, extname, join, resolve } from 'node:path';
  */
 export type OverlayKind = 'qsnap' | 'restore';
 
-const QSNAP_SUFFIXES = /(\.(?:qsnap|restore)-[0-9a-f]{8})+$/;
+const EARLIER_SUFFIXES = /(\.(?:qsnap|restore)-[0-9a-f]{8})+$/;
 const OVERLAY_NAME = /\.(qsnap|restore)-[0-9a-f]{8}\.qcow2$/;
 
 export function overlayPath(image: string, kind: OverlayKind, tag: string, dir?: string): string {
   const file = resolve(image);
-  const stem = basename(file, extname(file)).replace(QSNAP_SUFFIXES, '');
+  const stem = basename(file, extname(file)).replace(EARLIER_SUFFIXES, '');
   return join(dir ? resolve(dir) : dirname(file), `${stem}.${kind}-${tag}.qcow2`);
 }
 

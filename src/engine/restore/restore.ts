@@ -42,41 +42,15 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
   try {
     const runDir = options.runDir ? resolve(options.runDir) : await makeRunDir();
     if (!options.runDir) made.runDir = runDir;
-    if (options.verify === 'full') {
-      op.phase('verify');
-      await reader.verify({ onProgress: (p) => op.progress(p.bytesDone, p.bytesTotal, 'verify') });
-    }
-    const parsed = parseCommandLine(options.argv);
-    if (options.lazy) checkLazy(parsed, reader.manifest);
-    const tag = randomBytes(4).toString('hex');
-    op.phase('disks');
-    const disks = await makeOverlays(reader, parsed, options.overlayDir, tag, made);
-    const qmpPath = parsed.qmpSocket ?? options.qmp ?? join(runDir, 'qmp.sock');
-    const argv = rewriteCommandLine(parsed, {
-      disks: disks.map((d) => ({ argvDisk: d.argvDisk, overlayFile: d.overlayFile })),
-      ...(options.lazy ? { lazy: lazyMapping(reader) } : {}),
-      qmpSocket: qmpPath,
-    });
+    const { parsed, disks, argv, qmpPath } = await prepare(reader, options, runDir, made, op);
     op.phase('launch');
     const vm = await launch(parsed, argv, qmpPath, runDir, options, made);
     op.phase('load');
-    const loadMs = await load(
-      vm,
-      reader,
-      options.lazy ? 'lazy' : 'full',
-      join(runDir, `incoming-${tag}.sock`),
-      op,
-    );
+    const incoming = join(runDir, `incoming-${randomBytes(4).toString('hex')}.sock`);
+    const loadMs = await load(vm, reader, options.lazy ? 'lazy' : 'full', incoming, op);
     const result = await resume(vm, reader, options, op);
-    return {
-      ...result,
-      restoreMs: performance.now() - startedAt,
-      loadMs,
-      qmp: qmpPath,
-      runDir,
-      argv,
-      disks: disks.map(restored),
-    };
+    const restoreMs = performance.now() - startedAt;
+    return { ...result, restoreMs, loadMs, qmp: qmpPath, runDir, argv, disks: disks.map(restored) };
   } catch (err) {
     await undo(made);
     if (err instanceof QsnapError) throw err;
@@ -86,6 +60,31 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
   } finally {
     await reader.close();
   }
+}
+
+/** Check the file and the command line, make the overlays, and write the restoring command line. */
+async function prepare(
+  reader: SnapshotReader,
+  options: RestoreOptions,
+  runDir: string,
+  made: Made,
+  op: OperationContext,
+): Promise<{ parsed: ParsedCommandLine; disks: PairedDisk[]; argv: string[]; qmpPath: string }> {
+  if (options.verify === 'full') {
+    op.phase('verify');
+    await reader.verify({ onProgress: (p) => op.progress(p.bytesDone, p.bytesTotal, 'verify') });
+  }
+  const parsed = parseCommandLine(options.argv);
+  if (options.lazy) checkLazy(parsed, reader.manifest);
+  op.phase('disks');
+  const disks = await makeOverlays(reader, parsed, options.overlayDir, randomBytes(4).toString('hex'), made);
+  const qmpPath = parsed.qmpSocket ?? options.qmp ?? join(runDir, 'qmp.sock');
+  const argv = rewriteCommandLine(parsed, {
+    disks: disks.map((d) => ({ argvDisk: d.argvDisk, overlayFile: d.overlayFile })),
+    ...(options.lazy ? { lazy: lazyMapping(reader) } : {}),
+    qmpSocket: qmpPath,
+  });
+  return { parsed, disks, argv, qmpPath };
 }
 
 async function makeOverlays(

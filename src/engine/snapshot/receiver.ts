@@ -69,7 +69,7 @@ export class StreamReceiver {
   private pending: PendingPage[] = [];
   private prologue: PrologueEvent | undefined;
   private ramSetup: RamSetupEvent | undefined;
-  private readonly tail: Buffer[] = [];
+  private deviceTail: Buffer | undefined;
   private summary: StreamSummary | undefined;
   private bytes = 0;
   private pagesSeen = 0;
@@ -203,7 +203,7 @@ export class StreamReceiver {
   private async complete(): Promise<void> {
     try {
       await this.creating;
-      if (!this.writer || !this.prologue || !this.ramSetup || !this.summary) {
+      if (!this.writer || !this.prologue || !this.ramSetup || !this.summary || !this.deviceTail) {
         throw new SnapshotError(
           'QSNAP_SNAPSHOT_MIGRATION',
           'the migration stream ended before any RAM was sent',
@@ -217,7 +217,7 @@ export class StreamReceiver {
         writer: this.writer,
         prologue: this.prologue,
         ramSetup: this.ramSetup,
-        deviceTail: Buffer.concat(this.tail),
+        deviceTail: this.deviceTail,
         summary: this.summary,
         streamBytes: this.bytes,
         firstByteAt: this.firstByteAt,
@@ -282,11 +282,9 @@ export class StreamReceiver {
       onRamPart: (index) => {
         if (index === 0) this.onCaptured();
       },
-      onDeviceTail: (chunk) => {
-        this.tail.push(Buffer.from(chunk));
-      },
-      onEnd: (summary) => {
+      onEnd: (summary, deviceTail) => {
         this.summary = summary;
+        this.deviceTail = deviceTail;
       },
     };
   }

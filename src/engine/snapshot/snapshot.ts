@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import type { QmpClient } from '../../qmp/index.js';
 import { connectVm } from '../connect.js';
 import { planOverlays } from '../disks/freeze.js';
 import { NO_FAULTS, STREAM_FAULT_AFTER_BYTES } from '../faults.js';
@@ -40,48 +41,60 @@ async function runSnapshot(options: SnapshotOptions, op: OperationContext): Prom
   if (recovery.recovered)
     op.emit({ type: 'info', message: `recovered an interrupted qsnap: ${recovery.actions.join('; ')}` });
   try {
-    op.phase('probe');
-    const vm = await probeVm(qmp);
-    const strategy = preflight(vm);
-    const out = resolve(options.out);
-    await checkOutput(out, options.overwrite ?? false);
-    const id = randomUUID();
-    const plan = await planOverlays(vm.disks, id, options.overlayDir);
-    const intent = await intents.acquire(options.qmp, {
-      operation: 'snapshot',
-      vmWasRunning: vm.running,
-      stage: 'prepared',
-      tempFiles: [],
-      overlays: plan.overlays.map((o) => ({
-        device: o.device,
-        node: o.node,
-        overlayFile: o.overlayFile,
-        overlayNode: o.overlayNode,
-        inUse: false,
-      })),
-    });
-    const ctx: SnapshotContext = {
-      options,
-      op,
-      qmp,
-      vm,
-      strategy,
-      id,
-      out,
-      overlays: plan.overlays,
-      skipped: plan.skipped,
-      intent,
-      faults: options.faults ?? NO_FAULTS,
-      startedAt,
-    };
+    const ctx = await lockVm(options, op, qmp, intents, startedAt);
     try {
       return await snapshotLocked(ctx);
     } finally {
-      await intent.release();
+      await ctx.intent.release();
     }
   } finally {
     await qmp.close();
   }
+}
+
+/** Probe the VM, check what can be checked before touching it, plan the disks, take the lock. */
+async function lockVm(
+  options: SnapshotOptions,
+  op: OperationContext,
+  qmp: QmpClient,
+  intents: IntentStore,
+  startedAt: number,
+): Promise<SnapshotContext> {
+  op.phase('probe');
+  const vm = await probeVm(qmp);
+  const strategy = preflight(vm);
+  const out = resolve(options.out);
+  await checkOutput(out, options.overwrite ?? false);
+  const id = randomUUID();
+  const plan = await planOverlays(vm.disks, id, options.overlayDir);
+  const intent = await intents.acquire(options.qmp, {
+    operation: 'snapshot',
+    vmWasRunning: vm.running,
+    stage: 'prepared',
+    tempFiles: [],
+    overlays: plan.overlays.map((o) => ({
+      device: o.device,
+      node: o.node,
+      overlayFile: o.overlayFile,
+      overlayNode: o.overlayNode,
+      inUse: false,
+    })),
+  });
+  const faults = options.faults ?? NO_FAULTS;
+  return {
+    options,
+    op,
+    qmp,
+    vm,
+    strategy,
+    id,
+    out,
+    overlays: plan.overlays,
+    skipped: plan.skipped,
+    intent,
+    faults,
+    startedAt,
+  };
 }
 
 async function snapshotLocked(ctx: SnapshotContext): Promise<SnapshotResult> {
