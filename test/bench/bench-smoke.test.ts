@@ -4,24 +4,18 @@
  * only — that it completes, reports a number for every metric, and cleans up after itself —
  * never the performance targets (they belong to the benchmark's own table, docs/benchmarks.md).
  */
-import { execFile, spawnSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { canRun, ROOT } from '../support/env.js';
 
-const ROOT = resolve(fileURLToPath(new URL('../../', import.meta.url)));
 const SCRIPT = join(ROOT, 'scripts', 'bench-snapshot.mjs');
 const DIST_INDEX = join(ROOT, 'dist', 'index.js');
 const run = promisify(execFile);
-
-const canRun =
-  spawnSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' }).status === 0 &&
-  existsSync(join(ROOT, 'images/build/vmlinuz')) &&
-  existsSync(join(ROOT, 'images/build/initrd.img'));
 
 /** Every metric the bench reports; each must carry numbers for every guest size. */
 const METRICS = [

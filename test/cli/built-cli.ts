@@ -7,12 +7,9 @@
  */
 import { execFile } from 'node:child_process';
 import { existsSync, readdirSync, statSync } from 'node:fs';
-import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
-
-export const REPO = resolve(fileURLToPath(new URL('../../', import.meta.url)));
-export const CLI = join(REPO, 'dist', 'cli', 'main.js');
+import { CLI, ROOT as REPO } from '../support/env.js';
 
 const run = promisify(execFile);
 

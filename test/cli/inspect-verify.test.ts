@@ -17,7 +17,6 @@ import { openSnapshot, ZERO_PAGE_CRC } from '../../src/format/index.js';
 import {
   bootGuest,
   type CliResult,
-  canRun,
   ensureBuilt,
   expectCliError,
   expectIntact,
@@ -27,6 +26,7 @@ import {
   type Sandbox,
   stopGuest,
 } from '../engine/harness.js';
+import { canRun } from '../support/env.js';
 
 function xorByte(file: string, offset: number, mask = 0xff): void {
   const fd = openSync(file, 'r+');

@@ -10,7 +10,6 @@ import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { bootTestGuest } from '../../src/guest/test-guest.js';
 import { QmpClient } from '../../src/qmp/index.js';
 import {
-  canRun,
   chardevPath,
   connectConsole,
   ensureBuilt,
@@ -21,6 +20,7 @@ import {
   runCli,
   type Scratch,
 } from '../restore/helpers.js';
+import { canRun } from '../support/env.js';
 
 describe.skipIf(!canRun)('qsnap restore (CLI)', () => {
   let scratch: Scratch;

@@ -8,7 +8,6 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   bootGuest,
-  canRun,
   chainFiles,
   ensureBuilt,
   expectCliError,
@@ -21,6 +20,7 @@ import {
   stopGuest,
   waitUntil,
 } from '../engine/harness.js';
+import { canRun } from '../support/env.js';
 
 const MiB = 2 ** 20;
 

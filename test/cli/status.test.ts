@@ -15,13 +15,14 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Vm } from '../../src/vm/launcher.js';
-import { hasQemu, hasQemuImg, killPid } from '../vm/helpers.js';
-import { type CliResult, ensureBuilt, qsnap, REPO } from './built-cli.js';
+import { hasQemu, hasQemuImg, ROOT } from '../support/env.js';
+import { killPid } from '../vm/helpers.js';
+import { type CliResult, ensureBuilt, qsnap } from './built-cli.js';
 
 const run = promisify(execFile);
 
 /** Every command the source defines: one file each in src/cli/commands. */
-const COMMANDS = readdirSync(join(REPO, 'src', 'cli', 'commands'))
+const COMMANDS = readdirSync(join(ROOT, 'src', 'cli', 'commands'))
   .filter((f) => f.endsWith('.ts'))
   .map((f) => f.slice(0, -3));
 

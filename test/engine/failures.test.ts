@@ -13,16 +13,15 @@ import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { snapshot } from '../../src/engine/snapshot/snapshot.js';
+import { canRun, isRoot } from '../support/env.js';
 import {
   bootGuest,
-  canRun,
   chainFiles,
   ensureBuilt,
   expectIntact,
   expectNoLeftovers,
   failure,
   type Guest,
-  isRoot,
   openSandbox,
   type Sandbox,
   spawnCli,

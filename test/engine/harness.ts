@@ -13,25 +13,13 @@ import { createReadStream, existsSync, readdirSync, readFileSync, statSync } fro
 import { mkdir, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { expect } from 'vitest';
 import { plainFilename } from '../../src/engine/probe.js';
 import { openSnapshot } from '../../src/format/index.js';
 import { bootTestGuest, type TestGuest, type TestGuestOptions } from '../../src/guest/test-guest.js';
 import type { QmpClient } from '../../src/qmp/index.js';
 import type { ImageInfo } from '../../src/qmp/qapi.js';
-
-export const ROOT = resolve(fileURLToPath(new URL('../../', import.meta.url)));
-export const CLI = join(ROOT, 'dist/cli/main.js');
-
-export const hasQemu =
-  spawnSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' }).status === 0 &&
-  spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status === 0;
-export const hasImage =
-  existsSync(join(ROOT, 'images/build/vmlinuz')) && existsSync(join(ROOT, 'images/build/initrd.img'));
-export const canRun = hasQemu && hasImage;
-/** tmpfs mounts (full and read-only file systems) need root. */
-export const isRoot = process.getuid?.() === 0;
+import { CLI, ROOT } from '../support/env.js';
 
 function newestMtimeMs(dir: string): number {
   let newest = 0;

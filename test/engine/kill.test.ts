@@ -14,10 +14,10 @@ import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { snapshot } from '../../src/engine/snapshot/snapshot.js';
+import { canRun } from '../support/env.js';
 import {
   bootGuest,
   type CliChild,
-  canRun,
   chainFiles,
   drainGuards,
   ensureBuilt,

@@ -14,9 +14,9 @@ import type { OperationEvent } from '../../src/engine/operation.js';
 import { type SnapshotResult, snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot } from '../../src/format/index.js';
 import type { QmpEvent } from '../../src/qmp/index.js';
+import { canRun } from '../support/env.js';
 import {
   bootGuest,
-  canRun,
   chainFiles,
   expectIntact,
   expectNoLeftovers,

@@ -34,7 +34,8 @@ import { type Checkpoint, Machine } from '../../src/harness/machine.js';
 import { QmpClient } from '../../src/qmp/index.js';
 import { buildArgv } from '../../src/vm/args.js';
 import { VmSpec } from '../../src/vm/spec.js';
-import { canRun, isAlive, openScratch, pgrep, type Scratch } from '../restore/helpers.js';
+import { isAlive, openScratch, pgrep, type Scratch } from '../restore/helpers.js';
+import { canRun } from '../support/env.js';
 
 describe.skipIf(!canRun)('example: every test starts from one checkpoint of a running VM', () => {
   let scratch: Scratch;

@@ -24,8 +24,8 @@ import { openSnapshot } from '../../src/format/index.js';
 import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
 import { Vm } from '../../src/vm/launcher.js';
+import { canRun } from '../support/env.js';
 import {
-  canRun,
   chardevPath,
   connectConsole,
   createOverlay,

@@ -15,8 +15,8 @@ import { openSnapshot } from '../../src/format/index.js';
 import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest } from '../../src/guest/test-guest.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
+import { canRun } from '../support/env.js';
 import {
-  canRun,
   chardevPath,
   connectConsole,
   expectCheckOk,

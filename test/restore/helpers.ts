@@ -8,25 +8,16 @@ import { execFile, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, readdirSync, statSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { expect } from 'vitest';
 import { type GuestCheck, GuestConsole } from '../../src/guest/console.js';
 import type { Vm } from '../../src/vm/launcher.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
+import { CLI, ROOT } from '../support/env.js';
 
 const run = promisify(execFile);
-
-export const ROOT = resolve(fileURLToPath(new URL('../../', import.meta.url)));
-export const CLI = join(ROOT, 'dist/cli/main.js');
-
-export const canRun =
-  spawnSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' }).status === 0 &&
-  spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status === 0 &&
-  existsSync(join(ROOT, 'images/build/vmlinuz')) &&
-  existsSync(join(ROOT, 'images/build/initrd.img'));
 
 export const MiB = 2 ** 20;
 

@@ -3,16 +3,11 @@
  * is really gone, who still mentions a path on its command line, and a private TMPDIR so a
  * test can prove that a failed launch left no temp directory behind.
  */
-import { spawnSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-
-export const QEMU = 'qemu-system-x86_64';
-export const hasQemu = spawnSync(QEMU, ['--version'], { stdio: 'ignore' }).status === 0;
-export const hasQemuImg = spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status === 0;
 
 /**
  * True when no process has this pid any more. A zombie counts as gone: a QEMU whose parent
