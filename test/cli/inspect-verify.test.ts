@@ -17,7 +17,6 @@ import { openSnapshot, ZERO_PAGE_CRC } from '../../src/format/index.js';
 import {
   bootGuest,
   type CliResult,
-  ensureBuilt,
   expectCliError,
   expectIntact,
   type Guest,
@@ -26,6 +25,7 @@ import {
   type Sandbox,
   stopGuest,
 } from '../engine/harness.js';
+import { ensureBuilt } from '../support/build.js';
 import { canRun } from '../support/env.js';
 
 function xorByte(file: string, offset: number, mask = 0xff): void {

@@ -12,7 +12,6 @@ import { QmpClient } from '../../src/qmp/index.js';
 import {
   chardevPath,
   connectConsole,
-  ensureBuilt,
   expectCheckOk,
   isAlive,
   openScratch,
@@ -20,6 +19,7 @@ import {
   runCli,
   type Scratch,
 } from '../restore/helpers.js';
+import { ensureBuilt } from '../support/build.js';
 import { canRun } from '../support/env.js';
 
 describe.skipIf(!canRun)('qsnap restore (CLI)', () => {

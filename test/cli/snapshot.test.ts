@@ -9,7 +9,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   bootGuest,
   chainFiles,
-  ensureBuilt,
   expectCliError,
   expectIntact,
   type Guest,
@@ -20,6 +19,7 @@ import {
   stopGuest,
   waitUntil,
 } from '../engine/harness.js';
+import { ensureBuilt } from '../support/build.js';
 import { canRun } from '../support/env.js';
 
 const MiB = 2 ** 20;

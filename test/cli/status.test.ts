@@ -1,6 +1,6 @@
 /**
  * `qsnap status` and the CLI's error contract, through the built CLI as a child process
- * (see built-cli.ts for when it builds dist/ itself). A real QEMU with two disks (one
+ * (see test/support/build.ts for when it builds dist/ itself). A real QEMU with two disks (one
  * read-only) and no guest is the peer; fake unix servers stand in for sockets that are not QMP.
  *
  * The contract: a failure prints one line `qsnap: <message> — <hint> [CODE]` on stderr and
@@ -15,9 +15,10 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Vm } from '../../src/vm/launcher.js';
+import { ensureBuilt } from '../support/build.js';
 import { hasQemu, hasQemuImg, ROOT } from '../support/env.js';
 import { killPid } from '../vm/helpers.js';
-import { type CliResult, ensureBuilt, qsnap } from './built-cli.js';
+import { type CliResult, qsnap } from './built-cli.js';
 
 const run = promisify(execFile);
 
@@ -30,7 +31,7 @@ let tmp: string;
 let env: NodeJS.ProcessEnv;
 
 beforeAll(async () => {
-  await ensureBuilt();
+  ensureBuilt();
   tmp = await mkdtemp(join(tmpdir(), 'qsnap-cli-test-'));
   // Intent records (engine/intent.ts) go here, not into the user's state directory.
   env = { QSNAP_STATE_DIR: join(tmp, 'state') };

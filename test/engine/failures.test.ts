@@ -13,11 +13,11 @@ import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { snapshot } from '../../src/engine/snapshot/snapshot.js';
+import { ensureBuilt } from '../support/build.js';
 import { canRun, isRoot } from '../support/env.js';
 import {
   bootGuest,
   chainFiles,
-  ensureBuilt,
   expectIntact,
   expectNoLeftovers,
   failure,

@@ -9,7 +9,7 @@
  */
 import { type ChildProcess, execFileSync, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { createReadStream, existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -19,32 +19,7 @@ import { openSnapshot } from '../../src/format/index.js';
 import { bootTestGuest, type TestGuest, type TestGuestOptions } from '../../src/guest/test-guest.js';
 import type { QmpClient } from '../../src/qmp/index.js';
 import type { ImageInfo } from '../../src/qmp/qapi.js';
-import { CLI, ROOT } from '../support/env.js';
-
-function newestMtimeMs(dir: string): number {
-  let newest = 0;
-  for (const entry of readdirSync(dir, { withFileTypes: true })) {
-    const p = join(dir, entry.name);
-    if (entry.isDirectory()) newest = Math.max(newest, newestMtimeMs(p));
-    else if (entry.name.endsWith('.ts')) newest = Math.max(newest, statSync(p).mtimeMs);
-  }
-  return newest;
-}
-
-/**
- * The CLI tests run dist/: build it when it is missing or older than src/ (`make test` builds
- * first, so this only matters for a direct `npx vitest run`; tsc rewrites every output, so the
- * CLI's mtime is the build's). tsc emits even with type errors elsewhere in src/, so one
- * engineer's unfinished file does not stop these tests.
- */
-export function ensureBuilt(): void {
-  if (existsSync(CLI) && statSync(CLI).mtimeMs >= newestMtimeMs(join(ROOT, 'src'))) return;
-  spawnSync(join(ROOT, 'node_modules/.bin/tsc'), ['-p', 'tsconfig.build.json'], {
-    cwd: ROOT,
-    stdio: 'ignore',
-  });
-  if (!existsSync(CLI)) throw new Error(`could not build ${CLI}: run npx tsc -p tsconfig.build.json`);
-}
+import { CLI } from '../support/env.js';
 
 export interface Sandbox {
   root: string;

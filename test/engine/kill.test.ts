@@ -14,13 +14,13 @@ import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { snapshot } from '../../src/engine/snapshot/snapshot.js';
+import { ensureBuilt } from '../support/build.js';
 import { canRun } from '../support/env.js';
 import {
   bootGuest,
   type CliChild,
   chainFiles,
   drainGuards,
-  ensureBuilt,
   expectGuestHealthy,
   expectIntact,
   failure,

@@ -12,11 +12,11 @@ import { type SnapshotResult, snapshot } from '../../src/engine/snapshot/snapsho
 import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, testGuestSpec } from '../../src/guest/test-guest.js';
 import { Vm } from '../../src/vm/launcher.js';
+import { ensureBuilt } from '../support/build.js';
 import { canRun } from '../support/env.js';
 import {
   connectConsole,
   createOverlay,
-  ensureBuilt,
   openScratch,
   QemuRegister,
   runCli,

@@ -6,7 +6,7 @@
  */
 import { execFile, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, readdirSync, statSync } from 'node:fs';
+import { createReadStream, readdirSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -15,7 +15,7 @@ import { expect } from 'vitest';
 import { type GuestCheck, GuestConsole } from '../../src/guest/console.js';
 import type { Vm } from '../../src/vm/launcher.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
-import { CLI, ROOT } from '../support/env.js';
+import { CLI } from '../support/env.js';
 
 const run = promisify(execFile);
 
@@ -214,31 +214,6 @@ export async function failure(
     return err as Error & { code?: string };
   }
   throw new Error('expected a failure, but it succeeded');
-}
-
-/** Builds dist/ when it is missing or older than src/ (the CLI tests run dist/cli/main.js). */
-export function ensureBuilt(): void {
-  const newest = (dir: string, suffix: string, pick: (a: number, b: number) => number, start: number) => {
-    let at = start;
-    const walk = (d: string) => {
-      for (const entry of readdirSync(d, { withFileTypes: true })) {
-        const p = join(d, entry.name);
-        if (entry.isDirectory()) walk(p);
-        else if (entry.name.endsWith(suffix)) at = pick(at, statSync(p).mtimeMs);
-      }
-    };
-    walk(dir);
-    return at;
-  };
-  const oldestBuilt = existsSync(CLI)
-    ? newest(join(ROOT, 'dist'), '.js', Math.min, Number.POSITIVE_INFINITY)
-    : 0;
-  if (oldestBuilt >= newest(join(ROOT, 'src'), '.ts', Math.max, 0)) return;
-  spawnSync(join(ROOT, 'node_modules/.bin/tsc'), ['-p', 'tsconfig.build.json'], {
-    cwd: ROOT,
-    stdio: 'ignore',
-  });
-  if (!existsSync(CLI)) throw new Error(`could not build ${CLI}: run npx tsc -p tsconfig.build.json`);
 }
 
 export interface CliResult {
