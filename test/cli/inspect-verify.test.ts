@@ -16,16 +16,14 @@ import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot, ZERO_PAGE_CRC } from '../../src/format/index.js';
 import {
   bootGuest,
-  type CliResult,
-  expectCliError,
   expectIntact,
   type Guest,
   openSandbox,
-  runCli,
   type Sandbox,
   stopGuest,
 } from '../engine/harness.js';
 import { ensureBuilt } from '../support/build.js';
+import { type CliResult, expectCliError, runCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
 
 function xorByte(file: string, offset: number, mask = 0xff): void {

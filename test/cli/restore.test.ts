@@ -16,10 +16,10 @@ import {
   isAlive,
   openScratch,
   QemuRegister,
-  runCli,
   type Scratch,
 } from '../restore/helpers.js';
 import { ensureBuilt } from '../support/build.js';
+import { runCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
 
 describe.skipIf(!canRun)('qsnap restore (CLI)', () => {

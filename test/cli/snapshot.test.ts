@@ -9,17 +9,15 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   bootGuest,
   chainFiles,
-  expectCliError,
   expectIntact,
   type Guest,
   openSandbox,
-  runCli,
   type Sandbox,
-  spawnCli,
   stopGuest,
   waitUntil,
 } from '../engine/harness.js';
 import { ensureBuilt } from '../support/build.js';
+import { expectCliError, runCli, spawnCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
 
 const MiB = 2 ** 20;

@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { ensureBuilt } from '../support/build.js';
+import { spawnCli } from '../support/cli.js';
 import { canRun, isRoot } from '../support/env.js';
 import {
   bootGuest,
@@ -24,7 +25,6 @@ import {
   type Guest,
   openSandbox,
   type Sandbox,
-  spawnCli,
   stopGuest,
   waitUntil,
 } from './harness.js';

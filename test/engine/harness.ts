@@ -7,7 +7,7 @@
  * QEMU is always stopped by pid (Vm.stop: quit, SIGTERM, SIGKILL), mounts are unmounted and
  * the sandbox removed by `dispose`, even when a test fails.
  */
-import { type ChildProcess, execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
@@ -19,7 +19,6 @@ import { openSnapshot } from '../../src/format/index.js';
 import { bootTestGuest, type TestGuest, type TestGuestOptions } from '../../src/guest/test-guest.js';
 import type { QmpClient } from '../../src/qmp/index.js';
 import type { ImageInfo } from '../../src/qmp/qapi.js';
-import { CLI } from '../support/env.js';
 
 export interface Sandbox {
   root: string;
@@ -246,72 +245,6 @@ export async function failure(
     return err as Error & { code?: string };
   }
   throw new Error('expected a failure, but it succeeded');
-}
-
-export interface CliResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  /** stdout parsed as JSON when it is JSON. */
-  json: Record<string, unknown> | undefined;
-  ms: number;
-}
-
-export interface CliChild {
-  child: ChildProcess;
-  done: Promise<CliResult>;
-}
-
-export function spawnCli(args: string[], env: NodeJS.ProcessEnv): CliChild {
-  const started = performance.now();
-  const child = spawn(process.execPath, [CLI, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout?.setEncoding('utf8').on('data', (t: string) => {
-    stdout += t;
-  });
-  child.stderr?.setEncoding('utf8').on('data', (t: string) => {
-    stderr += t;
-  });
-  const done = new Promise<CliResult>((resolveDone) => {
-    child.once('close', (code, signal) => {
-      let json: Record<string, unknown> | undefined;
-      try {
-        json = JSON.parse(stdout) as Record<string, unknown>;
-      } catch {
-        json = undefined;
-      }
-      resolveDone({ code, signal, stdout, stderr, json, ms: performance.now() - started });
-    });
-  });
-  return { child, done };
-}
-
-export async function runCli(
-  args: string[],
-  env: NodeJS.ProcessEnv,
-  timeoutMs = 120_000,
-): Promise<CliResult> {
-  const { child, done } = spawnCli(args, env);
-  const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-  try {
-    return await done;
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/**
- * A CLI error: exit 1, exactly one line on stderr naming the code (after a failure that
- * touched the VM, what was put back follows the code on the same line). Returns the line.
- */
-export function expectCliError(result: CliResult, code: string): string {
-  expect(result.code, result.stderr).toBe(1);
-  const lines = result.stderr.trimEnd().split('\n');
-  expect(lines, result.stderr).toHaveLength(1);
-  expect(lines[0], result.stderr).toMatch(new RegExp(`^qsnap: .+ \\[${code}\\]( \\(afterwards: .+\\))?$`));
-  return lines[0]!;
 }
 
 export async function sha256File(file: string): Promise<string> {

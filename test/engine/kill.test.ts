@@ -15,10 +15,10 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { ensureBuilt } from '../support/build.js';
+import { type CliChild, runCli, spawnCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
 import {
   bootGuest,
-  type CliChild,
   chainFiles,
   drainGuards,
   expectGuestHealthy,
@@ -26,9 +26,7 @@ import {
   failure,
   type Guest,
   openSandbox,
-  runCli,
   type Sandbox,
-  spawnCli,
   stopGuest,
   waitUntil,
 } from './harness.js';

@@ -13,13 +13,13 @@ import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, testGuestSpec } from '../../src/guest/test-guest.js';
 import { Vm } from '../../src/vm/launcher.js';
 import { ensureBuilt } from '../support/build.js';
+import { runCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
 import {
   connectConsole,
   createOverlay,
   openScratch,
   QemuRegister,
-  runCli,
   type Scratch,
   waitLoadedThenCont,
 } from './helpers.js';

@@ -15,7 +15,6 @@ import { expect } from 'vitest';
 import { type GuestCheck, GuestConsole } from '../../src/guest/console.js';
 import type { Vm } from '../../src/vm/launcher.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
-import { CLI } from '../support/env.js';
 
 const run = promisify(execFile);
 
@@ -214,36 +213,4 @@ export async function failure(
     return err as Error & { code?: string };
   }
   throw new Error('expected a failure, but it succeeded');
-}
-
-export interface CliResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-  /** stdout parsed as JSON when it is JSON. */
-  json: Record<string, unknown> | undefined;
-}
-
-export async function runCli(args: string[], env: NodeJS.ProcessEnv): Promise<CliResult> {
-  try {
-    const { stdout, stderr } = await run(process.execPath, [CLI, ...args], { env, timeout: 120_000 });
-    return { code: 0, stdout, stderr, json: parseJson(stdout) };
-  } catch (err) {
-    const e = err as { code?: number; stdout?: string; stderr?: string };
-    const stdout = e.stdout ?? '';
-    return {
-      code: typeof e.code === 'number' ? e.code : null,
-      stdout,
-      stderr: e.stderr ?? '',
-      json: parseJson(stdout),
-    };
-  }
-}
-
-function parseJson(text: string): Record<string, unknown> | undefined {
-  try {
-    return JSON.parse(text) as Record<string, unknown>;
-  } catch {
-    return undefined;
-  }
 }
