@@ -12,6 +12,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ensureBuilt } from '../support/build.js';
 import { canRun, ROOT } from '../support/env.js';
+import { isAlive } from '../support/process.js';
 
 const SCRIPT = join(ROOT, 'scripts', 'bench-snapshot.mjs');
 const run = promisify(execFile);
@@ -78,15 +79,6 @@ async function bench(args: string[]): Promise<{ code: number | null; stdout: str
     const e = err as { code?: unknown; stdout?: string; stderr?: string };
     if (typeof e.code !== 'number') throw err;
     return { code: e.code, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }
 

@@ -13,7 +13,6 @@ import {
   chardevPath,
   connectConsole,
   expectCheckOk,
-  isAlive,
   openScratch,
   QemuRegister,
   type Scratch,
@@ -21,6 +20,7 @@ import {
 import { ensureBuilt } from '../support/build.js';
 import { runCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
+import { isAlive } from '../support/process.js';
 
 describe.skipIf(!canRun)('qsnap restore (CLI)', () => {
   let scratch: Scratch;

@@ -14,13 +14,12 @@ import {
   openSandbox,
   type Sandbox,
   stopGuest,
-  waitUntil,
 } from '../engine/harness.js';
 import { ensureBuilt } from '../support/build.js';
 import { expectCliError, runCli, spawnCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
-
-const MiB = 2 ** 20;
+import { MiB } from '../support/files.js';
+import { waitUntil } from '../support/process.js';
 
 describe.skipIf(!canRun)('qsnap snapshot', () => {
   let sandbox: Sandbox;

@@ -18,7 +18,7 @@ import { Vm } from '../../src/vm/launcher.js';
 import { ensureBuilt } from '../support/build.js';
 import { type CliResult, runCli } from '../support/cli.js';
 import { hasQemu, hasQemuImg, ROOT } from '../support/env.js';
-import { killPid } from '../vm/helpers.js';
+import { killPid } from '../support/process.js';
 
 const run = promisify(execFile);
 

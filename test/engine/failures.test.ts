@@ -16,20 +16,19 @@ import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { ensureBuilt } from '../support/build.js';
 import { spawnCli } from '../support/cli.js';
 import { canRun, isRoot } from '../support/env.js';
+import { failure } from '../support/errors.js';
+import { MiB } from '../support/files.js';
+import { waitUntil } from '../support/process.js';
 import {
   bootGuest,
   chainFiles,
   expectIntact,
   expectNoLeftovers,
-  failure,
   type Guest,
   openSandbox,
   type Sandbox,
   stopGuest,
-  waitUntil,
 } from './harness.js';
-
-const MiB = 2 ** 20;
 
 describe.skipIf(!canRun)('snapshot failures leave the guest running and nothing behind', () => {
   let sandbox: Sandbox;

@@ -8,17 +8,16 @@
  * the sandbox removed by `dispose`, even when a test fails.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, readdirSync, readFileSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { expect } from 'vitest';
 import { plainFilename } from '../../src/engine/probe.js';
 import { openSnapshot } from '../../src/format/index.js';
 import { bootTestGuest, type TestGuest, type TestGuestOptions } from '../../src/guest/test-guest.js';
 import type { QmpClient } from '../../src/qmp/index.js';
 import type { ImageInfo } from '../../src/qmp/qapi.js';
+import { waitUntil } from '../support/process.js';
 
 export interface Sandbox {
   root: string;
@@ -233,44 +232,6 @@ export async function expectIntact(
 ): Promise<void> {
   await expectNoLeftovers(sandbox, guest, options);
   await expectGuestHealthy(guest);
-}
-
-/** Rejects the test if `fn` does not throw; returns what it threw (for `expect(...).code`). */
-export async function failure(
-  fn: Promise<unknown> | (() => Promise<unknown>),
-): Promise<Error & { code?: string }> {
-  try {
-    await (typeof fn === 'function' ? fn() : fn);
-  } catch (err) {
-    return err as Error & { code?: string };
-  }
-  throw new Error('expected a failure, but it succeeded');
-}
-
-export async function sha256File(file: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
-  return hash.digest('hex');
-}
-
-export interface FileState {
-  size: number;
-  mtimeMs: number;
-  sha256: string;
-}
-
-export async function fileState(file: string): Promise<FileState> {
-  const st = await stat(file);
-  return { size: st.size, mtimeMs: st.mtimeMs, sha256: await sha256File(file) };
-}
-
-/** Polls `probe` until it returns true or the time is up. */
-export async function waitUntil(probe: () => Promise<boolean> | boolean, timeoutMs: number, what: string) {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await probe())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(50);
-  }
 }
 
 /** Stops the guest and tolerates one that is already gone; never throws in afterAll. */

@@ -17,18 +17,18 @@ import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { ensureBuilt } from '../support/build.js';
 import { type CliChild, runCli, spawnCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
+import { failure } from '../support/errors.js';
+import { waitUntil } from '../support/process.js';
 import {
   bootGuest,
   chainFiles,
   drainGuards,
   expectGuestHealthy,
   expectIntact,
-  failure,
   type Guest,
   openSandbox,
   type Sandbox,
   stopGuest,
-  waitUntil,
 } from './harness.js';
 
 describe.skipIf(!canRun)('qsnap killed mid-snapshot', () => {

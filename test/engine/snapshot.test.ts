@@ -15,20 +15,18 @@ import { type SnapshotResult, snapshot } from '../../src/engine/snapshot/snapsho
 import { openSnapshot } from '../../src/format/index.js';
 import type { QmpEvent } from '../../src/qmp/index.js';
 import { canRun } from '../support/env.js';
+import { failure } from '../support/errors.js';
+import { fileState, MiB } from '../support/files.js';
 import {
   bootGuest,
   chainFiles,
   expectIntact,
   expectNoLeftovers,
-  failure,
-  fileState,
   type Guest,
   openSandbox,
   type Sandbox,
   stopGuest,
 } from './harness.js';
-
-const MiB = 2 ** 20;
 
 /** Metadata after RAM: page table, prologue, device tail, manifest, trailer. */
 async function metadataBytes(file: string): Promise<number> {

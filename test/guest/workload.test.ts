@@ -20,7 +20,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { GuestCheck, GuestProgress, GuestReady } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
 import { canRun } from '../support/env.js';
-import { killPid } from '../vm/helpers.js';
+import { killPid } from '../support/process.js';
 
 /** A small ring, so the writer wraps it (needed for `stale`) within a second or two. */
 const SLOTS = 512;

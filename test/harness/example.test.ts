@@ -34,8 +34,9 @@ import { type Checkpoint, Machine } from '../../src/harness/machine.js';
 import { QmpClient } from '../../src/qmp/index.js';
 import { buildArgv } from '../../src/vm/args.js';
 import { VmSpec } from '../../src/vm/spec.js';
-import { isAlive, openScratch, pgrep, type Scratch } from '../restore/helpers.js';
+import { openScratch, type Scratch } from '../restore/helpers.js';
 import { canRun } from '../support/env.js';
+import { isAlive, pgrep } from '../support/process.js';
 
 describe.skipIf(!canRun)('example: every test starts from one checkpoint of a running VM', () => {
   let scratch: Scratch;

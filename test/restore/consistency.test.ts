@@ -25,12 +25,12 @@ import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
 import { Vm } from '../../src/vm/launcher.js';
 import { canRun } from '../support/env.js';
+import { MiB } from '../support/files.js';
 import {
   chardevPath,
   connectConsole,
   createOverlay,
   expectCheckOk,
-  MiB,
   moveArgv,
   openScratch,
   QemuRegister,

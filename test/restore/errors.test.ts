@@ -16,17 +16,17 @@ import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest } from '../../src/guest/test-guest.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
 import { canRun } from '../support/env.js';
+import { failure } from '../support/errors.js';
+import { sha256File } from '../support/files.js';
+import { pgrep } from '../support/process.js';
 import {
   chardevPath,
   connectConsole,
   expectCheckOk,
-  failure,
   openScratch,
-  pgrep,
   QemuRegister,
   restoreOverlays,
   type Scratch,
-  sha256File,
 } from './helpers.js';
 
 const run = promisify(execFile);

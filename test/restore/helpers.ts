@@ -4,9 +4,8 @@
  * register of every QEMU a file starts (stopped by pid even when a test fails), and small
  * helpers around the test guest's command line and console.
  */
-import { execFile, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { createReadStream, readdirSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { readdirSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -15,10 +14,9 @@ import { expect } from 'vitest';
 import { type GuestCheck, GuestConsole } from '../../src/guest/console.js';
 import type { Vm } from '../../src/vm/launcher.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
+import { killPid } from '../support/process.js';
 
 const run = promisify(execFile);
-
-export const MiB = 2 ** 20;
 
 export interface Scratch {
   /** Guest directories, snapshots and overlays (on disk). */
@@ -56,41 +54,6 @@ export async function openScratch(name: string): Promise<Scratch> {
       await rm(root, { recursive: true, force: true });
     },
   };
-}
-
-export function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** Pids of processes whose command line contains `pattern` (e.g. a unique run directory). */
-export function pgrep(pattern: string): number[] {
-  const out = spawnSync('pgrep', ['-f', pattern], { encoding: 'utf8' }).stdout ?? '';
-  return out
-    .split('\n')
-    .filter(Boolean)
-    .map(Number)
-    .filter((pid) => pid !== process.pid);
-}
-
-/** Kill by pid (SIGTERM, then SIGKILL) and wait until it is gone. */
-export async function killPid(pid: number): Promise<void> {
-  for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
-    try {
-      process.kill(pid, signal);
-    } catch {
-      return;
-    }
-    const deadline = Date.now() + (signal === 'SIGTERM' ? 3000 : 5000);
-    while (Date.now() < deadline) {
-      if (!isAlive(pid)) return;
-      await sleep(20);
-    }
-  }
 }
 
 /**
@@ -192,25 +155,7 @@ export async function waitLoadedThenCont(vm: Vm, timeoutMs = 120_000): Promise<n
   return performance.now() - started;
 }
 
-export async function sha256File(file: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
-  return hash.digest('hex');
-}
-
 /** Restore overlays (`<stem>.restore-<tag>.qcow2`) in a directory. */
 export function restoreOverlays(dir: string): string[] {
   return readdirSync(dir).filter((f) => /\.restore-[0-9a-f]{8}\.qcow2$/.test(f));
-}
-
-/** Rejects the test if `fn` does not throw; returns what it threw (for `expect(err.code)`). */
-export async function failure(
-  fn: Promise<unknown> | (() => Promise<unknown>),
-): Promise<Error & { code?: string }> {
-  try {
-    await (typeof fn === 'function' ? fn() : fn);
-  } catch (err) {
-    return err as Error & { code?: string };
-  }
-  throw new Error('expected a failure, but it succeeded');
 }

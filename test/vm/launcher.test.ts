@@ -12,7 +12,9 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient } from '../../src/qmp/index.js';
 import { Vm } from '../../src/vm/launcher.js';
 import { hasQemu, hasQemuImg, ROOT } from '../support/env.js';
-import { isGone, killPid, processesMentioning, rejection, waitGone, withPrivateTmpdir } from './helpers.js';
+import { failure } from '../support/errors.js';
+import { isGone, killPid, processesMentioning, waitGone } from '../support/process.js';
+import { withPrivateTmpdir } from './helpers.js';
 
 const VITE_NODE = join(ROOT, 'node_modules', '.bin', 'vite-node');
 const CHILD = join(ROOT, 'test', 'vm', 'fixtures', 'launch-child.ts');
@@ -86,7 +88,7 @@ describe.skipIf(!hasQemu)('Vm on the real QEMU', () => {
     });
 
     it('cannot serve another client on the control socket (why there are two)', async () => {
-      const err = await rejection(connect(vm.controlPath, 1000));
+      const err = await failure(connect(vm.controlPath, 1000));
       expect(err.code).toBe('QSNAP_QMP_CONNECT');
       expect((await vm.qmp.execute('query-status')).running).toBe(true);
     });
