@@ -14,17 +14,11 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot, ZERO_PAGE_CRC } from '../../src/format/index.js';
-import {
-  bootGuest,
-  expectIntact,
-  type Guest,
-  openSandbox,
-  type Sandbox,
-  stopGuest,
-} from '../engine/harness.js';
 import { ensureBuilt } from '../support/build.js';
 import { type CliResult, expectCliError, runCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
+import { bootGuest, expectIntact, type Guest, stopGuest } from '../support/guest.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 function xorByte(file: string, offset: number, mask = 0xff): void {
   const fd = openSync(file, 'r+');

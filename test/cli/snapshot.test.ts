@@ -6,20 +6,13 @@
 import { readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  bootGuest,
-  chainFiles,
-  expectIntact,
-  type Guest,
-  openSandbox,
-  type Sandbox,
-  stopGuest,
-} from '../engine/harness.js';
 import { ensureBuilt } from '../support/build.js';
 import { expectCliError, runCli, spawnCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
 import { MiB } from '../support/files.js';
+import { bootGuest, chainFiles, expectIntact, type Guest, stopGuest } from '../support/guest.js';
 import { waitUntil } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('qsnap snapshot', () => {
   let sandbox: Sandbox;

@@ -18,17 +18,16 @@ import { spawnCli } from '../support/cli.js';
 import { canRun, isRoot } from '../support/env.js';
 import { failure } from '../support/errors.js';
 import { MiB } from '../support/files.js';
-import { waitUntil } from '../support/process.js';
 import {
   bootGuest,
   chainFiles,
   expectIntact,
   expectNoLeftovers,
   type Guest,
-  openSandbox,
-  type Sandbox,
   stopGuest,
-} from './harness.js';
+} from '../support/guest.js';
+import { waitUntil } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('snapshot failures leave the guest running and nothing behind', () => {
   let sandbox: Sandbox;

@@ -18,7 +18,6 @@ import { ensureBuilt } from '../support/build.js';
 import { type CliChild, runCli, spawnCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
 import { failure } from '../support/errors.js';
-import { waitUntil } from '../support/process.js';
 import {
   bootGuest,
   chainFiles,
@@ -26,10 +25,10 @@ import {
   expectGuestHealthy,
   expectIntact,
   type Guest,
-  openSandbox,
-  type Sandbox,
   stopGuest,
-} from './harness.js';
+} from '../support/guest.js';
+import { waitUntil } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('qsnap killed mid-snapshot', () => {
   let sandbox: Sandbox;

@@ -23,10 +23,9 @@ import {
   expectIntact,
   expectNoLeftovers,
   type Guest,
-  openSandbox,
-  type Sandbox,
   stopGuest,
-} from './harness.js';
+} from '../support/guest.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 /** Metadata after RAM: page table, prologue, device tail, manifest, trailer. */
 async function metadataBytes(file: string): Promise<number> {

@@ -34,12 +34,12 @@ import { type Checkpoint, Machine } from '../../src/harness/machine.js';
 import { QmpClient } from '../../src/qmp/index.js';
 import { buildArgv } from '../../src/vm/args.js';
 import { VmSpec } from '../../src/vm/spec.js';
-import { openScratch, type Scratch } from '../restore/helpers.js';
 import { canRun } from '../support/env.js';
 import { isAlive, pgrep } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('example: every test starts from one checkpoint of a running VM', () => {
-  let scratch: Scratch;
+  let scratch: Sandbox;
   let machine: Machine;
   let checkpoint: Checkpoint;
   /** The guest's serial console; the socket path stays the same across reverts. */
@@ -50,7 +50,7 @@ describe.skipIf(!canRun)('example: every test starts from one checkpoint of a ru
   const pids: number[] = [];
 
   beforeAll(async () => {
-    scratch = await openScratch('example');
+    scratch = await openSandbox('example');
     guestDir = join(scratch.root, 'guest');
 
     // 1. The QEMU command line. Yours would come from your own scripts; here it is built from

@@ -26,17 +26,9 @@ import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
 import { Vm } from '../../src/vm/launcher.js';
 import { canRun } from '../support/env.js';
 import { MiB } from '../support/files.js';
-import {
-  chardevPath,
-  connectConsole,
-  createOverlay,
-  expectCheckOk,
-  moveArgv,
-  openScratch,
-  QemuRegister,
-  type Scratch,
-  waitLoadedThenCont,
-} from './helpers.js';
+import { chardevPath, connectConsole, expectCheckOk, QemuRegister } from '../support/guest.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
+import { createOverlay, moveArgv, waitLoadedThenCont } from './helpers.js';
 
 const CYCLES: ('full' | 'lazy')[] = [
   'full',
@@ -63,7 +55,7 @@ interface CycleRow {
 }
 
 describe.skipIf(!canRun)('restore is point-in-time: snapshot → restore chains and negative controls', () => {
-  let scratch: Scratch;
+  let scratch: Sandbox;
   const qemus = new QemuRegister();
   const consoles = new Set<GuestConsole>();
   let guest: TestGuest;
@@ -71,7 +63,7 @@ describe.skipIf(!canRun)('restore is point-in-time: snapshot → restore chains 
   let current: { vm: Vm; console: GuestConsole };
 
   beforeAll(async () => {
-    scratch = await openScratch('consistency');
+    scratch = await openSandbox('consistency');
     guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
     qemus.add(guest.vm);
     consoles.add(guest.console);

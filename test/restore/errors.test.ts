@@ -18,21 +18,15 @@ import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
 import { canRun } from '../support/env.js';
 import { failure } from '../support/errors.js';
 import { sha256File } from '../support/files.js';
+import { chardevPath, connectConsole, expectCheckOk, QemuRegister } from '../support/guest.js';
 import { pgrep } from '../support/process.js';
-import {
-  chardevPath,
-  connectConsole,
-  expectCheckOk,
-  openScratch,
-  QemuRegister,
-  restoreOverlays,
-  type Scratch,
-} from './helpers.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
+import { restoreOverlays } from './helpers.js';
 
 const run = promisify(execFile);
 
 describe.skipIf(!canRun)('restore errors and repeatability', () => {
-  let scratch: Scratch;
+  let scratch: Sandbox;
   const qemus = new QemuRegister();
   const consoles = new Set<GuestConsole>();
   /** The guest's own command line (QEMU stopped after the snapshot). */
@@ -45,7 +39,7 @@ describe.skipIf(!canRun)('restore errors and repeatability', () => {
   let snapshotSha256: string;
 
   beforeAll(async () => {
-    scratch = await openScratch('errors');
+    scratch = await openSandbox('errors');
     const guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
     qemus.add(guest.vm);
     argv = guest.argv;

@@ -15,17 +15,12 @@ import { Vm } from '../../src/vm/launcher.js';
 import { ensureBuilt } from '../support/build.js';
 import { runCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
-import {
-  connectConsole,
-  createOverlay,
-  openScratch,
-  QemuRegister,
-  type Scratch,
-  waitLoadedThenCont,
-} from './helpers.js';
+import { connectConsole, QemuRegister } from '../support/guest.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
+import { createOverlay, waitLoadedThenCont } from './helpers.js';
 
 describe.skipIf(!canRun)('qsnap export → stock QEMU -incoming exec:cat', () => {
-  let scratch: Scratch;
+  let scratch: Sandbox;
   const qemus = new QemuRegister();
   const consoles = new Set<GuestConsole>();
   let snap: SnapshotResult;
@@ -35,7 +30,7 @@ describe.skipIf(!canRun)('qsnap export → stock QEMU -incoming exec:cat', () =>
 
   beforeAll(async () => {
     ensureBuilt();
-    scratch = await openScratch('export');
+    scratch = await openSandbox('export');
     const guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
     qemus.add(guest.vm);
     await guest.console.nextHeartbeat({ timeoutMs: 20_000 });

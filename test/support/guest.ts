@@ -1,81 +1,25 @@
 /**
- * Real-guest harness for the engine and CLI snapshot tests: a sandbox per test file (its own
- * TMPDIR and QSNAP_STATE_DIR, so every leftover found is this file's own), the bundled test
- * guest with a heartbeat tracker, the qsnap CLI as a child process, tmpfs mounts, and
- * `expectIntact`: the checks every test runs after every snapshot or failure.
+ * The real-guest harness: the bundled test guest with a heartbeat tracker, `expectIntact` (the
+ * checks every test runs after every snapshot or failure), the console of a (restored) guest,
+ * and a register of every QEMU a test file starts.
  *
- * QEMU is always stopped by pid (Vm.stop: quit, SIGTERM, SIGKILL), mounts are unmounted and
- * the sandbox removed by `dispose`, even when a test fails.
+ * QEMU is always stopped by pid (Vm.stop: quit, SIGTERM, SIGKILL; or killPid), even when a
+ * test fails.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { expect } from 'vitest';
 import { plainFilename } from '../../src/engine/probe.js';
 import { openSnapshot } from '../../src/format/index.js';
+import { type GuestCheck, GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest, type TestGuestOptions } from '../../src/guest/test-guest.js';
 import type { QmpClient } from '../../src/qmp/index.js';
 import type { ImageInfo } from '../../src/qmp/qapi.js';
-import { waitUntil } from '../support/process.js';
-
-export interface Sandbox {
-  root: string;
-  /** This file's TMPDIR (qsnap's stream sockets and guest dirs land here). */
-  tmp: string;
-  /** This file's QSNAP_STATE_DIR (intent records). */
-  state: string;
-  /** Where snapshots are written. */
-  out: string;
-  /** Environment for CLI children: same TMPDIR and QSNAP_STATE_DIR, no fault. */
-  env: NodeJS.ProcessEnv;
-  /** Mounts a tmpfs at a new directory under root; unmounted by dispose. */
-  mountTmpfs(options: string): Promise<string>;
-  unmount(dir: string): void;
-  dispose(): Promise<void>;
-}
-
-export async function openSandbox(name: string): Promise<Sandbox> {
-  const root = await mkdtemp(join('/tmp', `qsnap-t-${name}-`));
-  const tmp = join(root, 'tmp');
-  const state = join(root, 'state');
-  const out = join(root, 'out');
-  await Promise.all([mkdir(tmp), mkdir(state), mkdir(out)]);
-  const saved = { TMPDIR: process.env['TMPDIR'], QSNAP_STATE_DIR: process.env['QSNAP_STATE_DIR'] };
-  process.env['TMPDIR'] = tmp;
-  process.env['QSNAP_STATE_DIR'] = state;
-  delete process.env['QSNAP_FAULT'];
-  const mounts = new Set<string>();
-  let seq = 0;
-  const unmount = (dir: string) => {
-    if (!mounts.delete(dir)) return;
-    // Lazy: a drain guard or QEMU may still hold a file there for a moment.
-    spawnSync('umount', ['-l', dir], { stdio: 'ignore' });
-  };
-  return {
-    root,
-    tmp,
-    state,
-    out,
-    env: { ...process.env, TMPDIR: tmp, QSNAP_STATE_DIR: state, QSNAP_FAULT: '' },
-    async mountTmpfs(options: string) {
-      const dir = join(root, `mnt${seq++}`);
-      await mkdir(dir);
-      execFileSync('mount', ['-t', 'tmpfs', '-o', options, 'qsnap-test', dir]);
-      mounts.add(dir);
-      return dir;
-    },
-    unmount,
-    async dispose() {
-      for (const dir of [...mounts]) unmount(dir);
-      for (const [key, value] of Object.entries(saved)) {
-        if (value === undefined) delete process.env[key];
-        else process.env[key] = value;
-      }
-      await rm(root, { recursive: true, force: true });
-    },
-  };
-}
+import type { Vm } from '../../src/vm/launcher.js';
+import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
+import { killPid, waitUntil } from './process.js';
+import type { Sandbox } from './sandbox.js';
 
 interface MigrationBaseline {
   capabilities: Record<string, boolean>;
@@ -117,6 +61,18 @@ async function migrationSettings(qmp: QmpClient): Promise<MigrationBaseline> {
     capabilities: Object.fromEntries(caps.map((c) => [c.capability, c.state])),
     maxBandwidth: params['max-bandwidth'],
   };
+}
+
+/** Stops the guest and tolerates one that is already gone; never throws in afterAll. */
+export async function stopGuest(guest: Guest | undefined): Promise<void> {
+  if (!guest) return;
+  try {
+    const status = await guest.vm.qmp.execute('query-status', undefined, { timeoutMs: 2000 });
+    if (!status.running) await guest.vm.qmp.execute('cont', undefined, { timeoutMs: 2000 });
+  } catch {
+    // gone or wedged: stop() kills it by pid
+  }
+  await guest.stop().catch(() => guest.vm.kill());
 }
 
 /** Every image file of the guest's disk chains (active layer first). */
@@ -234,14 +190,57 @@ export async function expectIntact(
   await expectGuestHealthy(guest);
 }
 
-/** Stops the guest and tolerates one that is already gone; never throws in afterAll. */
-export async function stopGuest(guest: Guest | undefined): Promise<void> {
-  if (!guest) return;
-  try {
-    const status = await guest.vm.qmp.execute('query-status', undefined, { timeoutMs: 2000 });
-    if (!status.running) await guest.vm.qmp.execute('cont', undefined, { timeoutMs: 2000 });
-  } catch {
-    // gone or wedged: stop() kills it by pid
+/**
+ * Every QEMU a test file starts, attached (a Vm) or not (a pid): `stopAll` stops each by pid
+ * (QMP quit, then signals) and is safe to call from afterEach/afterAll whatever happened.
+ */
+export class QemuRegister {
+  private readonly vms = new Set<Vm>();
+  private readonly pids = new Set<number>();
+
+  add<T extends Vm | number>(qemu: T): T {
+    if (typeof qemu === 'number') this.pids.add(qemu);
+    else this.vms.add(qemu);
+    return qemu;
   }
-  await guest.stop().catch(() => guest.vm.kill());
+
+  async stop(qemu: Vm | number): Promise<void> {
+    if (typeof qemu === 'number') {
+      await killPid(qemu);
+      this.pids.delete(qemu);
+      return;
+    }
+    await qemu.stop({ timeoutMs: 3000 }).catch(() => qemu.kill());
+    this.vms.delete(qemu);
+  }
+
+  async stopAll(): Promise<void> {
+    for (const vm of [...this.vms]) await this.stop(vm);
+    for (const pid of [...this.pids]) await this.stop(pid);
+  }
+}
+
+/** The value of `-chardev socket,id=<id>,path=…` in a QEMU argv. */
+export function chardevPath(argv: readonly string[], id = 'serial0'): string {
+  for (let i = 0; i < argv.length - 1; i++) {
+    if (argv[i] !== '-chardev') continue;
+    const o = parseQemuOpts(argv[i + 1]!, 'backend');
+    const path = getOpt(o, 'path');
+    if (getOpt(o, 'id') === id && path) return path;
+  }
+  throw new Error(`no -chardev id=${id} with a path in ${argv.join(' ')}`);
+}
+
+/** Connects to a (restored) guest's console and waits for a heartbeat: the workload runs. */
+export async function connectConsole(serialSocket: string): Promise<GuestConsole> {
+  const guestConsole = await GuestConsole.connect(serialSocket, { timeoutMs: 15_000 });
+  await guestConsole.waitReady({ timeoutMs: 30_000 });
+  return guestConsole;
+}
+
+/** The workload's full check; expects it to pass and returns it. */
+export async function expectCheckOk(guestConsole: GuestConsole, what: string): Promise<GuestCheck> {
+  const check = await guestConsole.check({ timeoutMs: 60_000 });
+  expect(check.ok, `${what}: ${check.line}`).toBe(true);
+  return check;
 }
