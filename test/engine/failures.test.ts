@@ -12,7 +12,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
+import { snapshot } from '../../src/index.js';
 import { ensureBuilt } from '../support/build.js';
 import { spawnCli } from '../support/cli.js';
 import { canRun, isRoot } from '../support/env.js';

@@ -13,7 +13,7 @@ import { existsSync, mkdirSync, realpathSync, writeFileSync } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
+import { snapshot } from '../../src/index.js';
 import { ensureBuilt } from '../support/build.js';
 import { type CliChild, runCli, spawnCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';

@@ -18,11 +18,10 @@
 import { open, rm } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { exportStream, type RestoreResult, restore } from '../../src/engine/restore/restore.js';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot } from '../../src/format/index.js';
 import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
+import { exportStream, type RestoreResult, restore, snapshot } from '../../src/index.js';
 import { Vm } from '../../src/vm/launcher.js';
 import { canRun } from '../support/env.js';
 import { MiB } from '../support/files.js';

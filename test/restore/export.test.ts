@@ -8,9 +8,9 @@
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type SnapshotResult, snapshot } from '../../src/engine/snapshot/snapshot.js';
 import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, testGuestSpec } from '../../src/guest/test-guest.js';
+import { type SnapshotResult, snapshot } from '../../src/index.js';
 import { Vm } from '../../src/vm/launcher.js';
 import { ensureBuilt } from '../support/build.js';
 import { runCli } from '../support/cli.js';

@@ -1,7 +1,7 @@
 /**
  * The real-guest harness: the bundled test guest with a heartbeat tracker, `expectIntact` (the
- * checks every test runs after every snapshot or failure), the console of a (restored) guest,
- * and a register of every QEMU a test file starts.
+ * checks every test runs after every snapshot or failure), the guest's QEMU command line, the
+ * console of a (restored) guest, and a register of every QEMU a test file starts.
  *
  * QEMU is always stopped by pid (Vm.stop: quit, SIGTERM, SIGKILL; or killPid), even when a
  * test fails.
@@ -13,11 +13,19 @@ import { expect } from 'vitest';
 import { plainFilename } from '../../src/engine/probe.js';
 import { openSnapshot } from '../../src/format/index.js';
 import { type GuestCheck, GuestConsole } from '../../src/guest/console.js';
-import { bootTestGuest, type TestGuest, type TestGuestOptions } from '../../src/guest/test-guest.js';
+import {
+  bootTestGuest,
+  type TestGuest,
+  type TestGuestOptions,
+  testGuestSpec,
+} from '../../src/guest/test-guest.js';
 import type { QmpClient } from '../../src/qmp/index.js';
 import type { ImageInfo } from '../../src/qmp/qapi.js';
+import { buildArgv } from '../../src/vm/args.js';
 import type { Vm } from '../../src/vm/launcher.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
+import { VmSpec } from '../../src/vm/spec.js';
+import { QEMU } from './env.js';
 import { killPid, waitUntil } from './process.js';
 import type { Sandbox } from './sandbox.js';
 
@@ -218,6 +226,20 @@ export class QemuRegister {
     for (const vm of [...this.vms]) await this.stop(vm);
     for (const pid of [...this.pids]) await this.stop(pid);
   }
+}
+
+/**
+ * The bundled test guest's QEMU command line (TCG), as a user's own scripts would hand it to
+ * Machine.launch: the binary, then the arguments built from the guest's spec (disk, kernel,
+ * -qmp unix:<guestDir>/qmp.sock, serial chardev socket); and the serial console's socket path.
+ */
+export function testGuestCommandLine(
+  guestDir: string,
+  diskFile: string,
+): { argv: string[]; serialSocket: string } {
+  const spec = VmSpec.parse(testGuestSpec(guestDir, diskFile, { accel: 'tcg' }));
+  const built = buildArgv(spec, { runDir: guestDir, accel: 'tcg' });
+  return { argv: [QEMU, ...built.argv], serialSocket: built.serial!.socket };
 }
 
 /** The value of `-chardev socket,id=<id>,path=…` in a QEMU argv. */
