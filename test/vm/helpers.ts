@@ -1,7 +1,7 @@
 /**
- * Helpers for tests that start real QEMU processes: whether QEMU is installed, whether a pid
- * is really gone, who still mentions a path on its command line, and a private TMPDIR so a
- * test can prove that a failed launch left no temp directory behind.
+ * Helpers of the VM launcher tests: a private TMPDIR so a test can prove that a failed launch
+ * left no temp directory behind. (Whether QEMU is installed, whether a pid is really gone and
+ * who still mentions a path on its command line are in test/support.)
  */
 import { readdirSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
