@@ -4,24 +4,18 @@
  * only — that it completes, reports a number for every metric, and cleans up after itself —
  * never the performance targets (they belong to the benchmark's own table, docs/benchmarks.md).
  */
-import { execFile, spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { execFile } from 'node:child_process';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ensureBuilt } from '../support/build.js';
+import { canRun, ROOT } from '../support/env.js';
+import { isAlive } from '../support/process.js';
 
-const ROOT = resolve(fileURLToPath(new URL('../../', import.meta.url)));
 const SCRIPT = join(ROOT, 'scripts', 'bench-snapshot.mjs');
-const DIST_INDEX = join(ROOT, 'dist', 'index.js');
 const run = promisify(execFile);
-
-const canRun =
-  spawnSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' }).status === 0 &&
-  existsSync(join(ROOT, 'images/build/vmlinuz')) &&
-  existsSync(join(ROOT, 'images/build/initrd.img'));
 
 /** Every metric the bench reports; each must carry numbers for every guest size. */
 const METRICS = [
@@ -73,26 +67,6 @@ interface BenchResult {
   sizes: { memoryMiB: number; qemuPid: number; runs: Record<string, unknown>[] }[];
 }
 
-function newestMtimeMs(dir: string): number {
-  let newest = 0;
-  for (const entry of readdirSync(dir, { withFileTypes: true })) {
-    const path = join(dir, entry.name);
-    newest = Math.max(newest, entry.isDirectory() ? newestMtimeMs(path) : statSync(path).mtimeMs);
-  }
-  return newest;
-}
-
-/** The bench imports dist/: build it when it is missing or older than src/ (as the CLI tests do). */
-async function ensureBuilt(): Promise<void> {
-  if (existsSync(DIST_INDEX) && statSync(DIST_INDEX).mtimeMs >= newestMtimeMs(join(ROOT, 'src'))) return;
-  try {
-    await run(join(ROOT, 'node_modules', '.bin', 'tsc'), ['-p', 'tsconfig.build.json'], { cwd: ROOT });
-  } catch (err) {
-    // tsc still emits on type errors elsewhere; only a missing build is fatal.
-    if (!existsSync(DIST_INDEX)) throw err;
-  }
-}
-
 async function bench(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
   try {
     const { stdout, stderr } = await run(process.execPath, [SCRIPT, ...args], {
@@ -105,15 +79,6 @@ async function bench(args: string[]): Promise<{ code: number | null; stdout: str
     const e = err as { code?: unknown; stdout?: string; stderr?: string };
     if (typeof e.code !== 'number') throw err;
     return { code: e.code, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }
 
@@ -138,7 +103,7 @@ describe.skipIf(!canRun)('bench-snapshot --quick --json on the test guest', () =
   let parsed: BenchResult;
 
   beforeAll(async () => {
-    await ensureBuilt();
+    ensureBuilt();
     outDir = await mkdtemp(join(tmpdir(), 'qsnap-bench-smoke-'));
     result = await bench(['--quick', '--json', '--out-dir', outDir]);
     if (result.code === 0) parsed = JSON.parse(result.stdout) as BenchResult;

@@ -12,21 +12,13 @@ import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, readSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot, ZERO_PAGE_CRC } from '../../src/format/index.js';
-import {
-  bootGuest,
-  type CliResult,
-  canRun,
-  ensureBuilt,
-  expectCliError,
-  expectIntact,
-  type Guest,
-  openSandbox,
-  runCli,
-  type Sandbox,
-  stopGuest,
-} from '../engine/harness.js';
+import { snapshot } from '../../src/index.js';
+import { ensureBuilt } from '../support/build.js';
+import { type CliResult, expectCliError, runCli } from '../support/cli.js';
+import { canRun } from '../support/env.js';
+import { bootGuest, expectIntact, type Guest, stopGuest } from '../support/guest.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 function xorByte(file: string, offset: number, mask = 0xff): void {
   const fd = openSync(file, 'r+');

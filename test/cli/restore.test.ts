@@ -6,31 +6,25 @@ import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { bootTestGuest } from '../../src/guest/test-guest.js';
+import { snapshot } from '../../src/index.js';
 import { QmpClient } from '../../src/qmp/index.js';
-import {
-  canRun,
-  chardevPath,
-  connectConsole,
-  ensureBuilt,
-  expectCheckOk,
-  isAlive,
-  openScratch,
-  QemuRegister,
-  runCli,
-  type Scratch,
-} from '../restore/helpers.js';
+import { ensureBuilt } from '../support/build.js';
+import { runCli } from '../support/cli.js';
+import { canRun } from '../support/env.js';
+import { chardevPath, connectConsole, expectCheckOk, QemuRegister } from '../support/guest.js';
+import { isAlive } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('qsnap restore (CLI)', () => {
-  let scratch: Scratch;
+  let scratch: Sandbox;
   const qemus = new QemuRegister();
   let argv: string[];
   let file: string;
 
   beforeAll(async () => {
     ensureBuilt();
-    scratch = await openScratch('cli-restore');
+    scratch = await openSandbox('cli-restore');
     const guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
     qemus.add(guest.vm);
     argv = guest.argv;

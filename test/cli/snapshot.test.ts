@@ -6,23 +6,13 @@
 import { readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  bootGuest,
-  canRun,
-  chainFiles,
-  ensureBuilt,
-  expectCliError,
-  expectIntact,
-  type Guest,
-  openSandbox,
-  runCli,
-  type Sandbox,
-  spawnCli,
-  stopGuest,
-  waitUntil,
-} from '../engine/harness.js';
-
-const MiB = 2 ** 20;
+import { ensureBuilt } from '../support/build.js';
+import { expectCliError, runCli, spawnCli } from '../support/cli.js';
+import { canRun } from '../support/env.js';
+import { MiB } from '../support/files.js';
+import { bootGuest, chainFiles, expectIntact, type Guest, stopGuest } from '../support/guest.js';
+import { waitUntil } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('qsnap snapshot', () => {
   let sandbox: Sandbox;

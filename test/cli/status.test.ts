@@ -1,6 +1,6 @@
 /**
  * `qsnap status` and the CLI's error contract, through the built CLI as a child process
- * (see built-cli.ts for when it builds dist/ itself). A real QEMU with two disks (one
+ * (see test/support/build.ts for when it builds dist/ itself). A real QEMU with two disks (one
  * read-only) and no guest is the peer; fake unix servers stand in for sockets that are not QMP.
  *
  * The contract: a failure prints one line `qsnap: <message> — <hint> [CODE]` on stderr and
@@ -15,13 +15,15 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Vm } from '../../src/vm/launcher.js';
-import { hasQemu, hasQemuImg, killPid } from '../vm/helpers.js';
-import { type CliResult, ensureBuilt, qsnap, REPO } from './built-cli.js';
+import { ensureBuilt } from '../support/build.js';
+import { type CliResult, runCli } from '../support/cli.js';
+import { hasQemu, hasQemuImg, ROOT } from '../support/env.js';
+import { killPid } from '../support/process.js';
 
 const run = promisify(execFile);
 
 /** Every command the source defines: one file each in src/cli/commands. */
-const COMMANDS = readdirSync(join(REPO, 'src', 'cli', 'commands'))
+const COMMANDS = readdirSync(join(ROOT, 'src', 'cli', 'commands'))
   .filter((f) => f.endsWith('.ts'))
   .map((f) => f.slice(0, -3));
 
@@ -29,7 +31,7 @@ let tmp: string;
 let env: NodeJS.ProcessEnv;
 
 beforeAll(async () => {
-  await ensureBuilt();
+  ensureBuilt();
   tmp = await mkdtemp(join(tmpdir(), 'qsnap-cli-test-'));
   // Intent records (engine/intent.ts) go here, not into the user's state directory.
   env = { QSNAP_STATE_DIR: join(tmp, 'state') };
@@ -58,50 +60,50 @@ interface JsonError {
 describe('help and usage', () => {
   it('--help exits 0 and lists every command', async () => {
     expect(COMMANDS).toContain('status');
-    const result = await qsnap(['--help']);
+    const result = await runCli(['--help']);
     expect(result.code).toBe(0);
     for (const command of COMMANDS) expect(result.stdout).toMatch(new RegExp(`^  ${command} `, 'm'));
   });
 
   it('prints the usage and exits 2 without a command', async () => {
-    const result = await qsnap([]);
+    const result = await runCli([]);
     expect(result.code).toBe(2);
     expect(result.stdout).toContain('Usage: qsnap');
   });
 
   it.each(COMMANDS)('%s --help exits 0 with its usage', async (command) => {
-    const result = await qsnap([command, '--help']);
+    const result = await runCli([command, '--help']);
     expect(result.code, result.stderr).toBe(0);
     expect(result.stdout).toContain(`Usage: qsnap ${command}`);
   });
 
   it('status --help names its options', async () => {
-    const result = await qsnap(['status', '--help']);
+    const result = await runCli(['status', '--help']);
     expect(result.code).toBe(0);
     expect(result.stdout).toContain('--qmp <value>');
     expect(result.stdout).toContain('--json');
   });
 
   it('refuses an unknown command with exit 2', async () => {
-    const result = await qsnap(['frobnicate']);
+    const result = await runCli(['frobnicate']);
     expect(result.code).toBe(2);
     errorLine(result, 'QSNAP_USAGE');
   });
 
   it('refuses status without --qmp with exit 2 QSNAP_USAGE', async () => {
-    const result = await qsnap(['status'], env);
+    const result = await runCli(['status'], env);
     expect(result.code).toBe(2);
     errorLine(result, 'QSNAP_USAGE');
   });
 
   it('refuses an unknown option with exit 2 QSNAP_USAGE', async () => {
-    const result = await qsnap(['status', '--qmp', '/x', '--bogus'], env);
+    const result = await runCli(['status', '--qmp', '/x', '--bogus'], env);
     expect(result.code).toBe(2);
     errorLine(result, 'QSNAP_USAGE');
   });
 
   it('reports a usage error as JSON with --json', async () => {
-    const result = await qsnap(['status', '--json'], env);
+    const result = await runCli(['status', '--json'], env);
     expect(result.code).toBe(2);
     expect((JSON.parse(result.stdout) as JsonError).error.code).toBe('QSNAP_USAGE');
   });
@@ -126,7 +128,7 @@ describe('status: sockets that are not a VM', () => {
   }
 
   it('fails with exit 1 and one [QSNAP_QMP_CONNECT] line when nothing is at the path', async () => {
-    const result = await qsnap(['status', '--qmp', join(tmp, 'no-such.sock')], env);
+    const result = await runCli(['status', '--qmp', join(tmp, 'no-such.sock')], env);
     expect(result.code).toBe(1);
     expect(result.stdout).toBe('');
     errorLine(result, 'QSNAP_QMP_CONNECT');
@@ -135,21 +137,21 @@ describe('status: sockets that are not a VM', () => {
   it('fails the same way when the path is a regular file', async () => {
     const file = join(tmp, 'plain-file');
     await writeFile(file, 'not a socket\n');
-    const result = await qsnap(['status', '--qmp', file], env);
+    const result = await runCli(['status', '--qmp', file], env);
     expect(result.code).toBe(1);
     errorLine(result, 'QSNAP_QMP_CONNECT');
   });
 
   it('fails with QSNAP_QMP_CONNECT when the server sends something that is not QMP', async () => {
     const path = await fakeServer('garbage.sock', (socket) => socket.end('SSH-2.0-OpenSSH_9.2\r\n'));
-    const result = await qsnap(['status', '--qmp', path], env);
+    const result = await runCli(['status', '--qmp', path], env);
     expect(result.code).toBe(1);
     errorLine(result, 'QSNAP_QMP_CONNECT');
   });
 
   it('fails with QSNAP_QMP_CONNECT when the server says nothing', async () => {
     const path = await fakeServer('silent.sock', () => undefined);
-    const result = await qsnap(['status', '--qmp', path, '--json'], env);
+    const result = await runCli(['status', '--qmp', path, '--json'], env);
     expect(result.code).toBe(1);
     const error = (JSON.parse(result.stdout) as JsonError).error;
     expect(error.code).toBe('QSNAP_QMP_CONNECT');
@@ -157,7 +159,7 @@ describe('status: sockets that are not a VM', () => {
 
   it('gives the error as one JSON object on stdout with --json, and nothing on stderr', async () => {
     const target = join(tmp, 'no-such.sock');
-    const result = await qsnap(['status', '--qmp', target, '--json'], env);
+    const result = await runCli(['status', '--qmp', target, '--json'], env);
     expect(result.code).toBe(1);
     expect(result.stderr).toBe('');
     const parsed = JSON.parse(result.stdout) as JsonError;
@@ -216,7 +218,7 @@ describe.skipIf(!hasQemu || !hasQemuImg)('status of a real VM', () => {
   });
 
   async function statusJson(): Promise<StatusJson> {
-    const result = await qsnap(['status', '--qmp', vm!.qmpPath, '--json'], env);
+    const result = await runCli(['status', '--qmp', vm!.qmpPath, '--json'], env);
     expect(result.code, result.stderr).toBe(0);
     return JSON.parse(result.stdout) as StatusJson;
   }
@@ -224,7 +226,7 @@ describe.skipIf(!hasQemu || !hasQemuImg)('status of a real VM', () => {
   it('prints run state, QEMU version, machine, RAM and every disk as text', async () => {
     const version = await vm!.qmp.execute('query-version');
     const machine = String(await vm!.qmp.execute('qom-get', { path: '/machine', property: 'type' }));
-    const result = await qsnap(['status', '--qmp', vm!.qmpPath], env);
+    const result = await runCli(['status', '--qmp', vm!.qmpPath], env);
     expect(result.code, result.stderr).toBe(0);
     expect(result.stderr).toBe('');
     const lines = result.stdout.trimEnd().split('\n');

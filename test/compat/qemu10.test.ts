@@ -9,12 +9,12 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { restore } from '../../src/engine/restore/restore.js';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
+import { restore, snapshot } from '../../src/index.js';
+import { isRoot } from '../support/env.js';
 
-const enabled = process.env['QSNAP_QEMU10'] === '1' && process.getuid?.() === 0;
+const enabled = process.env['QSNAP_QEMU10'] === '1' && isRoot;
 const CHROOT = process.env['QSNAP_QEMU10_DIR'] ?? '/var/tmp/qsnap-qemu10';
 const WORK = `${CHROOT}-work`;
 const script = resolve(import.meta.dirname, '../../scripts/qemu-chroot.sh');

@@ -13,25 +13,22 @@ import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { FaultPoint } from '../../src/engine/faults.js';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
+import { snapshot } from '../../src/index.js';
+import { ensureBuilt } from '../support/build.js';
+import { spawnCli } from '../support/cli.js';
+import { canRun, isRoot } from '../support/env.js';
+import { failure } from '../support/errors.js';
+import { MiB } from '../support/files.js';
 import {
   bootGuest,
-  canRun,
   chainFiles,
-  ensureBuilt,
   expectIntact,
   expectNoLeftovers,
-  failure,
   type Guest,
-  isRoot,
-  openSandbox,
-  type Sandbox,
-  spawnCli,
   stopGuest,
-  waitUntil,
-} from './harness.js';
-
-const MiB = 2 ** 20;
+} from '../support/guest.js';
+import { waitUntil } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('snapshot failures leave the guest running and nothing behind', () => {
   let sandbox: Sandbox;

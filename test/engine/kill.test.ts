@@ -13,25 +13,22 @@ import { existsSync, mkdirSync, realpathSync, writeFileSync } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
+import { snapshot } from '../../src/index.js';
+import { ensureBuilt } from '../support/build.js';
+import { type CliChild, runCli, spawnCli } from '../support/cli.js';
+import { canRun } from '../support/env.js';
+import { failure } from '../support/errors.js';
 import {
   bootGuest,
-  type CliChild,
-  canRun,
   chainFiles,
   drainGuards,
-  ensureBuilt,
   expectGuestHealthy,
   expectIntact,
-  failure,
   type Guest,
-  openSandbox,
-  runCli,
-  type Sandbox,
-  spawnCli,
   stopGuest,
-  waitUntil,
-} from './harness.js';
+} from '../support/guest.js';
+import { waitUntil } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('qsnap killed mid-snapshot', () => {
   let sandbox: Sandbox;

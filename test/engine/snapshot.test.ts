@@ -10,25 +10,21 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { OperationEvent } from '../../src/engine/operation.js';
-import { type SnapshotResult, snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot } from '../../src/format/index.js';
+import { type OperationEvent, type SnapshotResult, snapshot } from '../../src/index.js';
 import type { QmpEvent } from '../../src/qmp/index.js';
+import { canRun } from '../support/env.js';
+import { failure } from '../support/errors.js';
+import { fileState, MiB } from '../support/files.js';
 import {
   bootGuest,
-  canRun,
   chainFiles,
   expectIntact,
   expectNoLeftovers,
-  failure,
-  fileState,
   type Guest,
-  openSandbox,
-  type Sandbox,
   stopGuest,
-} from './harness.js';
-
-const MiB = 2 ** 20;
+} from '../support/guest.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 /** Metadata after RAM: page table, prologue, device tail, manifest, trailer. */
 async function metadataBytes(file: string): Promise<number> {

@@ -2,12 +2,13 @@
 import { crc32 } from 'node:zlib';
 import type { BlockSpec } from '../../src/format/layout.js';
 import type { SnapshotInfo } from '../../src/format/writer.js';
+import { MiB } from '../support/files.js';
 
 // biome-ignore lint/suspicious/noExplicitAny: tests edit manifests as free-form JSON
 export type Json = Record<string, any>;
 
 export const PAGE = 4096;
-export const MiB = 1024 * 1024;
+export { MiB };
 
 export const BLOCKS: BlockSpec[] = [
   { name: 'pc.ram', usedLength: 8 * MiB },

@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SnapshotWriter } from '../../src/format/writer.js';
+import { isRoot } from '../support/env.js';
 import {
   DEVICE_TAIL,
   expectFileError,
@@ -19,7 +20,6 @@ import {
   verifyFile,
 } from './helpers.js';
 
-const isRoot = process.getuid?.() === 0;
 const root = tempDir('qsnap-format-io-');
 const full = path.join(root, 'full');
 const readonly = path.join(root, 'ro');

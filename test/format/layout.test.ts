@@ -6,9 +6,9 @@ import {
   layoutRam,
   pageTableSpan,
 } from '../../src/format/layout.js';
+import { MiB } from '../support/files.js';
 
 const KiB = 1024;
-const MiB = 1024 * KiB;
 
 describe('layoutRam', () => {
   it('a pc guest: pc.ram at 0, then the small blocks, each page-aligned', () => {

@@ -14,15 +14,13 @@
  * the writers held (`hold`), so the writers never meet them and latch nothing: the last test
  * checks that the run is still sound.
  */
-import { existsSync } from 'node:fs';
 import { open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { GuestCheck, GuestProgress, GuestReady } from '../../src/guest/console.js';
-import { bootTestGuest, IMAGE_DIR, type TestGuest } from '../../src/guest/test-guest.js';
-import { hasQemu, hasQemuImg, killPid } from '../vm/helpers.js';
-
-const imageBuilt = existsSync(join(IMAGE_DIR, 'vmlinuz')) && existsSync(join(IMAGE_DIR, 'initrd.img'));
+import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
+import { canRun } from '../support/env.js';
+import { killPid } from '../support/process.js';
 
 /** A small ring, so the writer wraps it (needed for `stale`) within a second or two. */
 const SLOTS = 512;
@@ -41,7 +39,7 @@ interface FoundPage {
   epoch: number;
 }
 
-describe.skipIf(!hasQemu || !hasQemuImg || !imageBuilt)('the test guest workload', () => {
+describe.skipIf(!canRun)('the test guest workload', () => {
   const ramFile = `/dev/shm/qsnap-workload-test-${process.pid}-${Date.now()}`;
   let guest: TestGuest;
   let ready: GuestReady;

@@ -28,16 +28,14 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { GuestConsole } from '../../src/guest/console.js';
-import { testGuestSpec } from '../../src/guest/test-guest.js';
-import { type Checkpoint, Machine } from '../../src/harness/machine.js';
-import { QmpClient } from '../../src/qmp/index.js';
-import { buildArgv } from '../../src/vm/args.js';
-import { VmSpec } from '../../src/vm/spec.js';
-import { canRun, isAlive, openScratch, pgrep, type Scratch } from '../restore/helpers.js';
+import { type Checkpoint, GuestConsole, Machine, QmpClient } from '../../src/index.js';
+import { canRun } from '../support/env.js';
+import { testGuestCommandLine } from '../support/guest.js';
+import { isAlive, pgrep } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('example: every test starts from one checkpoint of a running VM', () => {
-  let scratch: Scratch;
+  let scratch: Sandbox;
   let machine: Machine;
   let checkpoint: Checkpoint;
   /** The guest's serial console; the socket path stays the same across reverts. */
@@ -48,7 +46,7 @@ describe.skipIf(!canRun)('example: every test starts from one checkpoint of a ru
   const pids: number[] = [];
 
   beforeAll(async () => {
-    scratch = await openScratch('example');
+    scratch = await openSandbox('example');
     guestDir = join(scratch.root, 'guest');
 
     // 1. The QEMU command line. Yours would come from your own scripts; here it is built from
@@ -57,12 +55,11 @@ describe.skipIf(!canRun)('example: every test starts from one checkpoint of a ru
     mkdirSync(guestDir);
     // The workload's disk ring: 16384 records of 4 KiB, plus room.
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', diskFile, String(80 * 2 ** 20)]);
-    const spec = VmSpec.parse(testGuestSpec(guestDir, diskFile, { accel: 'tcg' }));
-    const built = buildArgv(spec, { runDir: guestDir, accel: 'tcg' });
-    serialSocket = built.serial!.socket;
+    const commandLine = testGuestCommandLine(guestDir, diskFile);
+    serialSocket = commandLine.serialSocket;
 
     // 2. Start it, and wait until the guest is ready (for the test guest: its workload runs).
-    machine = await Machine.launch({ argv: ['qemu-system-x86_64', ...built.argv] });
+    machine = await Machine.launch({ argv: commandLine.argv });
     pids.push(machine.pid);
     guestConsole = await GuestConsole.connect(serialSocket);
     await guestConsole.waitReady({ timeoutMs: 120_000 });

@@ -4,6 +4,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { QmpClient, type QmpClientOptions, type QmpEvent } from '../../src/qmp/index.js';
+import { failure } from '../support/errors.js';
 import { FakePeer, GREETING, type PeerConnection } from './fake-peer.js';
 
 let peer: FakePeer;
@@ -44,12 +45,6 @@ function outcome<T>(p: Promise<T>): Promise<{ value?: T; error?: unknown }> {
     (value) => ({ value }),
     (error: unknown) => ({ error }),
   );
-}
-
-async function rejection(p: Promise<unknown>): Promise<Record<string, unknown>> {
-  const { error } = await outcome(p);
-  expect(error, 'expected a rejection').toBeDefined();
-  return error as Record<string, unknown>;
 }
 
 /** Handles that a failed connect could leak: sockets and timers. */
@@ -263,7 +258,7 @@ describe('messages and routing', () => {
     const request = await conn.receive();
     expect(request.arguments).toEqual({ path: '/nope', property: 'type' });
     conn.replyError(request, 'DeviceNotFound', "Device '/nope' not found");
-    expect(await rejection(result)).toMatchObject({
+    expect(await failure(result)).toMatchObject({
       code: 'QSNAP_QMP_COMMAND',
       command: 'qom-get',
       errorClass: 'DeviceNotFound',
@@ -286,7 +281,7 @@ describe('messages and routing', () => {
     const { client, conn } = await connected();
     const status = client.execute('query-status');
     conn.reply(await conn.receive(), { status: 'running', running: 'yes' });
-    const err = await rejection(status);
+    const err = await failure(status);
     expect(err).toMatchObject({ code: 'QSNAP_QMP_PROTOCOL', reason: 'bad-reply', command: 'query-status' });
     expect((err['details'] as Record<string, unknown>)['issues']).toMatch(/^running: /);
     // The session is still usable.
@@ -326,7 +321,7 @@ describe('messages and routing', () => {
     await conn.receive();
     await conn.receive();
     conn.sendRaw('{"return": {]\r\n');
-    const [a, b] = await Promise.all([rejection(first), rejection(second)]);
+    const [a, b] = await Promise.all([failure(first), failure(second)]);
     expect(a).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED', reason: 'protocol-error' });
     expect(a).toBe(b);
     expect((a as unknown as Error).cause).toMatchObject({
@@ -335,7 +330,7 @@ describe('messages and routing', () => {
     });
     await conn.closed;
     expect(client.state).toBe('disconnected');
-    expect(await rejection(client.execute('query-status'))).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED' });
+    expect(await failure(client.execute('query-status'))).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED' });
   });
 
   it('treats an id-less error reply as fatal', async () => {
@@ -343,7 +338,7 @@ describe('messages and routing', () => {
     const pending = client.execute('query-status');
     await conn.receive();
     conn.send({ error: { class: 'GenericError', desc: 'JSON parse error, invalid keyword' } });
-    const err = await rejection(pending);
+    const err = await failure(pending);
     expect(err).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED', reason: 'protocol-error' });
     expect((err as unknown as Error).cause).toMatchObject({
       code: 'QSNAP_QMP_PROTOCOL',
@@ -357,7 +352,7 @@ describe('messages and routing', () => {
     const pending = client.execute('query-status');
     await conn.receive();
     conn.send(GREETING);
-    expect(await rejection(pending)).toMatchObject({
+    expect(await failure(pending)).toMatchObject({
       code: 'QSNAP_QMP_DISCONNECTED',
       reason: 'protocol-error',
     });
@@ -371,7 +366,7 @@ describe('messages and routing', () => {
     const pending = [client.execute('query-status'), client.execute('cont'), client.executeRaw('x')];
     for (const _ of pending) await conn.receive();
     conn.end();
-    const errors = await Promise.all(pending.map(rejection));
+    const errors = await Promise.all(pending.map(failure));
     expect(errors[0]).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED', reason: 'peer-closed' });
     expect(errors[1]).toBe(errors[0]);
     expect(errors[2]).toBe(errors[0]);
@@ -387,7 +382,7 @@ describe('messages and routing', () => {
     const pending = client.executeRaw('x-big', { blob: 'a'.repeat(4 * 1024 * 1024) });
     await sleep(50);
     conn.destroy();
-    const err = await rejection(pending);
+    const err = await failure(pending);
     expect(err).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED', reason: 'peer-closed' });
     expect((err as unknown as Error).cause).toMatchObject({ code: 'ECONNRESET' });
   });
@@ -399,7 +394,7 @@ describe('messages and routing', () => {
     conn.sendRaw('{"return": {"status": "run');
     await sleep(5);
     conn.end();
-    const err = await rejection(pending);
+    const err = await failure(pending);
     expect(err).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED', reason: 'protocol-error' });
     expect((err as unknown as Error).cause).toMatchObject({
       code: 'QSNAP_QMP_PROTOCOL',
@@ -412,7 +407,7 @@ describe('messages and routing', () => {
     const { client, conn } = await connected({ logger, commandTimeoutMs: 100 });
     const slow = client.execute('query-status');
     const request = await conn.receive();
-    expect(await rejection(slow)).toMatchObject({
+    expect(await failure(slow)).toMatchObject({
       code: 'QSNAP_QMP_TIMEOUT',
       timeoutMs: 100,
       details: { command: 'query-status' },
@@ -431,9 +426,9 @@ describe('messages and routing', () => {
     const pending = client.execute('query-status', undefined, { signal: controller.signal });
     await conn.receive();
     controller.abort(new Error('user gave up'));
-    expect((await rejection(pending))['message']).toBe('user gave up');
+    expect((await failure(pending))['message']).toBe('user gave up');
     const already = client.execute('query-kvm', {}, { signal: AbortSignal.abort() });
-    expect((await rejection(already))['name']).toBe('AbortError');
+    expect((await failure(already))['name']).toBe('AbortError');
     // Nothing was sent for the aborted call: the next request the peer sees is this one.
     const probe = client.executeRaw('probe');
     const request = await conn.receive();
@@ -455,7 +450,7 @@ describe('messages and routing', () => {
       reason: 'closed-by-client',
     });
     await conn.closed;
-    expect(await rejection(client.executeRaw('x'))).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED' });
+    expect(await failure(client.executeRaw('x'))).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED' });
   });
 });
 
@@ -523,7 +518,7 @@ describe('events', () => {
     await sleep(20);
     expect((await slow.next()).value?.timestamp.microseconds).toBe(0);
     expect((await slow.next()).value?.timestamp.microseconds).toBe(1);
-    expect(await rejection(slow.next())).toMatchObject({ code: 'QSNAP_QMP_EVENT_OVERFLOW' });
+    expect(await failure(slow.next())).toMatchObject({ code: 'QSNAP_QMP_EVENT_OVERFLOW' });
     expect(await slow.next()).toEqual({ done: true, value: undefined });
   });
 
@@ -536,7 +531,7 @@ describe('events', () => {
     expect((await ready).data).toEqual({ id: 'c1', status: 'ready' });
 
     const started = Date.now();
-    expect(await rejection(client.waitFor('RESUME', undefined, { timeoutMs: 100 }))).toMatchObject({
+    expect(await failure(client.waitFor('RESUME', undefined, { timeoutMs: 100 }))).toMatchObject({
       code: 'QSNAP_QMP_TIMEOUT',
       details: { event: 'RESUME' },
     });
@@ -544,7 +539,7 @@ describe('events', () => {
 
     const never = client.waitFor('RESUME');
     conn.destroy();
-    expect(await rejection(never)).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED', reason: 'peer-closed' });
-    expect(await rejection(client.waitFor('STOP'))).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED' });
+    expect(await failure(never)).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED', reason: 'peer-closed' });
+    expect(await failure(client.waitFor('STOP'))).toMatchObject({ code: 'QSNAP_QMP_DISCONNECTED' });
   });
 });

@@ -3,18 +3,14 @@
  * hangs guests), no guest needed, QMP on a unix socket in a fresh temp dir. `stop` kills by pid
  * and removes the dir; call it from afterAll/afterEach so a failing test still cleans up.
  */
-import { type ChildProcess, execFile, spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-
-export const QEMU = 'qemu-system-x86_64';
-export const hasQemu =
-  spawnSync(QEMU, ['--version'], { stdio: 'ignore' }).status === 0 &&
-  spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status === 0;
+import { QEMU } from '../support/env.js';
 
 const execFileP = promisify(execFile);
 

@@ -6,7 +6,8 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { commands, QmpClient, type QmpEvent } from '../../src/qmp/index.js';
-import { hasQemu, makeTempDir, type QemuInstance, qemuImgCreate, startQemu } from './qemu-harness.js';
+import { hasQemu, hasQemuImg } from '../support/env.js';
+import { makeTempDir, type QemuInstance, qemuImgCreate, startQemu } from './qemu-harness.js';
 
 const OPTIONS = { connectTimeoutMs: 10_000, commandTimeoutMs: 20_000 };
 
@@ -19,7 +20,7 @@ async function commandError(p: Promise<unknown>): Promise<Record<string, unknown
   throw new Error('expected the command to fail');
 }
 
-describe.skipIf(!hasQemu)('QEMU without disks', () => {
+describe.skipIf(!hasQemu || !hasQemuImg)('QEMU without disks', () => {
   let tmp: Awaited<ReturnType<typeof makeTempDir>> | undefined;
   let vm: QemuInstance | undefined;
   let client: QmpClient;
@@ -261,7 +262,7 @@ describe.skipIf(!hasQemu)('QEMU without disks', () => {
   });
 });
 
-describe.skipIf(!hasQemu)('QEMU with a virtio qcow2 drive', () => {
+describe.skipIf(!hasQemu || !hasQemuImg)('QEMU with a virtio qcow2 drive', () => {
   let tmp: Awaited<ReturnType<typeof makeTempDir>> | undefined;
   let vm: QemuInstance | undefined;
   let client: QmpClient;

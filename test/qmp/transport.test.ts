@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { QmpClient } from '../../src/qmp/index.js';
 import { connectFailure, parseTarget } from '../../src/qmp/transport.js';
+import { isRoot } from '../support/env.js';
 import { GREETING } from './fake-peer.js';
 
 let dir: string;
@@ -112,7 +113,7 @@ describe('connect failures', () => {
     });
   });
 
-  it.skipIf(process.getuid?.() === 0)('a socket without permission is permission', async () => {
+  it.skipIf(isRoot)('a socket without permission is permission', async () => {
     const path = join(dir, 'private.sock');
     const server = createServer().listen(path);
     await once(server, 'listening');

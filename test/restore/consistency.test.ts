@@ -18,25 +18,16 @@
 import { open, rm } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot } from '../../src/format/index.js';
 import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
-import { exportStream, type RestoreResult, restore } from '../../src/index.js';
+import { exportStream, type RestoreResult, restore, snapshot } from '../../src/index.js';
 import { Vm } from '../../src/vm/launcher.js';
-import {
-  canRun,
-  chardevPath,
-  connectConsole,
-  createOverlay,
-  expectCheckOk,
-  MiB,
-  moveArgv,
-  openScratch,
-  QemuRegister,
-  type Scratch,
-  waitLoadedThenCont,
-} from './helpers.js';
+import { canRun } from '../support/env.js';
+import { MiB } from '../support/files.js';
+import { chardevPath, connectConsole, expectCheckOk, QemuRegister } from '../support/guest.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
+import { createOverlay, moveArgv, waitLoadedThenCont } from './helpers.js';
 
 const CYCLES: ('full' | 'lazy')[] = [
   'full',
@@ -63,7 +54,7 @@ interface CycleRow {
 }
 
 describe.skipIf(!canRun)('restore is point-in-time: snapshot → restore chains and negative controls', () => {
-  let scratch: Scratch;
+  let scratch: Sandbox;
   const qemus = new QemuRegister();
   const consoles = new Set<GuestConsole>();
   let guest: TestGuest;
@@ -71,7 +62,7 @@ describe.skipIf(!canRun)('restore is point-in-time: snapshot → restore chains 
   let current: { vm: Vm; console: GuestConsole };
 
   beforeAll(async () => {
-    scratch = await openScratch('consistency');
+    scratch = await openSandbox('consistency');
     guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
     qemus.add(guest.vm);
     consoles.add(guest.console);

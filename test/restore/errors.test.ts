@@ -9,30 +9,23 @@ import { copyFile, mkdtemp, open, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { type RestoreOptions, restore } from '../../src/engine/restore/restore.js';
-import { snapshot } from '../../src/engine/snapshot/snapshot.js';
 import { openSnapshot } from '../../src/format/index.js';
 import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest } from '../../src/guest/test-guest.js';
+import { type RestoreOptions, restore, snapshot } from '../../src/index.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
-import {
-  canRun,
-  chardevPath,
-  connectConsole,
-  expectCheckOk,
-  failure,
-  openScratch,
-  pgrep,
-  QemuRegister,
-  restoreOverlays,
-  type Scratch,
-  sha256File,
-} from './helpers.js';
+import { canRun } from '../support/env.js';
+import { failure } from '../support/errors.js';
+import { sha256File } from '../support/files.js';
+import { chardevPath, connectConsole, expectCheckOk, QemuRegister } from '../support/guest.js';
+import { pgrep } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
+import { restoreOverlays } from './helpers.js';
 
 const run = promisify(execFile);
 
 describe.skipIf(!canRun)('restore errors and repeatability', () => {
-  let scratch: Scratch;
+  let scratch: Sandbox;
   const qemus = new QemuRegister();
   const consoles = new Set<GuestConsole>();
   /** The guest's own command line (QEMU stopped after the snapshot). */
@@ -45,7 +38,7 @@ describe.skipIf(!canRun)('restore errors and repeatability', () => {
   let snapshotSha256: string;
 
   beforeAll(async () => {
-    scratch = await openScratch('errors');
+    scratch = await openSandbox('errors');
     const guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
     qemus.add(guest.vm);
     argv = guest.argv;

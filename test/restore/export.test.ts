@@ -8,24 +8,19 @@
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type SnapshotResult, snapshot } from '../../src/engine/snapshot/snapshot.js';
 import type { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, testGuestSpec } from '../../src/guest/test-guest.js';
+import { type SnapshotResult, snapshot } from '../../src/index.js';
 import { Vm } from '../../src/vm/launcher.js';
-import {
-  canRun,
-  connectConsole,
-  createOverlay,
-  ensureBuilt,
-  openScratch,
-  QemuRegister,
-  runCli,
-  type Scratch,
-  waitLoadedThenCont,
-} from './helpers.js';
+import { ensureBuilt } from '../support/build.js';
+import { runCli } from '../support/cli.js';
+import { canRun } from '../support/env.js';
+import { connectConsole, QemuRegister } from '../support/guest.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
+import { createOverlay, waitLoadedThenCont } from './helpers.js';
 
 describe.skipIf(!canRun)('qsnap export → stock QEMU -incoming exec:cat', () => {
-  let scratch: Scratch;
+  let scratch: Sandbox;
   const qemus = new QemuRegister();
   const consoles = new Set<GuestConsole>();
   let snap: SnapshotResult;
@@ -35,7 +30,7 @@ describe.skipIf(!canRun)('qsnap export → stock QEMU -incoming exec:cat', () =>
 
   beforeAll(async () => {
     ensureBuilt();
-    scratch = await openScratch('export');
+    scratch = await openSandbox('export');
     const guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
     qemus.add(guest.vm);
     await guest.console.nextHeartbeat({ timeoutMs: 20_000 });

@@ -1,148 +1,17 @@
 /**
- * Shared by the restore, export, CLI-restore and example-harness tests: a scratch area per test
- * file (its own TMPDIR, QSNAP_STATE_DIR and /dev/shm directory, all removed by `dispose`), a
- * register of every QEMU a file starts (stopped by pid even when a test fails), and small
- * helpers around the test guest's command line and console.
+ * Helpers of the restore and export tests (the sandbox, the QEMU register and the guest's
+ * console helpers they share with other folders are in test/support): a second QEMU's command
+ * line, overlays, loading a stream into stock QEMU, and restore's overlay files.
  */
-import { execFile, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, readdirSync, statSync } from 'node:fs';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { execFile } from 'node:child_process';
+import { readdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { expect } from 'vitest';
-import { type GuestCheck, GuestConsole } from '../../src/guest/console.js';
 import type { Vm } from '../../src/vm/launcher.js';
-import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
 
 const run = promisify(execFile);
-
-export const ROOT = resolve(fileURLToPath(new URL('../../', import.meta.url)));
-export const CLI = join(ROOT, 'dist/cli/main.js');
-
-export const canRun =
-  spawnSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' }).status === 0 &&
-  spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status === 0 &&
-  existsSync(join(ROOT, 'images/build/vmlinuz')) &&
-  existsSync(join(ROOT, 'images/build/initrd.img'));
-
-export const MiB = 2 ** 20;
-
-export interface Scratch {
-  /** Guest directories, snapshots and overlays (on disk). */
-  root: string;
-  /** This file's TMPDIR: restore's run directories and snapshot stream sockets land here. */
-  tmp: string;
-  /** A directory on tmpfs (/dev/shm): shared guest RAM, and snapshots a lazy restore maps. */
-  shm: string;
-  /** Environment for CLI children: same TMPDIR and QSNAP_STATE_DIR. */
-  env: NodeJS.ProcessEnv;
-  dispose(): Promise<void>;
-}
-
-/** Short names: every unix socket path under root must stay below 108 bytes. */
-export async function openScratch(name: string): Promise<Scratch> {
-  const root = await mkdtemp(join('/tmp', `qr-${name}-`));
-  const tmp = join(root, 'tmp');
-  const state = join(root, 'state');
-  await Promise.all([mkdir(tmp), mkdir(state)]);
-  const shm = await mkdtemp(join('/dev/shm', `qr-${name}-`));
-  const saved = { TMPDIR: process.env['TMPDIR'], QSNAP_STATE_DIR: process.env['QSNAP_STATE_DIR'] };
-  process.env['TMPDIR'] = tmp;
-  process.env['QSNAP_STATE_DIR'] = state;
-  return {
-    root,
-    tmp,
-    shm,
-    env: { ...process.env, TMPDIR: tmp, QSNAP_STATE_DIR: state },
-    async dispose() {
-      for (const [key, value] of Object.entries(saved)) {
-        if (value === undefined) delete process.env[key];
-        else process.env[key] = value;
-      }
-      await rm(shm, { recursive: true, force: true });
-      await rm(root, { recursive: true, force: true });
-    },
-  };
-}
-
-export function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** Pids of processes whose command line contains `pattern` (e.g. a unique run directory). */
-export function pgrep(pattern: string): number[] {
-  const out = spawnSync('pgrep', ['-f', pattern], { encoding: 'utf8' }).stdout ?? '';
-  return out
-    .split('\n')
-    .filter(Boolean)
-    .map(Number)
-    .filter((pid) => pid !== process.pid);
-}
-
-/** Kill by pid (SIGTERM, then SIGKILL) and wait until it is gone. */
-export async function killPid(pid: number): Promise<void> {
-  for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
-    try {
-      process.kill(pid, signal);
-    } catch {
-      return;
-    }
-    const deadline = Date.now() + (signal === 'SIGTERM' ? 3000 : 5000);
-    while (Date.now() < deadline) {
-      if (!isAlive(pid)) return;
-      await sleep(20);
-    }
-  }
-}
-
-/**
- * Every QEMU a test file starts, attached (a Vm) or not (a pid): `stopAll` stops each by pid
- * (QMP quit, then signals) and is safe to call from afterEach/afterAll whatever happened.
- */
-export class QemuRegister {
-  private readonly vms = new Set<Vm>();
-  private readonly pids = new Set<number>();
-
-  add<T extends Vm | number>(qemu: T): T {
-    if (typeof qemu === 'number') this.pids.add(qemu);
-    else this.vms.add(qemu);
-    return qemu;
-  }
-
-  async stop(qemu: Vm | number): Promise<void> {
-    if (typeof qemu === 'number') {
-      await killPid(qemu);
-      this.pids.delete(qemu);
-      return;
-    }
-    await qemu.stop({ timeoutMs: 3000 }).catch(() => qemu.kill());
-    this.vms.delete(qemu);
-  }
-
-  async stopAll(): Promise<void> {
-    for (const vm of [...this.vms]) await this.stop(vm);
-    for (const pid of [...this.pids]) await this.stop(pid);
-  }
-}
-
-/** The value of `-chardev socket,id=<id>,path=…` in a QEMU argv. */
-export function chardevPath(argv: readonly string[], id = 'serial0'): string {
-  for (let i = 0; i < argv.length - 1; i++) {
-    if (argv[i] !== '-chardev') continue;
-    const o = parseQemuOpts(argv[i + 1]!, 'backend');
-    const path = getOpt(o, 'path');
-    if (getOpt(o, 'id') === id && path) return path;
-  }
-  throw new Error(`no -chardev id=${id} with a path in ${argv.join(' ')}`);
-}
 
 /**
  * The guest's argv with its sockets and serial log moved from `fromDir` to `toDir` (so a second
@@ -167,20 +36,6 @@ export async function createOverlay(file: string, backing: string): Promise<stri
   return file;
 }
 
-/** Connects to a (restored) guest's console and waits for a heartbeat: the workload runs. */
-export async function connectConsole(serialSocket: string): Promise<GuestConsole> {
-  const guestConsole = await GuestConsole.connect(serialSocket, { timeoutMs: 15_000 });
-  await guestConsole.waitReady({ timeoutMs: 30_000 });
-  return guestConsole;
-}
-
-/** The workload's full check; expects it to pass and returns it. */
-export async function expectCheckOk(guestConsole: GuestConsole, what: string): Promise<GuestCheck> {
-  const check = await guestConsole.check({ timeoutMs: 60_000 });
-  expect(check.ok, `${what}: ${check.line}`).toBe(true);
-  return check;
-}
-
 /**
  * Waits for a stock QEMU started with `-incoming <uri> -S` to finish loading (QEMU leaves it
  * `paused`), then resumes it. Throws with QEMU's log when the load fails.
@@ -202,82 +57,7 @@ export async function waitLoadedThenCont(vm: Vm, timeoutMs = 120_000): Promise<n
   return performance.now() - started;
 }
 
-export async function sha256File(file: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
-  return hash.digest('hex');
-}
-
 /** Restore overlays (`<stem>.restore-<tag>.qcow2`) in a directory. */
 export function restoreOverlays(dir: string): string[] {
   return readdirSync(dir).filter((f) => /\.restore-[0-9a-f]{8}\.qcow2$/.test(f));
-}
-
-/** Rejects the test if `fn` does not throw; returns what it threw (for `expect(err.code)`). */
-export async function failure(
-  fn: Promise<unknown> | (() => Promise<unknown>),
-): Promise<Error & { code?: string }> {
-  try {
-    await (typeof fn === 'function' ? fn() : fn);
-  } catch (err) {
-    return err as Error & { code?: string };
-  }
-  throw new Error('expected a failure, but it succeeded');
-}
-
-/** Builds dist/ when it is missing or older than src/ (the CLI tests run dist/cli/main.js). */
-export function ensureBuilt(): void {
-  const newest = (dir: string, suffix: string, pick: (a: number, b: number) => number, start: number) => {
-    let at = start;
-    const walk = (d: string) => {
-      for (const entry of readdirSync(d, { withFileTypes: true })) {
-        const p = join(d, entry.name);
-        if (entry.isDirectory()) walk(p);
-        else if (entry.name.endsWith(suffix)) at = pick(at, statSync(p).mtimeMs);
-      }
-    };
-    walk(dir);
-    return at;
-  };
-  const oldestBuilt = existsSync(CLI)
-    ? newest(join(ROOT, 'dist'), '.js', Math.min, Number.POSITIVE_INFINITY)
-    : 0;
-  if (oldestBuilt >= newest(join(ROOT, 'src'), '.ts', Math.max, 0)) return;
-  spawnSync(join(ROOT, 'node_modules/.bin/tsc'), ['-p', 'tsconfig.build.json'], {
-    cwd: ROOT,
-    stdio: 'ignore',
-  });
-  if (!existsSync(CLI)) throw new Error(`could not build ${CLI}: run npx tsc -p tsconfig.build.json`);
-}
-
-export interface CliResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-  /** stdout parsed as JSON when it is JSON. */
-  json: Record<string, unknown> | undefined;
-}
-
-export async function runCli(args: string[], env: NodeJS.ProcessEnv): Promise<CliResult> {
-  try {
-    const { stdout, stderr } = await run(process.execPath, [CLI, ...args], { env, timeout: 120_000 });
-    return { code: 0, stdout, stderr, json: parseJson(stdout) };
-  } catch (err) {
-    const e = err as { code?: number; stdout?: string; stderr?: string };
-    const stdout = e.stdout ?? '';
-    return {
-      code: typeof e.code === 'number' ? e.code : null,
-      stdout,
-      stderr: e.stderr ?? '',
-      json: parseJson(stdout),
-    };
-  }
-}
-
-function parseJson(text: string): Record<string, unknown> | undefined {
-  try {
-    return JSON.parse(text) as Record<string, unknown>;
-  } catch {
-    return undefined;
-  }
 }

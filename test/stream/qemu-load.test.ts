@@ -3,7 +3,7 @@
  * loaded by a fresh `qemu-system-x86_64 -incoming defer`, and guest memory is read back with
  * pmemsave. QMP is spoken by a few lines here (src/qmp is written separately).
  */
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -19,6 +19,7 @@ import {
   type RamSetup,
   writeMigrationStream,
 } from '../../src/stream/index.js';
+import { hasQemu, QEMU } from '../support/env.js';
 import {
   BACKGROUND_FIXTURE,
   type Collected,
@@ -27,16 +28,6 @@ import {
   parseInChunks,
   runsFromImage,
 } from './helpers.js';
-
-const QEMU = 'qemu-system-x86_64';
-const qemuAvailable = (() => {
-  try {
-    execFileSync(QEMU, ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-})();
 
 /** Minimal QMP over a unix socket: greeting, qmp_capabilities, then one command at a time. */
 class MiniQmp {
@@ -169,7 +160,7 @@ async function pmem(qmp: MiniQmp, dir: string, addr: number, size: number): Prom
 const LOW = { addr: 0, size: 0xa0000 };
 const HIGH = { addr: 0x100000, size: 0x8000000 - 0x100000 };
 
-describe.skipIf(!qemuAvailable)('QEMU loads re-synthesized streams', () => {
+describe.skipIf(!hasQemu)('QEMU loads re-synthesized streams', () => {
   let original: Collected;
   let pcRam: Buffer;
 

@@ -7,25 +7,17 @@ import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { dirname, join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient } from '../../src/qmp/index.js';
 import { Vm } from '../../src/vm/launcher.js';
-import {
-  hasQemu,
-  hasQemuImg,
-  isGone,
-  killPid,
-  processesMentioning,
-  rejection,
-  waitGone,
-  withPrivateTmpdir,
-} from './helpers.js';
+import { hasQemu, hasQemuImg, ROOT } from '../support/env.js';
+import { failure } from '../support/errors.js';
+import { isGone, killPid, processesMentioning, waitGone } from '../support/process.js';
+import { withPrivateTmpdir } from './helpers.js';
 
-const REPO = resolve(fileURLToPath(new URL('../../', import.meta.url)));
-const VITE_NODE = join(REPO, 'node_modules', '.bin', 'vite-node');
-const CHILD = join(REPO, 'test', 'vm', 'fixtures', 'launch-child.ts');
+const VITE_NODE = join(ROOT, 'node_modules', '.bin', 'vite-node');
+const CHILD = join(ROOT, 'test', 'vm', 'fixtures', 'launch-child.ts');
 const BARE = { memoryMiB: 64, accel: 'tcg', serial: 'none' } as const;
 
 /** Pids and directories to clean up after each test, whatever happened. */
@@ -96,7 +88,7 @@ describe.skipIf(!hasQemu)('Vm on the real QEMU', () => {
     });
 
     it('cannot serve another client on the control socket (why there are two)', async () => {
-      const err = await rejection(connect(vm.controlPath, 1000));
+      const err = await failure(connect(vm.controlPath, 1000));
       expect(err.code).toBe('QSNAP_QMP_CONNECT');
       expect((await vm.qmp.execute('query-status')).running).toBe(true);
     });
@@ -203,7 +195,7 @@ describe.skipIf(!hasQemu)('Vm on the real QEMU', () => {
   describe('a VM launched by another process', () => {
     /** Runs the child; resolves with what it printed once it has exited. */
     async function runChild(mode: 'detached' | 'attached') {
-      const child = spawn(VITE_NODE, [CHILD, mode], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(VITE_NODE, [CHILD, mode], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
       let stdout = '';
       let stderr = '';
       child.stdout.setEncoding('utf8').on('data', (t: string) => {

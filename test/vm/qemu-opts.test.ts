@@ -16,7 +16,7 @@ import {
   setOpt,
   splitArgv,
 } from '../../src/vm/qemu-opts.js';
-import { hasQemu, QEMU } from './helpers.js';
+import { hasQemu, QEMU } from '../support/env.js';
 
 const run = promisify(execFile);
 

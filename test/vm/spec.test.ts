@@ -5,7 +5,9 @@
 import { describe, expect, it } from 'vitest';
 import { Vm } from '../../src/vm/launcher.js';
 import { DiskSpec, VmSpec } from '../../src/vm/spec.js';
-import { killPid, rejection, withPrivateTmpdir } from './helpers.js';
+import { failure } from '../support/errors.js';
+import { killPid } from '../support/process.js';
+import { withPrivateTmpdir } from './helpers.js';
 
 describe('VmSpec defaults', () => {
   it('fills every default of an empty spec', () => {
@@ -98,7 +100,7 @@ describe('VmSpec refusals', () => {
   });
 
   it('a rejection is a VmError carrying the code in its JSON form', async () => {
-    const err = await rejection(Vm.launch({ cpus: -1 }));
+    const err = await failure(Vm.launch({ cpus: -1 }));
     expect(err.name).toBe('VmError');
     expect((err as unknown as { toJSON(): { code: string } }).toJSON().code).toBe('QSNAP_VM_SPEC');
   });
