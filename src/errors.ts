@@ -26,12 +26,13 @@ export interface QsnapErrorOptions {
   details?: Record<string, unknown>;
 }
 
-export class QsnapError extends Error {
-  readonly code: string;
+/** `C` narrows the code to a family's own codes, so a family can only throw what it documents. */
+export class QsnapError<C extends string = string> extends Error {
+  readonly code: C;
   readonly hint: string | undefined;
   readonly details: Record<string, unknown>;
 
-  constructor(code: string, message: string, options: QsnapErrorOptions = {}) {
+  constructor(code: C, message: string, options: QsnapErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = new.target.name;
     this.code = code;

@@ -1,4 +1,4 @@
-import { QsnapError, type QsnapErrorOptions } from '../errors.js';
+import { QsnapError } from '../errors.js';
 
 /**
  * Errors of the engine's operations, one class per family. A failed operation names what the
@@ -61,34 +61,7 @@ export type VerifyErrorCode = 'QSNAP_VERIFY_DISK_MISSING';
 
 export type WarningCode = 'QSNAP_RESUME_LATE' | 'QSNAP_MIGRATION_SETTINGS' | 'QSNAP_CLEANUP';
 
-export class SnapshotError extends QsnapError {
-  declare readonly code: SnapshotErrorCode;
-
-  constructor(code: SnapshotErrorCode, message: string, options: QsnapErrorOptions = {}) {
-    super(code, message, options);
-  }
-}
-
-export class RestoreError extends QsnapError {
-  declare readonly code: RestoreErrorCode;
-
-  constructor(code: RestoreErrorCode, message: string, options: QsnapErrorOptions = {}) {
-    super(code, message, options);
-  }
-}
-
-export class ExportError extends QsnapError {
-  declare readonly code: ExportErrorCode;
-
-  constructor(code: ExportErrorCode, message: string, options: QsnapErrorOptions = {}) {
-    super(code, message, options);
-  }
-}
-
-export class VerifyError extends QsnapError {
-  declare readonly code: VerifyErrorCode;
-
-  constructor(code: VerifyErrorCode, message: string, options: QsnapErrorOptions = {}) {
-    super(code, message, options);
-  }
-}
+export class SnapshotError extends QsnapError<SnapshotErrorCode> {}
+export class RestoreError extends QsnapError<RestoreErrorCode> {}
+export class ExportError extends QsnapError<ExportErrorCode> {}
+export class VerifyError extends QsnapError<VerifyErrorCode> {}

@@ -1,4 +1,4 @@
-import { QsnapError, type QsnapErrorOptions } from '../errors.js';
+import { QsnapError } from '../errors.js';
 
 /**
  * Errors of launching and stopping QEMU.
@@ -17,10 +17,4 @@ export type VmErrorCode =
   | 'QSNAP_VM_ACCEL'
   | 'QSNAP_VM_STOP';
 
-export class VmError extends QsnapError {
-  declare readonly code: VmErrorCode;
-
-  constructor(code: VmErrorCode, message: string, options: QsnapErrorOptions = {}) {
-    super(code, message, options);
-  }
-}
+export class VmError extends QsnapError<VmErrorCode> {}
