@@ -33,6 +33,8 @@ import { QsnapError } from '../errors.js';
  *   QSNAP_RESUME_LATE                QEMU did not resume the guest after the capture; qsnap did
  *   QSNAP_MIGRATION_SETTINGS         the user's migration settings could not be put back
  *   QSNAP_CLEANUP                    putting the VM back after a failure was incomplete
+ *   QSNAP_CMDLINE_UNKNOWN            no QEMU command line could be recorded with a snapshot
+ *   QSNAP_STORE_DEFERRED             layers of a replaced or deleted snapshot stay until a later gc
  */
 export type SnapshotErrorCode =
   | 'QSNAP_SNAPSHOT_UNSUPPORTED'
@@ -59,7 +61,12 @@ export type ExportErrorCode = 'QSNAP_EXPORT_EXISTS';
 
 export type VerifyErrorCode = 'QSNAP_VERIFY_DISK_MISSING';
 
-export type WarningCode = 'QSNAP_RESUME_LATE' | 'QSNAP_MIGRATION_SETTINGS' | 'QSNAP_CLEANUP';
+export type WarningCode =
+  | 'QSNAP_RESUME_LATE'
+  | 'QSNAP_MIGRATION_SETTINGS'
+  | 'QSNAP_CLEANUP'
+  | 'QSNAP_CMDLINE_UNKNOWN'
+  | 'QSNAP_STORE_DEFERRED';
 
 export class SnapshotError extends QsnapError<SnapshotErrorCode> {}
 export class RestoreError extends QsnapError<RestoreErrorCode> {}

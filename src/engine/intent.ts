@@ -26,7 +26,7 @@ export const IntentSchema = z.object({
   version: z.literal(1),
   qmp: z.string(),
   owner: z.object({ pid: z.number().int(), startTime: z.string() }),
-  operation: z.enum(['snapshot', 'restore']),
+  operation: z.enum(['snapshot', 'restore', 'merge']),
   vmWasRunning: z.boolean(),
   stage: z.enum(['prepared', 'paused', 'streaming', 'finishing']),
   tempFiles: z.array(z.string()),

@@ -1,5 +1,6 @@
 import { access, constants } from 'node:fs/promises';
-import { type DiskEntry, diskLayers, openSnapshot, type VerifyResult } from '../format/index.js';
+import { type DiskEntry, openSnapshot, type VerifyResult } from '../format/index.js';
+import { type ChainImage, readChain } from '../vm/image-chain.js';
 import { VerifyError } from './errors.js';
 import { Operation } from './operation.js';
 
@@ -31,22 +32,30 @@ export function verifySnapshot(file: string): Operation<SnapshotVerifyResult> {
   });
 }
 
+/**
+ * The layers a snapshot's disk reads now, from the images' own headers (a store merge may
+ * have shortened the chain since the manifest recorded it), each present and readable.
+ */
 async function checkLayers(disk: DiskEntry): Promise<string[]> {
-  const layers = diskLayers(disk);
-  for (const layer of layers) {
-    try {
-      await access(layer, constants.R_OK);
-    } catch (err) {
-      throw new VerifyError(
-        'QSNAP_VERIFY_DISK_MISSING',
-        `disk ${disk.device}: layer ${layer} is missing or unreadable`,
-        {
-          hint: 'the snapshot needs its frozen disk images; restore them from a backup or take a new snapshot',
-          cause: err,
-          details: { device: disk.device, layer },
-        },
-      );
-    }
+  const missing = (layer: string, cause: unknown) =>
+    new VerifyError(
+      'QSNAP_VERIFY_DISK_MISSING',
+      `disk ${disk.device}: layer ${layer} is missing or unreadable`,
+      {
+        hint: 'the snapshot needs its frozen disk images; restore them from a backup or take a new snapshot',
+        cause,
+        details: { device: disk.device, layer },
+      },
+    );
+  let chain: ChainImage[];
+  try {
+    chain = await readChain(disk.frozenFile);
+  } catch (err) {
+    throw missing(disk.frozenFile, err);
   }
-  return layers;
+  const broken = chain.find((image) => image.problem);
+  if (broken?.backing) throw missing(broken.backing, broken.problem);
+  for (const { path } of chain)
+    await access(path, constants.R_OK).catch((err) => Promise.reject(missing(path, err)));
+  return chain.map((image) => image.path);
 }

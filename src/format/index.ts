@@ -24,7 +24,6 @@ export {
 } from './layout.js';
 export {
   type DiskEntry,
-  diskLayers,
   type Manifest,
   type ManifestInput,
   ManifestSchema,

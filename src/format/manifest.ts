@@ -57,7 +57,7 @@ export const DiskSchema = z.looseObject({
   /** The overlay the running VM writes to since the snapshot. */
   overlayFile: AbsolutePath,
   overlayNodeName: z.string().min(1),
-  /** The frozen file and the images below it, top first: what a restore opens read-only. */
+  /** The frozen file and the images below it at snapshot time, top first (history: a store merge may shorten the chain; readers follow the images' headers). */
   backingChain: z.array(AbsolutePath).min(1).optional(),
 });
 
@@ -129,11 +129,6 @@ export type ManifestInput = z.input<typeof ManifestSchema>;
 export type RamBlockEntry = z.output<typeof RamBlockSchema>;
 export type Region = z.output<typeof RegionSchema>;
 export type DiskEntry = z.output<typeof DiskSchema>;
-
-/** The images a snapshot's disk reads, top first (files written before backingChain: the frozen file). */
-export function diskLayers(disk: DiskEntry): string[] {
-  return disk.backingChain ?? [disk.frozenFile];
-}
 
 export type ManifestParse =
   | { ok: true; manifest: Manifest }

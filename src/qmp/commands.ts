@@ -190,6 +190,22 @@ export const commands = {
     }),
     returns: nothing,
   },
+  'block-stream': {
+    args: z.object({
+      'job-id': z.string().optional(),
+      device: z.string(),
+      base: z.string().optional(),
+      'base-node': z.string().optional(),
+      bottom: z.string().optional(),
+      'backing-file': z.string().optional(),
+      speed: z.number().optional(),
+      'on-error': onError.optional(),
+      'filter-node-name': z.string().optional(),
+      'auto-finalize': z.boolean().optional(),
+      'auto-dismiss': z.boolean().optional(),
+    }),
+    returns: nothing,
+  },
   'query-block-jobs': { args: none, returns: z.array(blockJobInfoSchema) },
 
   // qapi/job.json

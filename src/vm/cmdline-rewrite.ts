@@ -1,4 +1,4 @@
-import { resolve } from 'node:path';
+import { basename, join, resolve } from 'node:path';
 import { type ArgvDisk, type ParsedCommandLine, readJsonOption } from './cmdline.js';
 import {
   type ArgvEntry,
@@ -129,4 +129,60 @@ function mapRamFromFile(
     );
   else out.push({ option: '-machine', value: `memory-backend=${backendId}` });
   return out;
+}
+
+/**
+ * The same command line with every unix socket it listens on and its pidfile moved into `dir`:
+ * for a second instance of a VM whose first still runs (a restore beside the original, a
+ * clone), whose sockets it would otherwise take over (QEMU unlinks a socket path before it
+ * binds it). Client sockets (server=off) are left alone: they name someone else's socket.
+ */
+export function relocateSockets(
+  parsed: ParsedCommandLine,
+  dir: string,
+): { parsed: ParsedCommandLine; moved: Map<string, string> } {
+  const moved = new Map<string, string>();
+  const place = (path: string) => {
+    if (!moved.has(path)) moved.set(path, uniqueIn(dir, path, moved));
+    return moved.get(path)!;
+  };
+  const entries = parsed.entries.map((e) => ({
+    ...e,
+    ...(e.value === undefined ? {} : { value: relocateEntry(e, place) }),
+  }));
+  const qmpSocket =
+    parsed.qmpSocket === undefined ? undefined : (moved.get(parsed.qmpSocket) ?? parsed.qmpSocket);
+  return { parsed: { ...parsed, entries, qmpSocket }, moved };
+}
+
+/** `-qmp unix:P`, `-monitor unix:P`, `-serial unix:P` (and the key=value forms with server), `-chardev socket,path=P,server=on`, `-pidfile P`. */
+function relocateEntry(entry: ArgvEntry, place: (path: string) => string): string | undefined {
+  const value = entry.value!;
+  if (entry.option === '-pidfile') return place(value);
+  if (['-qmp', '-qmp-pretty', '-monitor', '-serial'].includes(entry.option)) {
+    const o = parseQemuOpts(value, 'path');
+    if (!o.implied?.startsWith('unix:') || !isServer(o, true)) return value;
+    return formatQemuOpts({ ...o, implied: `unix:${place(o.implied.slice(5))}` });
+  }
+  if (entry.option === '-chardev') {
+    const o = parseQemuOpts(value, 'backend');
+    const path = getOpt(o, 'path');
+    if (o.implied !== 'socket' || !path || !isServer(o, false)) return value;
+    return formatQemuOpts(setOpt(o, 'path', place(path)));
+  }
+  return value;
+}
+
+/** `-qmp unix:P` listens unless server=off; `-chardev socket` connects unless server=on. */
+function isServer(o: QemuOpts, byDefault: boolean): boolean {
+  const server = getOpt(o, 'server');
+  return server === undefined ? byDefault : server === 'on' || server === 'true' || server === 'yes';
+}
+
+function uniqueIn(dir: string, path: string, taken: Map<string, string>): string {
+  const used = new Set(taken.values());
+  const name = basename(path);
+  let candidate = join(dir, name);
+  for (let n = 2; used.has(candidate); n++) candidate = join(dir, `${n}-${name}`);
+  return candidate;
 }

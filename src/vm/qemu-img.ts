@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { open, readFile, rm, writeFile } from 'node:fs/promises';
-import { basename, dirname, resolve } from 'node:path';
+import { basename, dirname } from 'node:path';
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
@@ -59,20 +59,5 @@ export async function createOverlay(spec: OverlaySpec): Promise<void> {
     await rm(spec.overlayFile, { force: true });
     const stderr = (err as { stderr?: string }).stderr?.trim();
     throw stderr ? new Error(stderr, { cause: err }) : err;
-  }
-}
-
-/**
- * An image and the images below it, top first, as absolute paths (`qemu-img info -U
- * --backing-chain`: -U reads without taking QEMU's lock). Just the image when qemu-img cannot
- * read it.
- */
-export async function backingChain(file: string): Promise<string[]> {
-  try {
-    const { stdout } = await run('qemu-img', ['info', '-U', '--backing-chain', '--output=json', file]);
-    const parsed = JSON.parse(stdout) as { filename: string }[] | { filename: string };
-    return (Array.isArray(parsed) ? parsed : [parsed]).map((i) => resolve(dirname(file), i.filename));
-  } catch {
-    return [resolve(file)];
   }
 }

@@ -2,7 +2,8 @@ import { mkdir } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import type { Manifest } from '../../format/index.js';
 import type { ArgvDisk } from '../../vm/cmdline.js';
-import { backingChain, createOverlay } from '../../vm/qemu-img.js';
+import { readChain } from '../../vm/image-chain.js';
+import { createOverlay } from '../../vm/qemu-img.js';
 import { overlayPath } from '../disks/naming.js';
 import { RestoreError } from '../errors.js';
 
@@ -32,8 +33,7 @@ export async function pairDisks(
   const used = new Set<ArgvDisk>();
   for (const disk of manifest.disks) {
     const candidates = disks.filter((d) => !used.has(d) && !d.readOnly);
-    // The chain recorded at snapshot time saves a qemu-img run per restore.
-    const chain = disk.backingChain ?? (await backingChain(disk.frozenFile));
+    const chain = await chainPaths(disk.frozenFile);
     const match = await findMatch(candidates, disk.device, disk.frozenFile, chain);
     used.add(match);
     paired.push({
@@ -69,7 +69,7 @@ async function findMatch(
   if (matches.length === 0) {
     // The command line may name an image above the frozen layer (a later overlay).
     const above: ArgvDisk[] = [];
-    for (const d of candidates) if ((await backingChain(d.file)).includes(resolve(frozenFile))) above.push(d);
+    for (const d of candidates) if ((await chainPaths(d.file)).includes(resolve(frozenFile))) above.push(d);
     matches = above;
   }
   const match = matches.find((d) => d.deviceId === device) ?? matches[0];
@@ -100,5 +100,14 @@ export async function createRestoreOverlay(disk: PairedDisk): Promise<void> {
       `cannot create the restore overlay ${disk.overlayFile}: ${(err as Error).message}`,
       { hint: 'check that the directory is writable (or choose --overlay-dir)', cause: err },
     );
+  }
+}
+
+/** An image and the images below it, from their headers; just the image when it cannot be read. */
+async function chainPaths(file: string): Promise<string[]> {
+  try {
+    return (await readChain(file)).map((image) => image.path);
+  } catch {
+    return [resolve(file)];
   }
 }

@@ -35,6 +35,7 @@ export async function recoverStaleIntent(
       await restoreMigration(qmp, { saved: intent.migration }).catch(() => undefined);
       report.actions.push('restored migration settings');
     }
+    if (intent.operation === 'merge') await dismissMergeJobs(qmp, report);
     for (const file of intent.tempFiles) await rm(file, { force: true, recursive: true });
     if (intent.tempFiles.length) report.actions.push(`removed ${intent.tempFiles.length} temporary file(s)`);
   }
@@ -63,6 +64,24 @@ async function settleMigration(qmp: QmpClient, report: RecoveryReport): Promise<
   });
   if (background)
     report.actions.push(`let the interrupted background snapshot run out (${settled.info.status})`);
+}
+
+/**
+ * A store merge (block-stream) goes on in QEMU when qsnap dies; once it concluded it waits to be
+ * dismissed (auto-dismiss off, so its error can be read). The next command reads the result
+ * off the image headers.
+ */
+async function dismissMergeJobs(qmp: QmpClient, report: RecoveryReport): Promise<void> {
+  const deadline = Date.now() + 10 * 60_000;
+  for (;;) {
+    const jobs = (await qmp.execute('query-jobs')).filter((j) => j.id.startsWith('qsnap-merge-'));
+    for (const job of jobs.filter((j) => j.status === 'concluded')) {
+      await qmp.execute('job-dismiss', { id: job.id });
+      report.actions.push(`dismissed the finished merge ${job.id}${job.error ? ` (${job.error})` : ''}`);
+    }
+    if (jobs.every((j) => j.status === 'concluded') || Date.now() > deadline) return;
+    await new Promise((r) => setTimeout(r, 50)); // a merge still copying: let it finish first
+  }
 }
 
 /** Run states a dead qsnap leaves a guest in that it had been running before. */

@@ -1,0 +1,61 @@
+import { open } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import {
+  decodeBackingName,
+  decodeQcow2Header,
+  isQcow2,
+  QCOW2_HEAD_BYTES,
+  Qcow2FormatError,
+} from './qcow2.js';
+
+/** One image of a backing chain, as its file says. */
+export interface ChainImage {
+  path: string;
+  format: 'qcow2' | 'raw';
+  /** The image below it (absolute), when its header names one. */
+  backing: string | undefined;
+  /** Why the chain stops here early: the backing file is gone or unreadable. */
+  problem?: string;
+}
+
+/**
+ * The header of one image: qcow2 (its backing file, if any) or anything else, taken as raw
+ * (QEMU probes formats the same way: no qcow2 magic, no backing). Throws on a damaged qcow2
+ * header and passes an OS error (ENOENT…) through.
+ */
+export async function readImage(path: string): Promise<ChainImage> {
+  const file = await open(path, 'r');
+  try {
+    const head = Buffer.alloc(QCOW2_HEAD_BYTES);
+    const { bytesRead } = await file.read(head, 0, head.length, 0);
+    const bytes = head.subarray(0, bytesRead);
+    if (!isQcow2(bytes)) return { path, format: 'raw', backing: undefined };
+    const name = decodeBackingName(bytes, decodeQcow2Header(bytes));
+    return { path, format: 'qcow2', backing: name === undefined ? undefined : resolve(dirname(path), name) };
+  } finally {
+    await file.close();
+  }
+}
+
+/**
+ * An image and the images below it, top first, from their headers (no qemu-img process). A
+ * missing or damaged image ends the chain with `problem` set on the image above it.
+ */
+export async function readChain(top: string, maxDepth = 256): Promise<ChainImage[]> {
+  const chain: ChainImage[] = [];
+  let path: string | undefined = resolve(top);
+  while (path !== undefined && chain.length < maxDepth) {
+    try {
+      const image = await readImage(path);
+      chain.push(image);
+      path = image.backing;
+    } catch (err) {
+      const why =
+        err instanceof Qcow2FormatError ? err.message : ((err as NodeJS.ErrnoException).code ?? String(err));
+      if (chain.length === 0) throw err;
+      chain[chain.length - 1]!.problem = `${path}: ${why}`;
+      return chain;
+    }
+  }
+  return chain;
+}
