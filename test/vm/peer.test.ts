@@ -4,12 +4,21 @@
  * this process, and a process of another user. Every QEMU and child is stopped by pid and every
  * temp directory removed, whatever happened.
  */
-import { describe, expect, it } from 'vitest';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { existsSync, realpathSync } from 'node:fs';
+import { mkdir, symlink, unlink } from 'node:fs/promises';
+import { createServer, type Server } from 'node:net';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { QmpClient } from '../../src/qmp/index.js';
+import { Vm } from '../../src/vm/launcher.js';
 import {
   abstractName,
   canonicalIpv6,
   decodeProcAddress,
+  findQmpPeer,
   localListenAddresses,
+  type PeerResult,
   parseProcCmdline,
   parseProcNetTcp,
   parseProcNetUnix,
@@ -17,6 +26,11 @@ import {
   tcpListeners,
   unixListeners,
 } from '../../src/vm/peer.js';
+import { processStartTime } from '../../src/vm/process.js';
+import { hasQemu, isRoot, QEMU, ROOT } from '../support/env.js';
+import { QemuRegister } from '../support/guest.js';
+import { killPid, waitGone, waitUntil } from '../support/process.js';
+import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 /**
  * /proc/net/unix while a QEMU listened on qmp.sock (a client connected: the accepted socket
@@ -224,3 +238,198 @@ describe('qemuCommandLine', () => {
     ]);
   });
 });
+
+const VITE_NODE = join(ROOT, 'node_modules', '.bin', 'vite-node');
+const FIND_PEER = join(ROOT, 'test', 'vm', 'fixtures', 'find-peer.ts');
+const BARE = ['-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none', '-S'];
+
+/** Polls until something answers `endpoint`, then returns what findQmpPeer says. */
+async function peerOnceListening(endpoint: string): Promise<PeerResult> {
+  await waitUntil(async () => (await findQmpPeer(endpoint)).found, 15_000, `a listener on ${endpoint}`);
+  return findQmpPeer(endpoint);
+}
+
+/** A TCP port nothing listens on right now. */
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((ok) => server.listen(0, '127.0.0.1', ok));
+  const { port } = server.address() as { port: number };
+  await new Promise((ok) => server.close(ok));
+  return port;
+}
+
+async function listen(server: Server, where: string | { host: string; port: number }): Promise<Server> {
+  await new Promise<void>((ok, fail) => {
+    server.once('error', fail);
+    if (typeof where === 'string') server.listen(where, ok);
+    else server.listen(where.port, where.host, ok);
+  });
+  return server;
+}
+
+describe.skipIf(!hasQemu)('findQmpPeer on real processes', () => {
+  const qemus = new QemuRegister();
+  const servers = new Set<Server>();
+  const children = new Set<ChildProcess>();
+  let sandbox: Sandbox;
+  let qemuExe: string;
+
+  beforeAll(async () => {
+    sandbox = await openSandbox('peer');
+    qemuExe = realpathSync(execFileSync('sh', ['-c', `command -v ${QEMU}`], { encoding: 'utf8' }).trim());
+  });
+
+  afterEach(async () => {
+    await qemus.stopAll();
+    for (const child of children) await killPid(child.pid);
+    children.clear();
+    for (const server of servers) await new Promise((ok) => server.close(ok));
+    servers.clear();
+  });
+
+  afterAll(async () => {
+    await sandbox?.dispose();
+  });
+
+  function startQemu(args: string[]): ChildProcess {
+    const child = spawn(QEMU, args, { stdio: 'ignore' });
+    qemus.add(child.pid!);
+    return child;
+  }
+
+  function server(): Server {
+    const s = createServer((socket) => socket.destroy());
+    servers.add(s);
+    return s;
+  }
+
+  it('finds the QEMU on a unix socket: its pid, start time, binary and argv as spawned', async () => {
+    const qmp = join(sandbox.root, 'qmp.sock');
+    const args = [...BARE, '-qmp', `unix:${qmp},server=on,wait=off`];
+    const child = startQemu(args);
+    const peer = await peerOnceListening(qmp);
+    expect(peer).toEqual({
+      found: true,
+      pid: child.pid,
+      startTime: processStartTime(child.pid!),
+      argv: [QEMU, ...args],
+      exe: qemuExe,
+    });
+    // A connected client adds an accepted socket on the same path; the listener is still the one.
+    const client = await QmpClient.connect(qmp);
+    try {
+      expect(await findQmpPeer(`unix:${qmp}`)).toEqual(peer);
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('finds the QEMU on a TCP port by 127.0.0.1, localhost and tcp:, but not on ::1 (control)', async () => {
+    const port = await freePort();
+    const args = [...BARE, '-qmp', `tcp:127.0.0.1:${port},server=on,wait=off`];
+    const child = startQemu(args);
+    const peer = await peerOnceListening(`127.0.0.1:${port}`);
+    expect(peer).toMatchObject({ found: true, pid: child.pid, argv: [QEMU, ...args], exe: qemuExe });
+    expect(await findQmpPeer(`localhost:${port}`)).toEqual(peer);
+    expect(await findQmpPeer(`tcp:127.0.0.1:${port}`)).toEqual(peer);
+    expect(await findQmpPeer(`[::1]:${port}`)).toMatchObject({ found: false, reason: 'no-listener' });
+  });
+
+  it('resolves symlinks on either side and keeps spaces in the path', async () => {
+    const real = join(sandbox.root, 'with space');
+    const link = join(sandbox.root, 'link');
+    await mkdir(real);
+    await symlink(real, link);
+    const args = [...BARE, '-qmp', `unix:${link}/qmp.sock,server=on,wait=off`]; // bound through the link
+    const child = startQemu(args);
+    const peer = await peerOnceListening(join(real, 'qmp.sock'));
+    expect(peer).toMatchObject({ found: true, pid: child.pid, argv: [QEMU, ...args] });
+    expect(await findQmpPeer(join(link, 'qmp.sock'))).toEqual(peer);
+  });
+
+  it('gives the argv of a QEMU from Vm.launchArgv, and without qsnap-control the argv it was given', async () => {
+    const runDir = join(sandbox.root, 'run');
+    const qmpPath = join(runDir, 'qmp.sock');
+    const argv = [...BARE, '-qmp', `unix:${qmpPath},server=on,wait=off`];
+    const vm = qemus.add(await Vm.launchArgv(argv, { qmpPath, runDir, ownsRunDir: true }));
+    const peer = await findQmpPeer(qmpPath);
+    expect(peer).toMatchObject({ found: true, pid: vm.pid, argv: [QEMU, ...vm.fullArgv] });
+    if (!peer.found) return;
+    expect(peer.argv.join(' ')).toContain('qsnap-control'); // control: there is something to drop
+    expect(qemuCommandLine(peer.argv)).toEqual([QEMU, ...argv]);
+    // The private control socket is that QEMU's too.
+    expect(await findQmpPeer(vm.controlPath)).toEqual(peer);
+  });
+
+  it('finds this process behind its own unix listener, and no one behind a path nobody listens on', async () => {
+    const path = join(sandbox.root, 'node.sock');
+    await listen(server(), path);
+    expect(await findQmpPeer(path)).toMatchObject({
+      found: true,
+      pid: process.pid,
+      startTime: processStartTime(process.pid),
+      exe: realpathSync(process.execPath),
+    });
+    const nobody = join(sandbox.root, 'nobody.sock');
+    expect(await findQmpPeer(nobody)).toMatchObject({ found: false, reason: 'no-listener' });
+  });
+
+  it('finds no listener on the socket file a killed QEMU left behind', async () => {
+    const qmp = join(sandbox.root, 'killed.sock');
+    const child = startQemu([...BARE, '-qmp', `unix:${qmp},server=on,wait=off`]);
+    expect(await peerOnceListening(qmp)).toMatchObject({ found: true, pid: child.pid }); // control
+    process.kill(child.pid!, 'SIGKILL');
+    expect(await waitGone(child.pid!)).toBe(true);
+    expect(existsSync(qmp)).toBe(true); // the file is there, nobody serves it
+    expect(await findQmpPeer(qmp)).toMatchObject({ found: false, reason: 'no-listener' });
+  });
+
+  it('calls a remote host not local, before reading anything', async () => {
+    expect(await findQmpPeer('192.0.2.1:4444')).toMatchObject({ found: false, reason: 'not-local' });
+    expect(await findQmpPeer('tcp:example.com:4444')).toMatchObject({ found: false, reason: 'not-local' });
+  });
+
+  it('is ambiguous while a second process holds the same listener, and never picks one', async () => {
+    const path = join(sandbox.root, 'shared.sock');
+    const shared = await listen(server(), path);
+    expect(await findQmpPeer(path)).toMatchObject({ found: true, pid: process.pid }); // control
+    const child = spawn(process.execPath, ['-e', HOLDER], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+    children.add(child);
+    const held = new Promise((ok) => child.once('message', ok));
+    child.send('hold', shared);
+    await held;
+    const peer = await findQmpPeer(path);
+    expect(peer).toMatchObject({ found: false, reason: 'ambiguous' });
+    expect(peer.found ? '' : peer.detail).toContain(`${child.pid}`);
+    await killPid(child.pid);
+    expect(await findQmpPeer(path)).toMatchObject({ found: true, pid: process.pid });
+  });
+
+  it('is ambiguous when a path was unlinked and bound again (two listeners print it)', async () => {
+    const path = join(sandbox.root, 'rebound.sock');
+    await listen(server(), path);
+    expect(await findQmpPeer(path)).toMatchObject({ found: true, pid: process.pid }); // control
+    await unlink(path);
+    await listen(server(), path);
+    expect(await findQmpPeer(path)).toMatchObject({ found: false, reason: 'ambiguous' });
+  });
+
+  it.skipIf(!isRoot)(
+    "is not readable by a user who may not read the holder's fd table (run as nobody)",
+    async () => {
+      const s = await listen(server(), { host: '127.0.0.1', port: 0 });
+      const endpoint = `127.0.0.1:${(s.address() as { port: number }).port}`;
+      expect(await findQmpPeer(endpoint)).toMatchObject({ found: true, pid: process.pid }); // control
+      const out = execFileSync(VITE_NODE, [FIND_PEER, endpoint], {
+        cwd: '/',
+        uid: 65534,
+        gid: 65534,
+        encoding: 'utf8',
+      });
+      expect(JSON.parse(out)).toMatchObject({ found: false, reason: 'not-readable' });
+    },
+  );
+});
+
+/** A child that keeps the listening socket its parent sends it, and says so. */
+const HOLDER = `process.on('message', (_m, handle) => { globalThis.held = handle; process.send('held'); });`;
