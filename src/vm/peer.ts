@@ -1,7 +1,7 @@
 import { readdir, readFile, readlink, realpath } from 'node:fs/promises';
 import { isIPv6 } from 'node:net';
 import { endianness } from 'node:os';
-import { resolve } from 'node:path';
+import { basename, resolve } from 'node:path';
 import { describeTarget, parseTarget, type QmpTarget } from '../qmp/index.js';
 import { CONTROL_CHARDEV_ID } from './launcher.js';
 import { isRunning, processIdentity } from './process.js';
@@ -241,9 +241,13 @@ function errnoOf(err: unknown): string | undefined {
 const isDenied = (err: unknown) => errnoOf(err) === 'EACCES' || errnoOf(err) === 'EPERM';
 
 /** Exactly one listener, or why not. */
-function oneListener(rows: readonly { inode: number }[], where: string): { inode: number } | NotFound {
+function oneListener(
+  rows: readonly { inode: number }[],
+  where: string,
+  hint = '',
+): { inode: number } | NotFound {
   if (rows.length === 1) return rows[0]!;
-  if (rows.length === 0) return notFound('no-listener', `nothing listens on ${where}`);
+  if (rows.length === 0) return notFound('no-listener', `no listening socket is bound to ${where}${hint}`);
   const inodes = rows.map((r) => r.inode).join(', ');
   return notFound('ambiguous', `${rows.length} listening sockets are bound to ${where} (inodes ${inodes})`);
 }
@@ -274,11 +278,24 @@ async function unixNames(path: string, rows: readonly UnixSocketRow[]): Promise<
   return [...names];
 }
 
+/**
+ * QEMU binds a unix path as given, so `-qmp unix:qmp.sock` prints as `qmp.sock`, relative to a
+ * directory the table does not name: such a listener is never matched, only pointed out.
+ */
+function relativeHint(rows: readonly UnixSocketRow[], path: string): string {
+  const relative = rows.filter((r) => r.listening && r.path !== undefined && !/^[/@]/.test(r.path));
+  const same = relative.filter((r) => basename(r.path!) === basename(path));
+  if (same.length === 0) return '';
+  const who = same.length === 1 ? `socket ${same[0]!.inode} is` : `${same.length} sockets are`;
+  return ` (${who} bound to the relative path ${same[0]!.path}, which cannot be placed: give QEMU an absolute path)`;
+}
+
 async function unixListener(path: string): Promise<{ inode: number } | NotFound> {
   const rows = parseProcNetUnix(await readFile('/proc/net/unix', 'utf8'));
   const names = await unixNames(path, rows);
   if (!Array.isArray(names)) return names;
-  return oneListener(unixListeners(rows, names), path.startsWith('\0') ? names[0]! : resolve(path));
+  if (path.startsWith('\0')) return oneListener(unixListeners(rows, names), names[0]!);
+  return oneListener(unixListeners(rows, names), resolve(path), relativeHint(rows, path));
 }
 
 /** /proc/net/tcp6 is absent when IPv6 is disabled. */
@@ -291,7 +308,10 @@ async function readTcpTable(file: string): Promise<TcpSocketRow[]> {
   }
 }
 
-async function tcpListener(target: { host: string; port: number }, where: string) {
+async function tcpListener(
+  target: { host: string; port: number },
+  where: string,
+): Promise<{ inode: number } | NotFound> {
   const addresses = localListenAddresses(target.host);
   if (!addresses) {
     return notFound(

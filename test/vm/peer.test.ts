@@ -384,6 +384,23 @@ describe.skipIf(!hasQemu)('findQmpPeer on real processes', () => {
     expect(await findQmpPeer(qmp)).toMatchObject({ found: false, reason: 'no-listener' });
   });
 
+  it('cannot place a QEMU bound to a relative path, and says so', async () => {
+    const dir = join(sandbox.root, 'relative');
+    await mkdir(dir);
+    const child = spawn(QEMU, [...BARE, '-qmp', 'unix:rel.sock,server=on,wait=off'], {
+      cwd: dir,
+      stdio: 'ignore',
+    });
+    qemus.add(child.pid!);
+    const detail = async () => {
+      const peer = await findQmpPeer(join(dir, 'rel.sock'));
+      expect(peer).toMatchObject({ found: false, reason: 'no-listener' });
+      return peer.found ? '' : peer.detail;
+    };
+    // bind(2) makes the file before listen(2): wait for the listener, not the file.
+    await waitUntil(async () => (await detail()).includes('relative path rel.sock'), 15_000, 'the listener');
+  });
+
   it('calls a remote host not local, before reading anything', async () => {
     expect(await findQmpPeer('192.0.2.1:4444')).toMatchObject({ found: false, reason: 'not-local' });
     expect(await findQmpPeer('tcp:example.com:4444')).toMatchObject({ found: false, reason: 'not-local' });
