@@ -56,13 +56,16 @@ function installExitHook(): void {
   });
 }
 
+/** The chardev id of qsnap's private control monitor (peer.ts leaves it out of a command line it reads back). */
+export const CONTROL_CHARDEV_ID = 'qsnap-control';
+
 /** qsnap's private QMP monitor: QEMU serves one client per socket, so the public one stays free. */
 function controlMonitorArgs(controlPath: string): string[] {
   return [
     '-chardev',
-    `socket,id=qsnap-control,path=${controlPath.replaceAll(',', ',,')},server=on,wait=off`,
+    `socket,id=${CONTROL_CHARDEV_ID},path=${controlPath.replaceAll(',', ',,')},server=on,wait=off`,
     '-mon',
-    'chardev=qsnap-control,mode=control',
+    `chardev=${CONTROL_CHARDEV_ID},mode=control`,
   ];
 }
 
