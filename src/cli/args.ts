@@ -87,3 +87,28 @@ export function singleFile(name: string, positionals: string[]): string {
     throw new UsageError(`${name}: give exactly one snapshot file`, `see qsnap ${name} --help`);
   return file;
 }
+
+/**
+ * A command line given as one string (`--cmdline '…'`), split as a POSIX shell splits words:
+ * blanks separate, '…' is literal, "…" and \ escape. No expansion of any kind.
+ */
+export function splitCommandLine(text: string): string[] {
+  const words: string[] = [];
+  let word: string | undefined;
+  let quote: '"' | "'" | undefined;
+  for (let i = 0; i < text.length; i++) {
+    const ch = text[i]!;
+    if (quote === "'" ? ch === "'" : quote === '"' && ch === '"') quote = undefined;
+    else if (!quote && (ch === "'" || ch === '"')) {
+      quote = ch;
+      word ??= '';
+    } else if (ch === '\\' && quote !== "'" && i + 1 < text.length) word = (word ?? '') + text[++i];
+    else if (!quote && /\s/.test(ch)) {
+      if (word !== undefined) words.push(word);
+      word = undefined;
+    } else word = (word ?? '') + ch;
+  }
+  if (quote) throw new UsageError(`--cmdline: unterminated ${quote} quote`, 'close the quote');
+  if (word !== undefined) words.push(word);
+  return words;
+}

@@ -1,5 +1,6 @@
 import { type Faults, parseFaults } from '../engine/faults.js';
 import { defaultStateDir } from '../engine/state-dir.js';
+import { defaultStoreDir } from '../store/store.js';
 import { UsageError } from './args.js';
 
 /**
@@ -9,6 +10,8 @@ import { UsageError } from './args.js';
 export interface CliEnv {
   /** Intent records: `$QSNAP_STATE_DIR`, else `$XDG_STATE_HOME/qsnap`. */
   stateDir: string;
+  /** The snapshot store: `$QSNAP_STORE`, else `$XDG_DATA_HOME/qsnap` (`--store` wins). */
+  storeDir: string;
   /** Test-only fault points from `QSNAP_FAULT` (engine/faults.ts). */
   faults: Faults;
 }
@@ -23,5 +26,5 @@ export function readCliEnv(env: NodeJS.ProcessEnv = process.env): CliEnv {
       'unset QSNAP_FAULT (it is for qsnap’s own tests)',
     );
   }
-  return { stateDir: defaultStateDir(env), faults };
+  return { stateDir: defaultStateDir(env), storeDir: defaultStoreDir(env), faults };
 }

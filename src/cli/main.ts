@@ -1,6 +1,9 @@
 #!/usr/bin/env node
+import { deleteCommand } from './commands/delete.js';
 import { exportCommand } from './commands/export.js';
+import { gcCommand } from './commands/gc.js';
 import { inspectCommand } from './commands/inspect.js';
+import { listCommand } from './commands/list.js';
 import { restoreCommand } from './commands/restore.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { statusCommand } from './commands/status.js';
@@ -15,10 +18,19 @@ interface Command {
 
 const COMMANDS: Record<string, Command> = {
   status: { run: statusCommand, summary: 'show a running VM (state, QEMU, machine, RAM, disks)' },
-  snapshot: { run: snapshotCommand, summary: 'take a live point-in-time snapshot of a running VM' },
+  snapshot: {
+    run: snapshotCommand,
+    summary: 'take a live point-in-time snapshot of a running VM (--name: into the store)',
+  },
+  list: { run: listCommand, summary: 'list the snapshots of the store (--tree: the parent tree)' },
   inspect: { run: inspectCommand, summary: 'show what a snapshot file holds' },
   verify: { run: verifyCommand, summary: 'check every checksum of a snapshot file' },
-  restore: { run: restoreCommand, summary: 'start a new QEMU from a snapshot (full or --lazy)' },
+  restore: {
+    run: restoreCommand,
+    summary: 'start a new QEMU from a snapshot by name or file (full or --lazy)',
+  },
+  delete: { run: deleteCommand, summary: 'delete snapshots of the store, merging disk layers still needed' },
+  gc: { run: gcCommand, summary: 'remove what no snapshot and no VM needs any more' },
   export: { run: exportCommand, summary: 'write a snapshot as a plain QEMU migration stream' },
 };
 

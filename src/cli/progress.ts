@@ -10,7 +10,8 @@ export class ProgressBar {
   private lastDraw = 0;
   private started = performance.now();
   private drawn = false;
-  private readonly enabled: boolean;
+  /** Drawing on a terminal (warnings are printed here then; otherwise the command reports them). */
+  readonly enabled: boolean;
 
   constructor(
     enabled: boolean,

@@ -1,4 +1,5 @@
 import type { QmpClient } from '../qmp/index.js';
+import { plainFilename } from '../vm/image-chain.js';
 
 export interface QemuVersion {
   major: number;
@@ -40,20 +41,6 @@ export interface VmInfo {
 
 export function versionAtLeast(v: QemuVersion, major: number, minor = 0): boolean {
   return v.major > major || (v.major === major && v.minor >= minor);
-}
-
-/**
- * QEMU names a node whose options do not fit a filename `json:{…}` (an overlay attached with
- * blockdev-snapshot is one); its image file is `file.filename` inside.
- */
-export function plainFilename(name: string): string | undefined {
-  if (!name.startsWith('json:')) return name;
-  try {
-    const parsed = JSON.parse(name.slice(5)) as { file?: { filename?: unknown } };
-    return typeof parsed.file?.filename === 'string' ? parsed.file.filename : undefined;
-  } catch {
-    return undefined;
-  }
 }
 
 function imageChain(image: { filename: string; 'backing-image'?: unknown } | undefined): string[] {

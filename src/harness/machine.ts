@@ -2,10 +2,10 @@ import { mkdtemp, rm, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { TMPFS_MAGIC } from '../engine/migration.js';
-import { plainFilename } from '../engine/probe.js';
 import { type RestoreMode, restore } from '../engine/restore/restore.js';
 import { type SnapshotResult, snapshot } from '../engine/snapshot/snapshot.js';
 import { parseCommandLine } from '../vm/cmdline.js';
+import { plainFilename } from '../vm/image-chain.js';
 import { Vm } from '../vm/launcher.js';
 
 export interface Checkpoint {

@@ -1,9 +1,10 @@
 import { connectVm } from '../engine/connect.js';
+import { formatNodesByFile, releaseUnusedNodes } from '../engine/disks/nodes.js';
 import type { OperationContext } from '../engine/operation.js';
-import { plainFilename } from '../engine/probe.js';
 import type { SnapshotResult } from '../engine/snapshot/types.js';
 import type { QmpClient } from '../qmp/index.js';
 import { readChain } from '../vm/image-chain.js';
+import { backingReference } from '../vm/qemu-img.js';
 import type { Store } from './store.js';
 
 /**
@@ -43,14 +44,17 @@ export async function boundChain(
 }
 
 async function startStream(qmp: QmpClient, top: string, base: string): Promise<string> {
-  const nodes = await qmp.execute('query-named-block-nodes', { flat: true });
-  const nodeOf = (path: string) =>
-    nodes.find((n) => n.drv !== 'file' && (plainFilename(n.file) ?? n.file) === path)?.['node-name'];
-  const device = nodeOf(top);
-  const baseNode = nodeOf(base);
+  const nodes = await formatNodesByFile(qmp);
+  const device = nodes.get(top);
+  const baseNode = nodes.get(base);
   if (!device || !baseNode) throw new Error(`QEMU has no node for ${device ? base : top}`);
   const job = `${JOB_PREFIX}${device}`;
-  await qmp.execute('block-stream', { 'job-id': job, device, 'base-node': baseNode });
+  await qmp.execute('block-stream', {
+    'job-id': job,
+    device,
+    'base-node': baseNode,
+    'backing-file': backingReference(top, base),
+  });
   return job;
 }
 
@@ -69,7 +73,11 @@ export async function waitForChainJob(
       const running = (await qmp.execute('query-jobs')).filter(
         (j) => j.id.startsWith(JOB_PREFIX) && j.status !== 'concluded' && j.status !== 'null',
       );
-      if (running.length === 0) return;
+      if (running.length === 0) {
+        // Layers a finished stream took out of the chain are still open as qsnap's nodes.
+        await releaseUnusedNodes(qmp);
+        return;
+      }
       if (!said) op.phase('wait', `shortening the disk chain (${running.map((j) => j.id).join(', ')})`);
       const done = running.reduce((sum, j) => sum + j['current-progress'], 0);
       op.progress(

@@ -1,12 +1,15 @@
 import { rm } from 'node:fs/promises';
 import { connectVm } from '../engine/connect.js';
+import { releaseUnusedNodes } from '../engine/disks/nodes.js';
+import { type Faults, hangForever, NO_FAULTS } from '../engine/faults.js';
 import { IntentStore } from '../engine/intent.js';
 import { Operation, type OperationContext } from '../engine/operation.js';
 import { QmpClient } from '../qmp/index.js';
 import { readImage } from '../vm/image-chain.js';
 import { isRunning } from '../vm/process.js';
+import { sweepStaleRunDirs } from '../vm/run-dir.js';
 import { allocatedBytes, fileKey, identityOf, scanHolders } from './facts.js';
-import { checkMerged, mergeLive, mergeOffline } from './merge.js';
+import { checkMerged, isMerged, mergeLive, mergeOffline } from './merge.js';
 import { type Merge, type Plan, type PlannedFile, planCollection } from './plan.js';
 import type { Catalog } from './schema.js';
 import type { Store } from './store.js';
@@ -17,6 +20,10 @@ export interface CollectOptions {
   deleting: readonly string[];
   /** Only say what would be done. */
   dryRun?: boolean;
+  /** Also remove the run directories of detached QEMUs that have exited (gc). */
+  sweepRunDirs?: boolean;
+  /** Test-only fault points (engine/faults.ts). */
+  faults?: Faults;
 }
 
 export interface MergeDone {
@@ -36,10 +43,12 @@ export interface CollectResult {
   dryRun: boolean;
   merged: MergeDone[];
   removed: PlannedFile[];
-  waiting: PlannedFile[];
+  waiting: Plan['wait'];
   kept: PlannedFile[];
   /** Names of the snapshots that are gone. */
   deleted: string[];
+  /** Run directories of QEMUs that exited, removed (or, dry, to be removed). */
+  sweptRunDirs?: string[];
 }
 
 /**
@@ -59,6 +68,7 @@ async function runCollect(
 ): Promise<CollectResult> {
   const deleting = new Set(options.deleting);
   op.phase('plan');
+  if (!options.dryRun) await releaseOrphanNodes(store);
   const plan = await planNow(store, deleting);
   const result: CollectResult = {
     plan,
@@ -69,12 +79,19 @@ async function runCollect(
     kept: plan.keep,
     deleted: [],
   };
+  if (options.sweepRunDirs)
+    result.sweptRunDirs = await sweepStaleRunDirs(undefined, { dryRun: result.dryRun });
   if (options.dryRun) return result;
   if (deleting.size) await store.transact('delete', (c) => markDeleting(c, deleting));
-  for (const merge of plan.merges) result.merged.push(await runMerge(store, merge, op));
+  const faults = options.faults ?? NO_FAULTS;
+  for (const merge of plan.merges) result.merged.push(await runMerge(store, merge, faults, op));
   op.phase('remove');
   const after = await planNow(store, deleting);
-  for (const file of after.remove) if (await removeUnheld(file.path)) result.removed.push(file);
+  for (const file of after.remove) {
+    if (!(await removeUnheld(file.path))) continue;
+    result.removed.push(file);
+    if (faults.has('hang-after-removal')) hangForever();
+  }
   result.waiting = after.wait;
   result.kept = after.keep;
   result.deleted = await store.transact('collected', (c) => settle(c, after, result));
@@ -84,20 +101,54 @@ async function runCollect(
 /** The plan on the store as it is now, with the QMP sockets of the QEMUs a live merge needs tried first. */
 async function planNow(store: Store, deleting: Set<string>): Promise<Plan> {
   const view = await store.view();
-  const draft = planCollection(view, { deleting, reachable: () => true });
-  const reachable = new Set<QemuView>();
+  const draft = planCollection(view, { deleting, liveMergeBlocked: () => undefined });
+  const blocked = new Map<QemuView, string | undefined>();
   for (const m of draft.merges)
-    if (m.via.kind === 'live' && (await canReach(m.via.qemu))) reachable.add(m.via.qemu);
-  return planCollection(view, { deleting, reachable: (q) => reachable.has(q) });
+    if (m.via.kind === 'live') blocked.set(m.via.qemu, await liveMergeBlocked(m.via.qemu));
+  return planCollection(view, { deleting, liveMergeBlocked: (q) => blocked.get(q) });
 }
 
-async function canReach(qemu: QemuView): Promise<boolean> {
-  if (!qemu.vm) return false;
+/**
+ * Whether this QEMU can stream into its layers now: its QMP socket answers (QEMU serves one
+ * client, so another may hold it) and its disks are active — QEMU 7.2 inactivates them after an
+ * outgoing migration (a snapshot of a paused guest leaves it `postmigrate`) until it runs again.
+ */
+async function liveMergeBlocked(qemu: QemuView): Promise<string | undefined> {
+  if (!qemu.vm) return 'qsnap does not know its QMP socket';
+  let qmp: QmpClient;
   try {
-    await (await QmpClient.connect(qemu.vm.qmp, { connectTimeoutMs: 2000 })).close();
-    return true;
+    qmp = await QmpClient.connect(qemu.vm.qmp, { connectTimeoutMs: 2000 });
   } catch {
-    return false;
+    return 'its QMP socket is not reachable';
+  }
+  try {
+    const { status } = await qmp.execute('query-status');
+    return INACTIVE_DISKS.has(status)
+      ? `its disks are inactive while it is ${status}: resume it, then run qsnap gc`
+      : undefined;
+  } finally {
+    await qmp.close();
+  }
+}
+
+/** Run states in which QEMU has its block devices inactive (migration handed them over). */
+const INACTIVE_DISKS = new Set(['postmigrate', 'inmigrate', 'finish-migrate']);
+
+/**
+ * Layers a finished stream took out of a running VM's chain stay open in QEMU as qsnap's
+ * nodes until deleted: let go of them first, so that what nothing needs can be removed.
+ */
+async function releaseOrphanNodes(store: Store): Promise<void> {
+  const catalog = await store.read();
+  for (const vm of Object.values(catalog.vms)) {
+    if (vm.pid === undefined || !isRunning({ pid: vm.pid, startTime: vm.startTime ?? '' })) continue;
+    const qmp = await QmpClient.connect(vm.qmp, { connectTimeoutMs: 2000 }).catch(() => undefined);
+    if (!qmp) continue;
+    try {
+      await releaseUnusedNodes(qmp);
+    } finally {
+      await qmp.close();
+    }
   }
 }
 
@@ -108,7 +159,12 @@ function markDeleting(c: Catalog, deleting: Set<string>): void {
   }
 }
 
-async function runMerge(store: Store, merge: Merge, op: OperationContext): Promise<MergeDone> {
+async function runMerge(
+  store: Store,
+  merge: Merge,
+  faults: Faults,
+  op: OperationContext,
+): Promise<MergeDone> {
   const started = performance.now();
   const before = await allocatedBytes(merge.into);
   const done: MergeDone = {
@@ -121,7 +177,10 @@ async function runMerge(store: Store, merge: Merge, op: OperationContext): Promi
   };
   op.phase('merge', `${merge.layers.join(', ')} into ${merge.into} (${merge.via.kind})`);
   try {
-    if (merge.via.kind === 'live') done.pauses = await liveMerge(store, merge, merge.via.qemu, op);
+    if (await isMerged(merge)) {
+      // A killed qsnap's merge that QEMU carried to its end meanwhile.
+    } else if (merge.via.kind === 'live')
+      done.pauses = await liveMerge(store, merge, merge.via.qemu, faults, op);
     else await mergeOffline(merge);
     await checkMerged(merge);
     await store.transact('merged', (c) => refreshIdentity(c, merge.into));
@@ -135,11 +194,22 @@ async function runMerge(store: Store, merge: Merge, op: OperationContext): Promi
 }
 
 /** A live merge holds the VM's intent lock: no snapshot of that VM starts while QEMU merges. */
-async function liveMerge(store: Store, merge: Merge, qemu: QemuView, op: OperationContext): Promise<number> {
+async function liveMerge(
+  store: Store,
+  merge: Merge,
+  qemu: QemuView,
+  faults: Faults,
+  op: OperationContext,
+): Promise<number> {
   const qmpPath = qemu.vm!.qmp;
   const intents = new IntentStore(store.stateDir);
   await intents.assertNotBusy(qmpPath);
+  // Connecting recovers a merge a killed qsnap left running: QEMU may have finished it by now.
   const { qmp } = await connectVm(qmpPath, { stateDir: store.stateDir });
+  if (await isMerged(merge)) {
+    await releaseUnusedNodes(qmp).finally(() => qmp.close());
+    return 0;
+  }
   let pauses = 0;
   const off = qmp.on('STOP', () => {
     pauses++;
@@ -153,7 +223,10 @@ async function liveMerge(store: Store, merge: Merge, qemu: QemuView, op: Operati
       overlays: [],
     });
     try {
-      await mergeLive(qmp, merge, (done, total) => op.progress(done, total, 'merge'));
+      await mergeLive(qmp, merge, {
+        onProgress: (done, total) => op.progress(done, total, 'merge'),
+        bytesPerSecond: faults.has('slow-merge') ? 2 ** 20 : undefined,
+      });
     } finally {
       await intent.release();
     }
@@ -193,7 +266,7 @@ function settle(c: Catalog, plan: Plan, result: CollectResult): string[] {
     delete c.snapshots[id];
   }
   const removed = new Set(result.removed.map((f) => f.path));
-  for (const path of removed) delete c.layers[path];
+  for (const path of [...removed, ...plan.forget]) delete c.layers[path];
   const now = new Date().toISOString();
   c.garbage = [
     ...c.garbage.filter((g) => !removed.has(g.path) && !result.waiting.some((w) => w.path === g.path)),

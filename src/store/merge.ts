@@ -1,8 +1,9 @@
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { plainFilename } from '../engine/probe.js';
+import { formatNodesByFile, releaseUnusedNodes } from '../engine/disks/nodes.js';
 import type { QmpClient } from '../qmp/index.js';
 import { readImage } from '../vm/image-chain.js';
+import { backingReference } from '../vm/qemu-img.js';
 import { StoreError } from './errors.js';
 import type { Merge } from './plan.js';
 
@@ -22,18 +23,26 @@ const run = promisify(execFile);
 export async function mergeLive(
   qmp: QmpClient,
   merge: Merge,
-  onProgress: (done: number, total: number) => void,
+  options: { onProgress: (done: number, total: number) => void; bytesPerSecond?: number | undefined },
 ): Promise<void> {
-  const nodes = await qmp.execute('query-named-block-nodes', { flat: true });
-  const nodeOf = (path: string) =>
-    nodes.find((n) => n.drv !== 'file' && (plainFilename(n.file) ?? n.file) === path)?.['node-name'];
-  const device = nodeOf(merge.into);
-  const bottom = nodeOf(merge.layers.at(-1)!);
-  if (!device || !bottom)
+  const nodes = await formatNodesByFile(qmp);
+  const device = nodes.get(merge.into);
+  // The new backing node when there is one (QEMU takes a backing-file name only with a base),
+  // else the lowest merged layer: the whole chain is merged.
+  const base = merge.newBacking === undefined ? undefined : nodes.get(merge.newBacking);
+  const bottom = nodes.get(merge.layers.at(-1)!);
+  if (!device || !bottom || (merge.newBacking !== undefined && !base))
     throw mergeError(merge, 'the running QEMU does not have these layers open any more');
   const jobId = `qsnap-merge-${device}`;
-  await qmp.execute('block-stream', { 'job-id': jobId, device, bottom, 'auto-dismiss': false });
-  await waitJob(qmp, jobId, merge, onProgress);
+  const below =
+    base === undefined
+      ? { bottom }
+      : { 'base-node': base, 'backing-file': backingReference(merge.into, merge.newBacking!) };
+  const speed = options.bytesPerSecond ? { speed: options.bytesPerSecond } : {};
+  await qmp.execute('block-stream', { 'job-id': jobId, device, 'auto-dismiss': false, ...below, ...speed });
+  await waitJob(qmp, jobId, merge, options.onProgress);
+  // The merged layers were qsnap's overlays once: QEMU keeps such nodes open until they are deleted.
+  await releaseUnusedNodes(qmp);
 }
 
 async function waitJob(
@@ -74,6 +83,11 @@ export async function mergeOffline(merge: Merge): Promise<void> {
   } catch (err) {
     throw mergeError(merge, ((err as { stderr?: string }).stderr ?? String(err)).trim());
   }
+}
+
+/** Whether `into` already backs onto the new backing file (a merge that a killed qsnap left to QEMU, done since). */
+export async function isMerged(merge: Merge): Promise<boolean> {
+  return (await readImage(merge.into)).backing === merge.newBacking;
 }
 
 /** After a merge, `into`'s header must name the new backing file; otherwise nothing may be removed. */

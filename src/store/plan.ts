@@ -43,13 +43,15 @@ export interface Plan {
   wait: (PlannedFile & { holders: Holder[] })[];
   /** Layers that stay although their snapshot is gone, and why. */
   keep: PlannedFile[];
+  /** Catalog entries of files that are gone and that nothing references: forgotten. */
+  forget: string[];
 }
 
 export interface PlanOptions {
   /** Ids of the snapshots to delete (entries already marked deleting are added). */
   deleting: ReadonlySet<string>;
-  /** Whether qsnap can reach this QEMU's QMP socket to run a live merge. */
-  reachable: (qemu: QemuView) => boolean;
+  /** Why this QEMU cannot run a live merge now (its QMP socket is busy, its disks are inactive), or undefined. */
+  liveMergeBlocked: (qemu: QemuView) => string | undefined;
 }
 
 export function planCollection(view: StoreView, options: PlanOptions): Plan {
@@ -58,7 +60,7 @@ export function planCollection(view: StoreView, options: PlanOptions): Plan {
     ...[...view.snapshots.values()].filter((s) => s.entry.deleting).map((s) => s.entry.name),
   ]);
   const keepers = findKeepers(view, deleting);
-  const plan: Plan = { snapshots: [...deleting], merges: [], remove: [], wait: [], keep: [] };
+  const plan: Plan = { snapshots: [...deleting], merges: [], remove: [], wait: [], keep: [], forget: [] };
   const blocked = new Map<string, string>();
   for (const [path] of keepers) planMergeInto(view, path, keepers, options, plan, blocked);
   const reachable = reachableAfter(view, keepers, plan.merges);
@@ -171,8 +173,8 @@ function mergeRoute(view: StoreView, keeper: LayerView, options: PlanOptions): M
   if (keeper.origin === 'restore') return `held by the restored VM (${names})`;
   if (keeper.holders.length > 1) return `needed below ${keeper.path}, which ${names} hold open`;
   const qemu = view.qemus.find((q) => q.holder.pid === keeper.holders[0]!.pid);
-  if (!qemu || !options.reachable(qemu))
-    return `needed below ${keeper.path}, held by ${names} (its QMP socket is not reachable)`;
+  const blocked = qemu ? options.liveMergeBlocked(qemu) : 'qsnap does not know its QMP socket';
+  if (!qemu || blocked) return `needed below ${keeper.path}, held by ${names} (${blocked})`;
   return { kind: 'live', qemu };
 }
 
@@ -197,6 +199,7 @@ function planLayer(
   releasedBy: Map<string, number>,
   plan: Plan,
 ): void {
+  if (!layer.exists && !reachable.has(layer.path) && layer.origin !== 'unknown') plan.forget.push(layer.path);
   if (!layer.exists || keepers.has(layer.path) || layer.origin === 'user' || layer.origin === 'unknown')
     return;
   const why = blocked.get(layer.path);

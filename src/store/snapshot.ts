@@ -2,11 +2,10 @@ import { randomUUID } from 'node:crypto';
 import { Operation, type OperationContext } from '../engine/operation.js';
 import { snapshot } from '../engine/snapshot/snapshot.js';
 import type { SnapshotOptions, SnapshotResult } from '../engine/snapshot/types.js';
-import { readImage } from '../vm/image-chain.js';
 import { boundChain, waitForChainJob } from './chain-depth.js';
 import { collect } from './collect.js';
 import { StoreError } from './errors.js';
-import { identityOf } from './facts.js';
+import { recordSnapshotLayers } from './layers.js';
 import { checkName } from './names.js';
 import type { Catalog, OperationEntry, SnapshotEntry } from './schema.js';
 import { endOperation, newOperation, type Store } from './store.js';
@@ -120,22 +119,11 @@ async function record(
   result: SnapshotResult,
 ): Promise<string | undefined> {
   const vm = pending.vm!;
-  const now = new Date().toISOString();
-  c.vms[vm.key] = { ...vm, seenAt: now };
+  c.vms[vm.key] = { ...vm, seenAt: new Date().toISOString() };
   const old = Object.values(c.snapshots).find((s) => s.name === pending.names[0] && !s.deleting);
   if (old) old.deleting = true;
   c.snapshots[result.id] = entryOf(pending, result);
-  for (const disk of result.disks) {
-    const frozen = c.layers[disk.frozenFile];
-    const identity = await identityOf(disk.frozenFile);
-    const backing = (await readImage(disk.frozenFile).catch(() => undefined))?.backing;
-    c.layers[disk.frozenFile] = {
-      ...(frozen ?? { path: disk.frozenFile, origin: 'user', createdAt: now }),
-      ...(identity ? { identity } : {}),
-      ...(backing ? { backing } : {}),
-    };
-    c.layers[disk.overlayFile] = { path: disk.overlayFile, origin: 'snapshot', vm: vm.key, createdAt: now };
-  }
+  await recordSnapshotLayers(c, result.disks, vm.key);
   return old?.id;
 }
 

@@ -1,6 +1,7 @@
 import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { findQmpPeer, qemuCommandLine } from '../vm/peer.js';
+import { getOpt, parseQemuOpts } from '../vm/qemu-opts.js';
 import type { Catalog, SnapshotEntry, VmEntry } from './schema.js';
 
 /** A QEMU as the catalog knows it: by pid and start time when local, else by its QMP endpoint. */
@@ -32,6 +33,8 @@ export async function identifyVm(catalog: Catalog, qmp: string, given?: string[]
   base.key = vmKey(base);
   const known = catalog.vms[base.key];
   const vm: VmEntry = known ? { ...known, qmp: path, seenAt } : base;
+  const name = peer.found ? guestName(peer.argv) : undefined;
+  if (name) vm.name = name;
   if (given) return { vm, cmdline: { argv: given, source: 'given' } };
   const recorded = lastCommandLine(catalog, vm.key);
   if (recorded) return { vm, cmdline: recorded };
@@ -50,4 +53,13 @@ function lastCommandLine(catalog: Catalog, key: string): SnapshotEntry['cmdline'
   return from?.cmdline && from.cmdline.source !== 'imported'
     ? { argv: from.cmdline.argv, source: 'recorded' }
     : undefined;
+}
+
+/** `-name NAME` or `-name guest=NAME,…`, as QEMU reads it (softmmu/vl.c, qemu_name). */
+function guestName(argv: readonly string[]): string | undefined {
+  const i = argv.lastIndexOf('-name');
+  const value = i >= 0 ? argv[i + 1] : undefined;
+  if (!value) return undefined;
+  const o = parseQemuOpts(value, 'guest');
+  return o.implied ?? getOpt(o, 'guest');
 }

@@ -8,6 +8,20 @@ import {
   Qcow2FormatError,
 } from './qcow2.js';
 
+/**
+ * QEMU names a node whose options do not fit a filename `json:{…}` (an overlay attached with
+ * blockdev-snapshot is one); its image file is `file.filename` inside.
+ */
+export function plainFilename(name: string): string | undefined {
+  if (!name.startsWith('json:')) return name;
+  try {
+    const parsed = JSON.parse(name.slice(5)) as { file?: { filename?: unknown } };
+    return typeof parsed.file?.filename === 'string' ? parsed.file.filename : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** One image of a backing chain, as its file says. */
 export interface ChainImage {
   path: string;
@@ -31,7 +45,13 @@ export async function readImage(path: string): Promise<ChainImage> {
     const bytes = head.subarray(0, bytesRead);
     if (!isQcow2(bytes)) return { path, format: 'raw', backing: undefined };
     const name = decodeBackingName(bytes, decodeQcow2Header(bytes));
-    return { path, format: 'qcow2', backing: name === undefined ? undefined : resolve(dirname(path), name) };
+    // QEMU itself writes a `json:{…}` name when a block job rebases onto a node added by blockdev-add.
+    const target = name === undefined ? undefined : (plainFilename(name) ?? name);
+    return {
+      path,
+      format: 'qcow2',
+      backing: target === undefined ? undefined : resolve(dirname(path), target),
+    };
   } finally {
     await file.close();
   }

@@ -30,8 +30,7 @@ const TEMPLATE_MAX_BYTES = 4 * 2 ** 20;
  * (stderr in the message); callers wrap it in their own coded error.
  */
 export async function createOverlay(spec: OverlaySpec): Promise<void> {
-  const backing =
-    dirname(spec.overlayFile) === dirname(spec.backingFile) ? basename(spec.backingFile) : spec.backingFile;
+  const backing = backingReference(spec.overlayFile, spec.backingFile);
   const key = `${backing}\0${spec.backingFormat}\0${spec.virtualSize}`;
   const template = templates.get(key);
   if (template) {
@@ -60,4 +59,13 @@ export async function createOverlay(spec: OverlaySpec): Promise<void> {
     const stderr = (err as { stderr?: string }).stderr?.trim();
     throw stderr ? new Error(stderr, { cause: err }) : err;
   }
+}
+
+/**
+ * How an image's header names its backing file: relative when both sit in one directory (the
+ * pair stays movable together), else absolute. Also what a block job is told to write
+ * (`backing-file`), so QEMU never writes a `json:{…}` name of its own.
+ */
+export function backingReference(image: string, backing: string): string {
+  return dirname(image) === dirname(backing) ? basename(backing) : backing;
 }

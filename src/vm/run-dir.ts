@@ -39,14 +39,17 @@ async function recordedQemu(runDir: string): Promise<ProcessIdentity | undefined
  * Remove the run directories under `base` whose recorded QEMU has exited; directories that
  * name no QEMU are left alone (they are not a detached restore's). Returns what was removed.
  */
-export async function sweepStaleRunDirs(base = tmpdir()): Promise<string[]> {
+export async function sweepStaleRunDirs(
+  base = tmpdir(),
+  options: { dryRun?: boolean } = {},
+): Promise<string[]> {
   const removed: string[] = [];
   for (const name of await readdir(base).catch(() => [] as string[])) {
     if (!name.startsWith(RUN_DIR_PREFIX)) continue;
     const dir = join(base, name);
     const qemu = await recordedQemu(dir);
     if (!qemu || isRunning(qemu)) continue;
-    await rm(dir, { recursive: true, force: true });
+    if (!options.dryRun) await rm(dir, { recursive: true, force: true });
     removed.push(dir);
   }
   return removed;

@@ -66,8 +66,8 @@ const CHAIN = {
 };
 const FIVE = { S1: 'B', S2: 'O1', S3: 'O2', S4: 'O3', S5: 'O4' };
 const RUNNING = { 100: ['O5', 'O4', 'O3', 'O2', 'O1', 'B'] };
-const plan = (s: Scenario, deleting: string[], reachable = true) =>
-  planCollection(view(s), { deleting: new Set(deleting), reachable: () => reachable });
+const plan = (s: Scenario, deleting: string[], blocked?: string) =>
+  planCollection(view(s), { deleting: new Set(deleting), liveMergeBlocked: () => blocked });
 
 describe('delete planning', () => {
   it('a middle snapshot: its layer is merged into the next one by the running VM, then removed', () => {
@@ -150,7 +150,11 @@ describe('delete planning', () => {
   });
 
   it('a VM whose QMP socket is busy: no live merge, the layer is kept', () => {
-    const p = plan({ layers: CHAIN, snapshots: FIVE, holders: RUNNING }, ['S3'], false);
+    const p = plan(
+      { layers: CHAIN, snapshots: FIVE, holders: RUNNING },
+      ['S3'],
+      'its QMP socket is not reachable',
+    );
     expect(p.merges).toEqual([]);
     expect(p.keep[0]).toMatchObject({ path: 'O2', reason: expect.stringMatching(/not reachable/) });
   });
@@ -158,7 +162,7 @@ describe('delete planning', () => {
   it('a lazily restored VM maps the snapshot file: the file waits for gc', () => {
     const v = view({ layers: CHAIN, snapshots: FIVE, holders: RUNNING });
     v.snapshots.get('S3')!.fileHolders = [q(300)];
-    const p = planCollection(v, { deleting: new Set(['S3']), reachable: () => true });
+    const p = planCollection(v, { deleting: new Set(['S3']), liveMergeBlocked: () => undefined });
     expect(p.wait.map((f) => f.path)).toEqual(['/store/S3.qsnap']);
   });
 });
@@ -207,5 +211,13 @@ describe('gc planning (nothing deleted)', () => {
         reason: 'the chain below O4 is broken (O2 is missing): nothing is merged',
       },
     ]);
+  });
+});
+
+describe('the catalog after files went away', () => {
+  it('forgets a layer that is gone and that nothing references, never one a snapshot still names', () => {
+    const layers = { ...CHAIN, X: { backing: 'B', exists: false }, O2: { backing: 'O1', exists: false } };
+    const p = plan({ layers, snapshots: FIVE, holders: {} }, []);
+    expect(p.forget).toEqual(['X']);
   });
 });

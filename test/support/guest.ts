@@ -10,7 +10,6 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdtemp, readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { expect } from 'vitest';
-import { plainFilename } from '../../src/engine/probe.js';
 import { openSnapshot } from '../../src/format/index.js';
 import { type GuestCheck, GuestConsole } from '../../src/guest/console.js';
 import {
@@ -22,6 +21,7 @@ import {
 import type { QmpClient } from '../../src/qmp/index.js';
 import type { ImageInfo } from '../../src/qmp/qapi.js';
 import { buildArgv } from '../../src/vm/args.js';
+import { plainFilename } from '../../src/vm/image-chain.js';
 import type { Vm } from '../../src/vm/launcher.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
 import { VmSpec } from '../../src/vm/spec.js';

@@ -4,7 +4,7 @@ import { join, resolve } from 'node:path';
 import { QsnapError } from '../../errors.js';
 import { openSnapshot, type SnapshotReader } from '../../format/index.js';
 import { type ParsedCommandLine, parseCommandLine } from '../../vm/cmdline.js';
-import { rewriteCommandLine } from '../../vm/cmdline-rewrite.js';
+import { relocateSockets, rewriteCommandLine } from '../../vm/cmdline-rewrite.js';
 import { Vm } from '../../vm/launcher.js';
 import { makeRunDir, recordQemu } from '../../vm/run-dir.js';
 import { RestoreError } from '../errors.js';
@@ -42,7 +42,8 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
   try {
     const runDir = options.runDir ? resolve(options.runDir) : await makeRunDir();
     if (!options.runDir) made.runDir = runDir;
-    const { parsed, disks, argv, qmpPath } = await prepare(reader, options, runDir, made, op);
+    const { parsed, disks, argv, qmpPath, relocated } = await prepare(reader, options, runDir, made, op);
+    await options.onPrepared?.({ overlays: [...made.files], runDir });
     op.phase('launch');
     const vm = await launch(parsed, argv, qmpPath, runDir, options, made);
     op.phase('load');
@@ -50,7 +51,16 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
     const loadMs = await load(vm, reader, options.lazy ? 'lazy' : 'full', incoming, op);
     const result = await resume(vm, reader, options, op);
     const restoreMs = performance.now() - startedAt;
-    return { ...result, restoreMs, loadMs, qmp: qmpPath, runDir, argv, disks: disks.map(restored) };
+    return {
+      ...result,
+      restoreMs,
+      loadMs,
+      qmp: qmpPath,
+      runDir,
+      argv,
+      relocated,
+      disks: disks.map(restored),
+    };
   } catch (err) {
     await undo(made);
     if (err instanceof QsnapError) throw err;
@@ -69,12 +79,19 @@ async function prepare(
   runDir: string,
   made: Made,
   op: OperationContext,
-): Promise<{ parsed: ParsedCommandLine; disks: PairedDisk[]; argv: string[]; qmpPath: string }> {
+): Promise<{
+  parsed: ParsedCommandLine;
+  disks: PairedDisk[];
+  argv: string[];
+  qmpPath: string;
+  relocated: Record<string, string>;
+}> {
   if (options.verify === 'full') {
     op.phase('verify');
     await reader.verify({ onProgress: (p) => op.progress(p.bytesDone, p.bytesTotal, 'verify') });
   }
-  const parsed = parseCommandLine(options.argv);
+  const relocation = relocateIf(parseCommandLine(options.argv), options.relocateSockets ? runDir : undefined);
+  const parsed = relocation.parsed;
   if (options.lazy) checkLazy(parsed, reader.manifest);
   op.phase('disks');
   const disks = await makeOverlays(reader, parsed, options.overlayDir, randomBytes(4).toString('hex'), made);
@@ -84,7 +101,11 @@ async function prepare(
     ...(options.lazy ? { lazy: lazyMapping(reader) } : {}),
     qmpSocket: qmpPath,
   });
-  return { parsed, disks, argv, qmpPath };
+  return { parsed, disks, argv, qmpPath, relocated: Object.fromEntries(relocation.moved) };
+}
+
+function relocateIf(parsed: ParsedCommandLine, dir: string | undefined): ReturnType<typeof relocateSockets> {
+  return dir ? relocateSockets(parsed, dir) : { parsed, moved: new Map() };
 }
 
 async function makeOverlays(

@@ -24,6 +24,13 @@ export interface RestoreOptions {
   verify?: 'auto' | 'full';
   /** Keep QEMU attached to this process (tests); default: it outlives qsnap. */
   attached?: boolean;
+  /**
+   * Move the command line's unix sockets and pidfile into the run directory: for a restore
+   * beside a VM that still runs with that command line (it would lose its sockets otherwise).
+   */
+  relocateSockets?: boolean;
+  /** Told what the restore made (overlays, run directory) before QEMU starts, so a caller can record it. */
+  onPrepared?: (made: { overlays: string[]; runDir: string }) => Promise<void>;
 }
 
 export interface RestoredDisk {
@@ -47,6 +54,8 @@ export interface RestoreResult {
   runState: string;
   disks: RestoredDisk[];
   argv: string[];
+  /** Unix sockets (and pidfile) moved into the run directory: original path → new path. */
+  relocated: Record<string, string>;
   /** The running QEMU, when the caller asked to keep it attached. */
   vm?: Vm;
 }

@@ -1,0 +1,84 @@
+import { access } from 'node:fs/promises';
+import { openSnapshot } from '../format/index.js';
+import { collect } from './collect.js';
+import { allocatedBytes } from './facts.js';
+import { recordSnapshotLayers } from './layers.js';
+import type { Catalog, OperationEntry } from './schema.js';
+import { endOperation, Store } from './store.js';
+
+/**
+ * Finish what a qsnap that died left in the catalog, as the intent records do for a VM: a
+ * snapshot whose file was published but not yet catalogued is adopted (its manifest says what
+ * it is), one that never finished is forgotten (its VM is put back by the intent record, its
+ * partial file is garbage); a restore's overlays are already recorded as restore overlays
+ * (removed once nothing holds them); a delete that was cut short is carried to its end.
+ * Returns what it did, for the user.
+ */
+export async function recoverStore(store: Store): Promise<string[]> {
+  const catalog = await store.read();
+  const stale = Store.staleOperations(catalog);
+  const deleting = Object.values(catalog.snapshots).some((s) => s.deleting);
+  if (stale.length === 0 && !deleting) return [];
+  const actions = stale.length ? await store.transact('recover', (c) => recoverOperations(store, c)) : [];
+  if (deleting || actions.some((a) => a.startsWith('finishing'))) {
+    const result = await collect(store, { deleting: [] }).result;
+    if (result.deleted.length) actions.push(`finished deleting ${result.deleted.join(', ')}`);
+  }
+  return actions;
+}
+
+async function recoverOperations(store: Store, c: Catalog): Promise<string[]> {
+  const actions: string[] = [];
+  for (const op of Store.staleOperations(c)) {
+    endOperation(c, op.id);
+    if (op.kind === 'snapshot') actions.push(await adoptOrForget(store, c, op));
+    else if (op.kind === 'restore')
+      actions.push(
+        `forgot an unfinished restore of ${op.names.join(', ')}; its overlays go once nothing holds them`,
+      );
+    else actions.push(`finishing the interrupted delete of ${op.names.join(', ')}`);
+  }
+  return actions;
+}
+
+async function adoptOrForget(store: Store, c: Catalog, op: OperationEntry): Promise<string> {
+  const file = store.snapshotPath({ file: op.file! });
+  const name = op.names[0]!;
+  const published = await access(file).then(
+    () => true,
+    () => false,
+  );
+  if (!published || !op.vm) return `forgot the unfinished snapshot ${name}`;
+  const reader = await openSnapshot(file).catch(() => undefined);
+  if (!reader) {
+    c.garbage.push({
+      path: file,
+      reason: `unreadable file of the interrupted snapshot ${name}`,
+      since: new Date().toISOString(),
+    });
+    return `the interrupted snapshot ${name} left an unreadable file: garbage`;
+  }
+  try {
+    const m = reader.manifest;
+    c.vms[op.vm.key] ??= op.vm;
+    c.snapshots[m.id] = {
+      name,
+      id: m.id,
+      file: op.file!,
+      createdAt: m.pointInTime.wallClock,
+      vm: op.vm.key,
+      ramBytes: m.vm.ramBytes,
+      allocatedBytes: await allocatedBytes(file),
+      downtimeMs: m.timings.downtimeMs,
+      strategy: m.strategy,
+      machine: m.qemu.machine,
+      qemuVersion: `${m.qemu.version.major}.${m.qemu.version.minor}.${m.qemu.version.micro}`,
+      disks: m.disks.map((d) => ({ device: d.device, top: d.frozenFile })),
+      ...(op.cmdline ? { cmdline: op.cmdline } : {}),
+    };
+    await recordSnapshotLayers(c, m.disks, op.vm.key);
+    return `adopted snapshot ${name}, finished by a qsnap that died before cataloguing it`;
+  } finally {
+    await reader.close();
+  }
+}
