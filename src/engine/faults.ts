@@ -10,7 +10,7 @@
  * - `fail-after-migrate`: fail as soon as `migrate` returns, before QEMU's connection is accepted
  * - `stream-error`: the receiver fails after 20 MiB of the stream
  * - `stream-hang`: hang after 20 MiB of the stream, the guest resumed (to be killed)
- * - `slow-merge`: store merges stream at 1 MiB/s (QEMU's job speed limit), to be killed mid-merge
+ * - `slow-merge`: store merges stream at 4 MiB/s (QEMU's job speed limit), to be killed mid-merge
  * - `hang-after-removal`: a delete or gc hangs after removing its first file (to be killed)
  */
 export const FAULT_POINTS = [

@@ -57,7 +57,7 @@ export interface PlanOptions {
 export function planCollection(view: StoreView, options: PlanOptions): Plan {
   const deleting = new Set([
     ...options.deleting,
-    ...[...view.snapshots.values()].filter((s) => s.entry.deleting).map((s) => s.entry.name),
+    ...[...view.snapshots.values()].filter((s) => s.entry.deleting).map((s) => s.entry.id),
   ]);
   const keepers = findKeepers(view, deleting);
   const plan: Plan = { snapshots: [...deleting], merges: [], remove: [], wait: [], keep: [], forget: [] };

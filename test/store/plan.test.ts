@@ -9,6 +9,8 @@ import { planCollection } from '../../src/store/plan.js';
 import type { SnapshotEntry } from '../../src/store/schema.js';
 import type { LayerView, QemuView, SnapshotView, StoreView } from '../../src/store/view.js';
 
+/** Ids differ from names, as in a real catalog. */
+const idOf = (name: string) => `id-of-${name}`;
 const q = (pid: number, comm = 'qemu-system-x86'): Holder => ({ pid, startTime: `${pid}0`, comm });
 const LIVE = q(100);
 
@@ -39,8 +41,8 @@ function view(s: Scenario): StoreView {
   }
   const snapshots = new Map<string, SnapshotView>();
   for (const [name, top] of Object.entries(s.snapshots)) {
-    const entry = { name, id: name, disks: [{ device: 'disk0', top }] } as SnapshotEntry;
-    snapshots.set(name, {
+    const entry = { name, id: idOf(name), disks: [{ device: 'disk0', top }] } as SnapshotEntry;
+    snapshots.set(idOf(name), {
       entry,
       chains: [],
       state: 'ok',
@@ -67,7 +69,7 @@ const CHAIN = {
 const FIVE = { S1: 'B', S2: 'O1', S3: 'O2', S4: 'O3', S5: 'O4' };
 const RUNNING = { 100: ['O5', 'O4', 'O3', 'O2', 'O1', 'B'] };
 const plan = (s: Scenario, deleting: string[], blocked?: string) =>
-  planCollection(view(s), { deleting: new Set(deleting), liveMergeBlocked: () => blocked });
+  planCollection(view(s), { deleting: new Set(deleting.map(idOf)), liveMergeBlocked: () => blocked });
 
 describe('delete planning', () => {
   it('a middle snapshot: its layer is merged into the next one by the running VM, then removed', () => {
@@ -161,13 +163,21 @@ describe('delete planning', () => {
 
   it('a lazily restored VM maps the snapshot file: the file waits for gc', () => {
     const v = view({ layers: CHAIN, snapshots: FIVE, holders: RUNNING });
-    v.snapshots.get('S3')!.fileHolders = [q(300)];
-    const p = planCollection(v, { deleting: new Set(['S3']), liveMergeBlocked: () => undefined });
+    v.snapshots.get(idOf('S3'))!.fileHolders = [q(300)];
+    const p = planCollection(v, { deleting: new Set([idOf('S3')]), liveMergeBlocked: () => undefined });
     expect(p.wait.map((f) => f.path)).toEqual(['/store/S3.qsnap']);
   });
 });
 
 describe('gc planning (nothing deleted)', () => {
+  it('finishes a delete that was cut short: an entry marked deleting goes, by its id', () => {
+    const v = view({ layers: CHAIN, snapshots: FIVE, holders: RUNNING });
+    v.snapshots.get(idOf('S3'))!.entry.deleting = true;
+    const p = planCollection(v, { deleting: new Set(), liveMergeBlocked: () => undefined });
+    expect(p.snapshots).toEqual([idOf('S3')]);
+    expect(p.merges.map((m) => [m.into, m.layers])).toEqual([['O3', ['O2']]]);
+  });
+
   it('removes the restore overlay of a VM that stopped, never a snapshot’s layer', () => {
     const layers = { ...CHAIN, R: { backing: 'O3', origin: 'restore' as const, active: true } };
     const p = plan({ layers, snapshots: FIVE, holders: RUNNING }, []);

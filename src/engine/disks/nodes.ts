@@ -20,6 +20,10 @@ export async function formatNodesByFile(qmp: QmpClient): Promise<Map<string, str
  */
 export async function releaseUnusedNodes(qmp: QmpClient): Promise<string[]> {
   const released: string[] = [];
+  // Not while a block job changes the graph (QEMU 7.2 segfaulted once in a run that deleted
+  // nodes around a stream job's end); the next call after the job releases them.
+  if ((await qmp.execute('query-jobs')).some((j) => j.status !== 'concluded' && j.status !== 'null'))
+    return released;
   for (const n of await qmp.execute('query-named-block-nodes', { flat: true })) {
     const name = n['node-name'];
     if (!name?.startsWith('qsnap-')) continue;
