@@ -29,6 +29,7 @@ import {
   type Guest,
   stopGuest,
 } from '../support/guest.js';
+import { waitUntil } from '../support/process.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('snapshots over time: delete never loses data', () => {
@@ -149,6 +150,30 @@ describe.skipIf(!canRun)('snapshots over time: delete never loses data', () => {
     const now = await chainFiles(guest.vm.qmp);
     expect(now).toHaveLength(2);
     expect(Object.keys((await store.read()).snapshots)).toEqual([]);
+    await expectGuestHealthy(guest);
+  });
+
+  it('the running VM’s chain stays bounded (--max-chain): older layers streamed into its overlay, no pause', async () => {
+    const all = Object.values((await store.read()).snapshots).map((s) => s.id);
+    await collect(store, { deleting: all }).result;
+    const stops = guest.stops;
+    const taken: string[] = [];
+    for (const name of ['c1', 'c2', 'c3', 'c4']) {
+      const r = await storeSnapshot(store, { qmp: guest.vm.qmpPath, name, maxChain: 3 }).result;
+      taken.push(name);
+      views.set(name, await diskView(name));
+      if (name === 'c3') expect(r.shortening, 'the 4th layer went beyond 3').toBeDefined();
+    }
+    // c4 waited for the stream c3 started; then its own chain is short again.
+    await waitUntil(
+      async () => (await guest.vm.qmp.execute('query-jobs')).every((j) => !j.id.startsWith('qsnap-chain-')),
+      60_000,
+      'the chain stream to end',
+    );
+    expect((await chainFiles(guest.vm.qmp)).length).toBeLessThanOrEqual(3);
+    expect(guest.stops - stops, 'only the four snapshot pauses').toBe(4);
+    for (const name of taken) expect(await diskView(name), name).toBe(views.get(name));
+    await restoreAndCheck('c1', false);
     await expectGuestHealthy(guest);
   });
 
