@@ -2,6 +2,7 @@
 import { deleteCommand } from './commands/delete.js';
 import { exportCommand } from './commands/export.js';
 import { gcCommand } from './commands/gc.js';
+import { importCommand } from './commands/import.js';
 import { inspectCommand } from './commands/inspect.js';
 import { listCommand } from './commands/list.js';
 import { restoreCommand } from './commands/restore.js';
@@ -31,7 +32,11 @@ const COMMANDS: Record<string, Command> = {
   },
   delete: { run: deleteCommand, summary: 'delete snapshots of the store, merging disk layers still needed' },
   gc: { run: gcCommand, summary: 'remove what no snapshot and no VM needs any more' },
-  export: { run: exportCommand, summary: 'write a snapshot as a plain QEMU migration stream' },
+  export: {
+    run: exportCommand,
+    summary: 'export a snapshot: a portable bundle, or a plain QEMU migration stream',
+  },
+  import: { run: importCommand, summary: 'import a bundle into the store (verified before it lands)' },
 };
 
 function usage(): string {

@@ -1,7 +1,10 @@
 import { Operation, type OperationContext } from '../engine/operation.js';
 import { restore } from '../engine/restore/restore.js';
 import type { RestoreOptions, RestoreResult } from '../engine/restore/types.js';
+import { parseCommandLine } from '../vm/cmdline.js';
+import { relocateSockets } from '../vm/cmdline-rewrite.js';
 import { readChain } from '../vm/image-chain.js';
+import { listeningSockets } from '../vm/peer.js';
 import { isRunning, processIdentity } from '../vm/process.js';
 import { StoreError } from './errors.js';
 import { identityOf, sameIdentity } from './facts.js';
@@ -49,9 +52,7 @@ async function runStoreRestore(
   const entry = findSnapshot(catalog, options.name);
   await checkLayers(catalog, entry);
   const { argv, source } = commandLine(entry, options);
-  const original = catalog.vms[entry.vm];
-  const stillRuns =
-    original?.pid !== undefined && isRunning({ pid: original.pid, startTime: original.startTime ?? '' });
+  const relocate = await mustRelocate(catalog, entry, argv);
   const pending = await store.transact('restore', (c) => {
     const o = newOperation({ kind: 'restore', names: [entry.name] });
     c.operations.push(o);
@@ -65,7 +66,8 @@ async function runStoreRestore(
         ...engine,
         file: store.snapshotPath(entry),
         argv,
-        relocateSockets: stillRuns,
+        relocateSockets: relocate,
+        ...importedLayers(catalog, entry),
         onPrepared: (made) => store.transact('restore prepared', (c) => recordOverlays(c, pending.id, made)),
       }),
       op,
@@ -76,6 +78,27 @@ async function runStoreRestore(
   }
   const key = await store.transact('restored', (c) => recordVm(c, pending.id, entry, result));
   return { ...result, name: entry.name, vmKey: key, cmdline: source };
+}
+
+/**
+ * The restored VM gets its own sockets (in its run directory) when the snapshotted VM still
+ * runs, when the command line came from another machine, or when any socket it would listen on
+ * is taken right now: QEMU unlinks a socket path before binding it, and would cut the other
+ * process off.
+ */
+async function mustRelocate(catalog: Catalog, entry: SnapshotEntry, argv: string[]): Promise<boolean> {
+  const original = catalog.vms[entry.vm];
+  if (original?.pid !== undefined && isRunning({ pid: original.pid, startTime: original.startTime ?? '' }))
+    return true;
+  if (entry.cmdline?.source === 'imported') return true;
+  const sockets = [...relocateSockets(parseCommandLine(argv), '/').moved.keys()];
+  return (await listeningSockets(sockets)).length > 0;
+}
+
+/** An imported snapshot's disks were flattened into the store: restore pairs them by device. */
+function importedLayers(catalog: Catalog, entry: SnapshotEntry): { frozenLayers?: Record<string, string> } {
+  if (!entry.disks.some((d) => catalog.layers[d.top]?.origin === 'import')) return {};
+  return { frozenLayers: Object.fromEntries(entry.disks.map((d) => [d.device, d.top])) };
 }
 
 function commandLine(
@@ -105,7 +128,7 @@ function commandLine(
 }
 
 /** Every layer the snapshot reads is there and is the file that froze: refused before anything starts. */
-async function checkLayers(catalog: Catalog, entry: SnapshotEntry): Promise<void> {
+export async function checkLayers(catalog: Catalog, entry: SnapshotEntry): Promise<void> {
   for (const disk of entry.disks) {
     const chain = await readChain(disk.top).catch(() => [
       { path: disk.top, problem: `${disk.top}: missing` },

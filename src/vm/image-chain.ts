@@ -30,6 +30,8 @@ export interface ChainImage {
   backing: string | undefined;
   /** Why the chain stops here early: the backing file is gone or unreadable. */
   problem?: string;
+  /** qcow2 only: it keeps its data in an external data file. */
+  externalData?: boolean;
 }
 
 /**
@@ -44,7 +46,8 @@ export async function readImage(path: string): Promise<ChainImage> {
     const { bytesRead } = await file.read(head, 0, head.length, 0);
     const bytes = head.subarray(0, bytesRead);
     if (!isQcow2(bytes)) return { path, format: 'raw', backing: undefined };
-    const name = decodeBackingName(bytes, decodeQcow2Header(bytes));
+    const header = decodeQcow2Header(bytes);
+    const name = decodeBackingName(bytes, header);
     // QEMU itself writes a `json:{…}` name when a block job rebases onto a node added by blockdev-add.
     const target = name === undefined ? undefined : (plainFilename(name) ?? name);
     return {

@@ -424,3 +424,11 @@ export async function findQmpPeer(endpoint: string | QmpTarget): Promise<PeerRes
   const owner = oneOwner(await socketOwners(listener.inode), listener.inode);
   return typeof owner === 'number' ? readPeer(owner, listener.inode) : owner;
 }
+
+/** Which of these unix socket paths some process listens on right now (as bound: absolute paths match). */
+export async function listeningSockets(paths: readonly string[]): Promise<string[]> {
+  if (paths.length === 0) return [];
+  const rows = parseProcNetUnix(await readFile('/proc/net/unix', 'utf8').catch(() => ''));
+  const listening = new Set(unixListeners(rows, paths).map((row) => row.path));
+  return paths.filter((p) => listening.has(p));
+}

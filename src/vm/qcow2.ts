@@ -26,7 +26,12 @@ export interface Qcow2Header {
   backingOffset: number;
   backingLength: number;
   backingFormat: string | undefined;
+  /** v3 incompatible feature bits (dirty 0, corrupt 1, external data file 2, …); 0 for v2. */
+  incompatibleFeatures: bigint;
 }
+
+/** The image keeps its data in another file (QEMU: QCOW2_INCOMPAT_DATA_FILE). */
+export const INCOMPAT_DATA_FILE = 1n << 2n;
 
 export class Qcow2FormatError extends Error {}
 
@@ -53,6 +58,7 @@ export function decodeQcow2Header(head: Buffer): Qcow2Header {
     backingOffset,
     backingLength,
     backingFormat: readBackingFormat(head, headerLength),
+    incompatibleFeatures: version === 3 ? head.readBigUInt64BE(72) : 0n,
   };
 }
 

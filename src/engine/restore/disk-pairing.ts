@@ -26,23 +26,25 @@ export interface PairedDisk {
 export async function pairDisks(
   manifest: Manifest,
   disks: ArgvDisk[],
-  overlayDir: string | undefined,
-  tag: string,
+  options: { overlayDir: string | undefined; tag: string; frozenLayers?: Record<string, string> | undefined },
 ): Promise<PairedDisk[]> {
   const paired: PairedDisk[] = [];
   const used = new Set<ArgvDisk>();
   for (const disk of manifest.disks) {
     const candidates = disks.filter((d) => !used.has(d) && !d.readOnly);
-    const chain = await chainPaths(disk.frozenFile);
-    const match = await findMatch(candidates, disk.device, disk.frozenFile, chain);
+    const moved = options.frozenLayers?.[disk.device];
+    const frozenFile = moved ?? disk.frozenFile;
+    const match = moved
+      ? byDevice(candidates, disk.device, manifest.disks.length, frozenFile)
+      : await findMatch(candidates, disk.device, frozenFile, await chainPaths(frozenFile));
     used.add(match);
     paired.push({
       argvDisk: match,
       device: disk.device,
-      frozenFile: disk.frozenFile,
-      format: disk.format,
+      frozenFile,
+      format: moved ? 'qcow2' : disk.format,
       virtualSize: disk.virtualSize,
-      overlayFile: overlayPath(disk.frozenFile, 'restore', tag, overlayDir),
+      overlayFile: overlayPath(frozenFile, 'restore', options.tag, options.overlayDir),
     });
   }
   const stray = disks.filter((d) => !used.has(d) && !d.readOnly);
@@ -57,6 +59,31 @@ export async function pairDisks(
     );
   }
   return paired;
+}
+
+/**
+ * A snapshot whose frozen layers were moved (imported from another machine: flattened into the
+ * store) has no path in common with a command line: its disk pairs with the command line's disk
+ * of the same device id, or with the only writable disk when there is one of each.
+ */
+function byDevice(
+  candidates: ArgvDisk[],
+  device: string,
+  snapshotDisks: number,
+  frozenFile: string,
+): ArgvDisk {
+  const match =
+    candidates.find((d) => d.deviceId === device) ??
+    (candidates.length === 1 && snapshotDisks === 1 ? candidates[0] : undefined);
+  if (match) return match;
+  throw new RestoreError(
+    'QSNAP_RESTORE_DISKS',
+    `no disk in the command line is device ${device} (${frozenFile})`,
+    {
+      hint: 'give the disk the same device id as in the snapshot (-device …,id=' + device + ')',
+      details: { device, frozenFile },
+    },
+  );
 }
 
 async function findMatch(

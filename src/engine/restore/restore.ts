@@ -94,7 +94,7 @@ async function prepare(
   const parsed = relocation.parsed;
   if (options.lazy) checkLazy(parsed, reader.manifest);
   op.phase('disks');
-  const disks = await makeOverlays(reader, parsed, options.overlayDir, randomBytes(4).toString('hex'), made);
+  const disks = await makeOverlays(reader, parsed, options, randomBytes(4).toString('hex'), made);
   const qmpPath = parsed.qmpSocket ?? options.qmp ?? join(runDir, 'qmp.sock');
   const argv = rewriteCommandLine(parsed, {
     disks: disks.map((d) => ({ argvDisk: d.argvDisk, overlayFile: d.overlayFile })),
@@ -111,11 +111,15 @@ function relocateIf(parsed: ParsedCommandLine, dir: string | undefined): ReturnT
 async function makeOverlays(
   reader: SnapshotReader,
   parsed: ParsedCommandLine,
-  overlayDir: string | undefined,
+  options: RestoreOptions,
   tag: string,
   made: Made,
 ): Promise<PairedDisk[]> {
-  const disks = await pairDisks(reader.manifest, parsed.disks, overlayDir, tag);
+  const disks = await pairDisks(reader.manifest, parsed.disks, {
+    overlayDir: options.overlayDir,
+    tag,
+    frozenLayers: options.frozenLayers,
+  });
   for (const disk of disks) {
     await createRestoreOverlay(disk);
     made.files.push(disk.overlayFile);

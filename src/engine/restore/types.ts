@@ -29,6 +29,11 @@ export interface RestoreOptions {
    * beside a VM that still runs with that command line (it would lose its sockets otherwise).
    */
   relocateSockets?: boolean;
+  /**
+   * Where each disk's frozen layer is now, by device, when it is not where the manifest says
+   * (a snapshot imported from another machine, its disks flattened into the store).
+   */
+  frozenLayers?: Record<string, string>;
   /** Told what the restore made (overlays, run directory) before QEMU starts, so a caller can record it. */
   onPrepared?: (made: { overlays: string[]; runDir: string }) => Promise<void>;
 }
