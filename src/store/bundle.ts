@@ -254,14 +254,19 @@ async function readAt(source: FileHandle, position: number, length: number): Pro
   return buffer;
 }
 
-/** Copy one entry out to `path` (created exclusively, 0600) and check its sha256 on the way. */
+/**
+ * Copy one entry out to `path` (created exclusively, 0600; added to `staged`, which the caller
+ * removes unless the import completes) and check its sha256 on the way.
+ */
 async function extract(
   source: FileHandle,
   entry: BundleEntry,
   path: string,
+  staged: string[],
   op: OperationContext,
-): Promise<string> {
+): Promise<void> {
   const target = await open(path, 'wx', 0o600);
+  staged.push(path);
   const hash = createHash('sha256');
   try {
     const buffer = Buffer.alloc(COPY_CHUNK);
@@ -281,7 +286,6 @@ async function extract(
   }
   if (hash.digest('hex') !== entry.sha256)
     throw bundleError(path, 'an entry does not match its checksum (damaged in transit?)');
-  return path;
 }
 
 async function verifySnapshotFile(path: string, index: BundleIndex): Promise<void> {
