@@ -7,15 +7,20 @@ BIN := node_modules/.bin
 QSNAP := node dist/cli/main.js
 # `make vm` keeps the test guest running here, with its QMP socket at $(VM_DIR)/qmp.sock.
 VM_DIR ?= .qsnap/vm
-SNAPSHOT ?= .qsnap/snapshots/vm-$(shell date +%Y%m%d-%H%M%S).qsnap
+# The snapshot store `make snapshot/restore/snapshots` use (qsnap's own default is
+# $$XDG_DATA_HOME/qsnap); `make clean` removes this one.
+export QSNAP_STORE ?= $(CURDIR)/.qsnap/store
+NAME ?= vm-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot bench bench-restore clean
+.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
 	@echo "make test      install what is needed, typecheck, lint, run every test"
 	@echo "make vm        boot the test guest in the background (QMP: $(VM_DIR)/qmp.sock)"
-	@echo "make snapshot  snapshot the VM started by make vm"
+	@echo "make snapshot NAME=x   snapshot the VM started by make vm into the store ($(QSNAP_STORE))"
+	@echo "make snapshots         list the store's snapshots (the parent tree too)"
+	@echo "make restore NAME=x    restore snapshot x (the recorded command line; RESTORE_FLAGS=--lazy)"
 	@echo "make vm-stop   stop it"
 	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
@@ -65,14 +70,25 @@ vm-stop:
 	@if [ -f dist/cli/main.js ]; then node scripts/vm.mjs stop $(VM_DIR); fi
 
 snapshot: build
-	@mkdir -p $(dir $(SNAPSHOT))
-	$(QSNAP) snapshot --qmp $(VM_DIR)/qmp.sock --out $(SNAPSHOT)
+	$(QSNAP) snapshot --qmp $(VM_DIR)/qmp.sock --name $(NAME)
+
+snapshots: build
+	@$(QSNAP) list
+	@echo
+	@$(QSNAP) list --tree
+
+restore: build
+	@if [ -z "$(filter command line,$(origin NAME))" ]; then echo "make restore NAME=<snapshot> (see make snapshots)"; exit 2; fi
+	$(QSNAP) restore $(NAME) $(RESTORE_FLAGS)
 
 bench: setup
 	node scripts/bench-snapshot.mjs
 
 bench-restore: setup
 	node scripts/bench-restore.mjs
+
+bench-store: setup
+	node scripts/bench-store.mjs
 
 clean: vm-stop
 	rm -rf dist images/build .qsnap

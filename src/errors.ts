@@ -18,6 +18,7 @@
  *   ├── RestoreError                 src/engine/errors.ts    QSNAP_RESTORE_*
  *   ├── ExportError                  src/engine/errors.ts    QSNAP_EXPORT_*
  *   ├── VerifyError                  src/engine/errors.ts    QSNAP_VERIFY_*
+ *   ├── StoreError                   src/store/errors.ts     QSNAP_STORE_*
  *   └── UsageError                   src/cli/args.ts         QSNAP_USAGE
  */
 export interface QsnapErrorOptions {

@@ -229,8 +229,7 @@ function planFile(
   reason: string,
   holders: Holder[],
 ): void {
-  if (holders.length)
-    plan.wait.push({ path, kind, reason: `${reason}; held by ${holders.map(who).join(', ')}`, holders });
+  if (holders.length) plan.wait.push({ path, kind, reason, holders });
   else plan.remove.push({ path, kind, reason });
 }
 
