@@ -121,7 +121,7 @@ describe.skipIf(!canRun)('qsnap restore (CLI)', () => {
   it('--help prints the usage (exit 0)', async () => {
     const result = await runCli(['restore', '--help'], scratch.env);
     expect(result.code).toBe(0);
-    expect(result.stdout).toMatch(/^Usage: qsnap restore <file>/);
+    expect(result.stdout).toMatch(/^Usage: qsnap restore <name\|file>/);
     expect(result.stdout).toContain('--lazy');
   });
 

@@ -188,7 +188,9 @@ describe.skipIf(!canRun)('qsnap snapshot', () => {
   it('usage errors exit 2 with QSNAP_USAGE', async () => {
     const noOut = await runCli(['snapshot', '--qmp', guest.vm.qmpPath], sandbox.env);
     expect(noOut.code).toBe(2);
-    expect(noOut.stderr).toMatch(/^qsnap: snapshot: --out <file> is required .*\[QSNAP_USAGE\]\n$/);
+    expect(noOut.stderr).toMatch(
+      /^qsnap: snapshot: give --name <name> \(into the store\) or --out <file> .*\[QSNAP_USAGE\]\n$/,
+    );
     const badRate = await runCli(
       [
         'snapshot',

@@ -158,12 +158,16 @@ describe.skipIf(!canRun)('snapshots over time: delete never loses data', () => {
     await collect(store, { deleting: all }).result;
     const stops = guest.stops;
     const taken: string[] = [];
+    const shortened: number[] = [];
     for (const name of ['c1', 'c2', 'c3', 'c4']) {
       const r = await storeSnapshot(store, { qmp: guest.vm.qmpPath, name, maxChain: 3 }).result;
       taken.push(name);
       views.set(name, await diskView(name));
-      if (name === 'c3') expect(r.shortening, 'the 4th layer went beyond 3').toBeDefined();
+      if (r.shortening) shortened.push(r.shortening.from);
     }
+    // Four more layers on a chain of at least one: some snapshot took it beyond 3.
+    expect(shortened.length).toBeGreaterThan(0);
+    expect(shortened.every((n) => n > 3)).toBe(true);
     // c4 waited for the stream c3 started; then its own chain is short again.
     await waitUntil(
       async () => (await guest.vm.qmp.execute('query-jobs')).every((j) => !j.id.startsWith('qsnap-chain-')),
