@@ -31,6 +31,7 @@ import { QsnapError } from '../errors.js';
  *
  * Warnings (operation events of type 'warning', never thrown):
  *   QSNAP_RESUME_LATE                QEMU did not resume the guest after the capture; qsnap did
+ *   QSNAP_PRECOPY_STOPPED            live-precopy cannot be trusted here: the guest pauses for the whole transfer
  *   QSNAP_MIGRATION_SETTINGS         the user's migration settings could not be put back
  *   QSNAP_CLEANUP                    putting the VM back after a failure was incomplete
  */
@@ -59,7 +60,11 @@ export type ExportErrorCode = 'QSNAP_EXPORT_EXISTS';
 
 export type VerifyErrorCode = 'QSNAP_VERIFY_DISK_MISSING';
 
-export type WarningCode = 'QSNAP_RESUME_LATE' | 'QSNAP_MIGRATION_SETTINGS' | 'QSNAP_CLEANUP';
+export type WarningCode =
+  | 'QSNAP_RESUME_LATE'
+  | 'QSNAP_PRECOPY_STOPPED'
+  | 'QSNAP_MIGRATION_SETTINGS'
+  | 'QSNAP_CLEANUP';
 
 export class SnapshotError extends QsnapError<SnapshotErrorCode> {}
 export class RestoreError extends QsnapError<RestoreErrorCode> {}

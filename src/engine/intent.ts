@@ -28,13 +28,15 @@ export const IntentSchema = z.object({
   owner: z.object({ pid: z.number().int(), startTime: z.string() }),
   operation: z.enum(['snapshot', 'restore']),
   vmWasRunning: z.boolean(),
-  stage: z.enum(['prepared', 'paused', 'streaming', 'finishing']),
+  /** `precopy`: a live-precopy migration iterates while the guest runs (it pauses at `paused`). */
+  stage: z.enum(['prepared', 'precopy', 'paused', 'streaming', 'finishing']),
   tempFiles: z.array(z.string()),
   overlays: z.array(OverlaySchema),
+  /** The user's migration settings to put back (migration.ts MigrationSettings.saved). */
   migration: z
     .object({
       capabilities: z.array(z.object({ capability: z.string(), state: z.boolean() })),
-      maxBandwidth: z.number().optional(),
+      parameters: z.object({ 'max-bandwidth': z.number(), 'downtime-limit': z.number() }).partial(),
     })
     .optional(),
   createdAt: z.string(),

@@ -4,7 +4,7 @@ import { type RollbackOutcome, rollbackOverlays } from '../disks/rollback.js';
 import { SnapshotError } from '../errors.js';
 import { MIGRATION_UNSETTLED, restoreMigration } from '../migration.js';
 import type { SnapshotContext, SnapshotRun } from './context.js';
-import { qemuGoneError, waitMigrationSettled } from './waits.js';
+import { qemuGoneError, waitMigrationSettled, waitRunStateSettled } from './waits.js';
 
 type GuestAfter = 'running' | 'paused' | 'gone';
 
@@ -71,7 +71,9 @@ async function endMigration(ctx: SnapshotContext): Promise<string[]> {
 
 async function resumeIfStopped(ctx: SnapshotContext): Promise<string[]> {
   if (!ctx.vm.running) return [];
-  const status = await ctx.qmp.execute('query-status');
+  // A cancelled or failed pre-copy migration resumes a guest it stopped itself, just after
+  // its status changed; a completed one leaves it `postmigrate`.
+  const status = await waitRunStateSettled(ctx.qmp);
   if (status.running) return [];
   await ctx.qmp.execute('cont');
   return ['guest resumed'];
