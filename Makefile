@@ -9,7 +9,7 @@ QSNAP := node dist/cli/main.js
 VM_DIR ?= .qsnap/vm
 SNAPSHOT ?= .qsnap/snapshots/vm-$(shell date +%Y%m%d-%H%M%S).qsnap
 
-.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot bench bench-restore clean
+.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot bench bench-restore bench-precopy clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -19,6 +19,7 @@ help:
 	@echo "make vm-stop   stop it"
 	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
+	@echo "make bench-precopy  snapshots of a lazily restored VM against background snapshots"
 	@echo "make setup     install QEMU, npm packages, build, build the guest image"
 	@echo "make clean     remove build output, the guest image and .qsnap/"
 
@@ -73,6 +74,9 @@ bench: setup
 
 bench-restore: setup
 	node scripts/bench-restore.mjs
+
+bench-precopy: setup
+	node scripts/bench-precopy.mjs
 
 clean: vm-stop
 	rm -rf dist images/build .qsnap
