@@ -10,7 +10,9 @@ const spec = {
   summary:
     'Take a live point-in-time snapshot of a running VM: the guest pauses for milliseconds while its\n' +
     'disks are frozen (each gets a new qcow2 overlay beside it) and RAM is write-protected; RAM then\n' +
-    'streams into one snapshot file in the background while the guest runs.',
+    'streams into one snapshot file in the background while the guest runs. A VM whose RAM QEMU cannot\n' +
+    'write-protect (restored with --lazy from a file on disk) is snapshotted by pre-copy instead: RAM is\n' +
+    'sent while it runs and the guest pauses once, longer (a few hundred ms), when the disks are frozen.',
   usage: 'qsnap snapshot --qmp <socket> --out <file> [--max-bandwidth <rate>] [--overwrite] [--json]',
   options: {
     qmp: { type: 'string' },
