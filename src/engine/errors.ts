@@ -32,7 +32,7 @@ import { QsnapError } from '../errors.js';
  * Warnings (operation events of type 'warning', never thrown):
  *   QSNAP_RESUME_LATE                QEMU did not resume the guest after the capture; qsnap did
  *   QSNAP_PRECOPY_STOPPED            live-precopy cannot be trusted here: the guest pauses for the whole transfer
- *   QSNAP_MIGRATION_SETTINGS         the user's migration settings could not be put back
+ *   QSNAP_MIGRATION_SETTINGS         the user's migration settings could not be put back (or a limit raised)
  *   QSNAP_CLEANUP                    putting the VM back after a failure was incomplete
  */
 export type SnapshotErrorCode =

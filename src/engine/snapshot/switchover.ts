@@ -62,7 +62,7 @@ export async function precopyUntilSwitchover(
 async function endedEarly(run: SnapshotRun): Promise<never> {
   await run.receiver.done;
   throw new SnapshotError('QSNAP_SNAPSHOT_MIGRATION', 'the migration stream ended before the switchover', {
-    hint: 'check the QEMU log; the guest was resumed and no snapshot was written',
+    hint: 'check the QEMU log; the guest keeps running and no snapshot was written',
   });
 }
 
