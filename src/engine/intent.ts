@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
-import { mkdir, readFile, realpath, rename, rm, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { mkdir, readdir, readFile, realpath, rename, rm, writeFile } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
 import { z } from 'zod';
 import { isRunning, processIdentity } from '../vm/process.js';
 import { SnapshotError } from './errors.js';
@@ -134,7 +134,17 @@ export class IntentStore {
     const path = await this.pathFor(qmpPath);
     const found = await this.read(path);
     if (!found || (found.intent && isRunning(found.intent.owner))) return undefined;
-    return { intent: found.intent, remove: () => rm(path, { force: true }) };
+    return { intent: found.intent, remove: () => this.removeRecord(path) };
+  }
+
+  /** The record and any update a qsnap killed mid-write left beside it (`<record>.<pid>.tmp`). */
+  private async removeRecord(path: string): Promise<void> {
+    const prefix = `${basename(path)}.`;
+    const partial = (await readdir(this.dir).catch(() => [])).filter(
+      (f) => f.startsWith(prefix) && f.endsWith('.tmp'),
+    );
+    for (const file of partial) await rm(join(this.dir, file), { force: true });
+    await rm(path, { force: true });
   }
 
   private async pathFor(qmpPath: string): Promise<string> {

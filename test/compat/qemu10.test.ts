@@ -10,10 +10,11 @@
  * `pre-switchover`). Runs when QSNAP_QEMU10=1 (make test sets it) and as root.
  */
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { statfs } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Intent } from '../../src/engine/intent.js';
 import { TMPFS_MAGIC } from '../../src/engine/ram-protection.js';
 import { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
@@ -197,13 +198,14 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
         },
       );
       try {
+        // in-switchover holds qsnap once the disk is frozen and its intent record says so.
         await waitUntil(
-          async () => (await vm.qmp.execute('query-migrate')).status === 'pre-switchover',
+          async () =>
+            (await vm.qmp.execute('query-migrate')).status === 'pre-switchover' &&
+            frozenInRecord(join(dir, 'state', 'intents')),
           60_000,
           'the switchover pause',
         );
-        // in-switchover holds qsnap once the disk is frozen; give it that moment.
-        await new Promise((r) => setTimeout(r, 500));
       } finally {
         c.child.kill('SIGKILL');
       }
@@ -244,3 +246,11 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
     });
   });
 });
+
+/** The one intent record in `intents` lists its overlays as in use (qsnap froze the disks). */
+function frozenInRecord(intents: string): boolean {
+  const file = existsSync(intents) ? readdirSync(intents).find((f) => f.endsWith('.json')) : undefined;
+  if (!file) return false;
+  const record = JSON.parse(readFileSync(join(intents, file), 'utf8')) as Intent;
+  return record.overlays.length > 0 && record.overlays.every((o) => o.inUse);
+}

@@ -251,8 +251,12 @@ describe.skipIf(!canRun)('qsnap killed mid-snapshot', () => {
         createdAt: new Date().toISOString(),
       }),
     );
+    // And an update the dead qsnap had begun writing (IntentHandle.update: tmp, then rename).
+    const partialUpdate = join(sandbox.state, 'intents', `${key}.json.${2 ** 22 - 3}.tmp`);
+    writeFileSync(partialUpdate, '{"version": 1, "qmp"');
     const status = await runCli(['status', '--qmp', guest.vm.qmpPath, '--json'], sandbox.env);
     expect(status.code, status.stderr).toBe(0);
+    expect(existsSync(partialUpdate), 'the partial update is removed with the record').toBe(false);
     expect(status.json?.['recovery']).toMatchObject({
       recovered: true,
       resumed: false,

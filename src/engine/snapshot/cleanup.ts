@@ -62,8 +62,11 @@ async function endMigration(ctx: SnapshotContext): Promise<string[]> {
     const final = await waitMigrationSettled(qmp, 30 * 60_000);
     return [`QEMU's migration ran to its end (${final}) so the guest's RAM is released`];
   }
+  // A pre-copy whose stream qsnap closed (receiver.abort) may have failed already.
   const info = await qmp.execute('query-migrate');
-  if (!MIGRATION_UNSETTLED.has(info.status ?? 'none')) return [];
+  const status = info.status ?? 'none';
+  if (!MIGRATION_UNSETTLED.has(status))
+    return status === 'failed' || status === 'cancelled' ? [`the migration ended (${status})`] : [];
   await qmp.execute('migrate_cancel');
   await waitMigrationSettled(qmp, 60_000);
   return ['migration cancelled'];
