@@ -12,7 +12,7 @@ VM_DIR ?= .qsnap/vm
 export QSNAP_STORE ?= $(CURDIR)/.qsnap/store
 NAME ?= vm-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store clean
+.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -24,6 +24,7 @@ help:
 	@echo "make vm-stop   stop it"
 	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
+	@echo "make bench-precopy  snapshots of a lazily restored VM against background snapshots"
 	@echo "make setup     install QEMU, npm packages, build, build the guest image"
 	@echo "make clean     remove build output, the guest image and .qsnap/"
 
@@ -89,6 +90,9 @@ bench-restore: setup
 
 bench-store: setup
 	node scripts/bench-store.mjs
+
+bench-precopy: setup
+	node scripts/bench-precopy.mjs
 
 clean: vm-stop
 	rm -rf dist images/build .qsnap

@@ -18,12 +18,15 @@ dir=$(realpath -m "${2:?DIR}")
 work=$(realpath -m "${3:?WORK}")
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 root=$dir/root
+# A worktree may link images/build to another checkout's: QEMU must see the real directory.
+images=$(realpath -m "$repo/images/build")
+case "$images" in "$repo"/*) images= ;; esac
 mirror=${QSNAP_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 say() { echo "qemu-chroot: $*" >&2; }
 
 unmount_all() {
-  for target in "$root$work" "$root$repo" "$root/proc"; do
+  for target in "$root$work" ${images:+"$root$images"} "$root$repo" "$root/proc"; do
     if mountpoint -q "$target" 2>/dev/null; then umount "$target" || umount -l "$target"; fi
   done
 }
@@ -43,6 +46,10 @@ case "$cmd" in
     mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
     mountpoint -q "$root$repo" || { mount --bind "$repo" "$root$repo" && mount -o remount,bind,ro "$root$repo"; }
     mountpoint -q "$root$work" || mount --bind "$work" "$root$work"
+    if [ -n "$images" ] && [ -d "$images" ]; then
+      mkdir -p "$root$images"
+      mountpoint -q "$root$images" || { mount --bind "$images" "$root$images" && mount -o remount,bind,ro "$root$images"; }
+    fi
     cat >"$dir/qemu-system-x86_64" <<WRAPPER
 #!/bin/sh
 exec chroot "$root" qemu-system-x86_64 "\$@"

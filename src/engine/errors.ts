@@ -31,7 +31,8 @@ import { QsnapError } from '../errors.js';
  *
  * Warnings (operation events of type 'warning', never thrown):
  *   QSNAP_RESUME_LATE                QEMU did not resume the guest after the capture; qsnap did
- *   QSNAP_MIGRATION_SETTINGS         the user's migration settings could not be put back
+ *   QSNAP_PRECOPY_STOPPED            live-precopy cannot be trusted here: the guest pauses for the whole transfer
+ *   QSNAP_MIGRATION_SETTINGS         the user's migration settings could not be put back (or a limit raised)
  *   QSNAP_CLEANUP                    putting the VM back after a failure was incomplete
  *   QSNAP_CMDLINE_UNKNOWN            no QEMU command line could be recorded with a snapshot
  *   QSNAP_STORE_DEFERRED             layers of a replaced or deleted snapshot stay until a later gc
@@ -63,6 +64,7 @@ export type VerifyErrorCode = 'QSNAP_VERIFY_DISK_MISSING';
 
 export type WarningCode =
   | 'QSNAP_RESUME_LATE'
+  | 'QSNAP_PRECOPY_STOPPED'
   | 'QSNAP_MIGRATION_SETTINGS'
   | 'QSNAP_CLEANUP'
   | 'QSNAP_CMDLINE_UNKNOWN'

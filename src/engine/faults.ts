@@ -6,6 +6,14 @@
  * test can inject them into a qsnap child process. Nothing on the way reads the environment.
  *
  * - `after-stop`: hang right after pausing the guest (to be killed: as if qsnap died there)
+ * - `in-switchover`: live-precopy: hang in QEMU's switchover pause, the disks frozen, before
+ *   `migrate-continue` (to be killed: the guest stays paused in `pre-switchover`)
+ * - `switchover-error`: live-precopy: fail in QEMU's switchover pause, the disks frozen
+ * - `live-precopy-on-tcg`: use live-precopy even where QEMU's dirty tracking loses writes (TCG
+ *   before 9.0, preflight.ts): for recovery tests on 7.2 and as a negative control
+ * - `precopy-freeze-early`: a pre-copy strategy freezes the disks while the guest runs, a second
+ *   or more before the RAM instant (live-precopy: when the migration starts; stopped-precopy: a
+ *   second before the pause): a negative control, the disk older than RAM
  * - `bad-migration-socket`: QEMU connects to a socket nobody listens on
  * - `fail-after-migrate`: fail as soon as `migrate` returns, before QEMU's connection is accepted
  * - `stream-error`: the receiver fails after 20 MiB of the stream
@@ -15,6 +23,10 @@
  */
 export const FAULT_POINTS = [
   'after-stop',
+  'in-switchover',
+  'switchover-error',
+  'live-precopy-on-tcg',
+  'precopy-freeze-early',
   'bad-migration-socket',
   'fail-after-migrate',
   'stream-error',

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
-import { mkdir, readFile, realpath, rename, rm, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { mkdir, readdir, readFile, realpath, rename, rm, writeFile } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
 import { z } from 'zod';
 import { isRunning, processIdentity } from '../vm/process.js';
 import { SnapshotError } from './errors.js';
@@ -28,13 +28,15 @@ export const IntentSchema = z.object({
   owner: z.object({ pid: z.number().int(), startTime: z.string() }),
   operation: z.enum(['snapshot', 'restore', 'merge']),
   vmWasRunning: z.boolean(),
-  stage: z.enum(['prepared', 'paused', 'streaming', 'finishing']),
+  /** `precopy`: a live-precopy migration iterates while the guest runs (it pauses at `paused`). */
+  stage: z.enum(['prepared', 'precopy', 'paused', 'streaming', 'finishing']),
   tempFiles: z.array(z.string()),
   overlays: z.array(OverlaySchema),
+  /** The user's migration settings to put back (migration.ts MigrationSettings.saved). */
   migration: z
     .object({
       capabilities: z.array(z.object({ capability: z.string(), state: z.boolean() })),
-      maxBandwidth: z.number().optional(),
+      parameters: z.object({ 'max-bandwidth': z.number(), 'downtime-limit': z.number() }).partial(),
     })
     .optional(),
   createdAt: z.string(),
@@ -132,7 +134,17 @@ export class IntentStore {
     const path = await this.pathFor(qmpPath);
     const found = await this.read(path);
     if (!found || (found.intent && isRunning(found.intent.owner))) return undefined;
-    return { intent: found.intent, remove: () => rm(path, { force: true }) };
+    return { intent: found.intent, remove: () => this.removeRecord(path) };
+  }
+
+  /** The record and any update a qsnap killed mid-write left beside it (`<record>.<pid>.tmp`). */
+  private async removeRecord(path: string): Promise<void> {
+    const prefix = `${basename(path)}.`;
+    const partial = (await readdir(this.dir).catch(() => [])).filter(
+      (f) => f.startsWith(prefix) && f.endsWith('.tmp'),
+    );
+    for (const file of partial) await rm(join(this.dir, file), { force: true });
+    await rm(path, { force: true });
   }
 
   private async pathFor(qmpPath: string): Promise<string> {

@@ -1,6 +1,6 @@
-import { statfs } from 'node:fs/promises';
 import type { CommandReturn, QmpClient } from '../qmp/index.js';
 import { SnapshotError } from './errors.js';
+import { refusalError } from './ram-protection.js';
 
 /**
  * Capabilities that change the stream format or are refused together with background-snapshot
@@ -30,36 +30,50 @@ const CONFLICTING = [
 /** Default: no limit — a local snapshot should run at disk speed (QEMU's default is 128 MiB/s). */
 export const UNLIMITED_BANDWIDTH = 2 ** 40;
 
-export interface MigrationSettings {
-  saved: { capabilities: { capability: string; state: boolean }[]; maxBandwidth?: number };
+/**
+ * How a snapshot migrates: `background` a background snapshot; `precopy` a plain migration
+ * (of a paused guest); `switchover` a live pre-copy migration that pauses before its switchover
+ * (pause-before-switchover), with a downtime limit and optionally auto-converge.
+ */
+export type MigrationMode = 'background' | 'precopy' | 'switchover';
+
+export interface MigrationWant {
+  mode: MigrationMode;
+  maxBandwidth: number | undefined;
+  /** `switchover`: the downtime QEMU aims at when it decides to switch over (downtime-limit). */
+  downtimeLimitMs?: number;
+  /** `switchover`: throttle the guest's vCPUs while it dirties RAM faster than it is sent. */
+  autoConverge?: boolean;
 }
 
-export async function configureMigration(
-  qmp: QmpClient,
-  want: { background: boolean; maxBandwidth: number | undefined },
-): Promise<MigrationSettings> {
+/** The migration parameters qsnap sets (and puts back): all numbers. */
+export type TunedParameter = 'max-bandwidth' | 'downtime-limit';
+
+export interface MigrationSettings {
+  saved: {
+    capabilities: { capability: string; state: boolean }[];
+    parameters: Partial<Record<TunedParameter, number>>;
+  };
+}
+
+export async function configureMigration(qmp: QmpClient, want: MigrationWant): Promise<MigrationSettings> {
   const [caps, params] = await Promise.all([
     qmp.execute('query-migrate-capabilities'),
     qmp.execute('query-migrate-parameters'),
   ]);
   const known = new Map(caps.map((c) => [c.capability as string, c.state]));
-  if (want.background && !known.has('background-snapshot')) {
+  if (want.mode === 'background' && !known.has('background-snapshot')) {
     throw new SnapshotError(
       'QSNAP_SNAPSHOT_UNSUPPORTED',
       'this QEMU has no background-snapshot migration (needs QEMU ≥ 6.0)',
-      {
-        hint: 'upgrade QEMU',
-      },
+      { hint: 'upgrade QEMU' },
     );
   }
-  const target = new Map<string, boolean>();
-  for (const name of CONFLICTING) if (known.get(name)) target.set(name, false);
-  if (known.has('background-snapshot')) target.set('background-snapshot', want.background);
-  target.set('events', true);
-  const changes = [...target].filter(([name, state]) => known.get(name) !== state);
+  const changes = capabilityChanges(known, want);
+  const targets = parameterTargets(want);
   const saved: MigrationSettings['saved'] = {
     capabilities: changes.map(([name]) => ({ capability: name, state: known.get(name) ?? false })),
-    ...(params['max-bandwidth'] !== undefined ? { maxBandwidth: params['max-bandwidth'] } : {}),
+    parameters: savedParameters(params, targets),
   };
   if (changes.length) {
     try {
@@ -69,54 +83,56 @@ export async function configureMigration(
         capabilities: ordered.map(([capability, state]) => ({ capability, state })),
       });
     } catch (err) {
-      throw new SnapshotError(
-        'QSNAP_SNAPSHOT_UNSUPPORTED',
-        `QEMU refused the snapshot settings: ${(err as Error).message}`,
-        { hint: await unsupportedHint(qmp), cause: err },
-      );
+      throw await refusalError(qmp, err);
     }
   }
-  await qmp.execute('migrate-set-parameters', { 'max-bandwidth': want.maxBandwidth ?? UNLIMITED_BANDWIDTH });
+  await qmp.execute('migrate-set-parameters', targets);
   return { saved };
 }
 
-/** statfs f_type of tmpfs and hugetlbfs: file-backed RAM userfaultfd can write-protect. */
-export const TMPFS_MAGIC = 0x01021994;
-const HUGETLBFS_MAGIC = 0x958458f6;
-
-/**
- * Why QEMU may refuse background-snapshot, most specific first. Guest RAM mapped from a file
- * on a disk filesystem (a lazily restored VM) cannot be write-protected with userfaultfd;
- * tmpfs and hugetlbfs files can.
- */
-async function unsupportedHint(qmp: QmpClient): Promise<string> {
-  try {
-    for (const memdev of await qmp.execute('query-memdev')) {
-      if (!memdev.id) continue;
-      const path = await qmp
-        .execute('qom-get', { path: `/objects/${memdev.id}`, property: 'mem-path' })
-        .catch(() => undefined);
-      if (typeof path !== 'string' || path === '') continue;
-      const fsType = (await statfs(path).catch(() => undefined))?.type;
-      if (fsType !== undefined && fsType !== TMPFS_MAGIC && fsType !== HUGETLBFS_MAGIC) {
-        return `guest RAM is mapped from ${path} (a lazy restore?), which userfaultfd cannot write-protect on this filesystem: snapshot a VM restored without --lazy, or keep snapshot files on tmpfs (e.g. /dev/shm)`;
-      }
-    }
-  } catch {
-    // fall through to the general hint
+/** The capabilities to change, as [name, wanted state]: the conflicting ones off, the mode's on. */
+function capabilityChanges(known: Map<string, boolean>, want: MigrationWant): [string, boolean][] {
+  const target = new Map<string, boolean>();
+  for (const name of CONFLICTING) if (known.get(name)) target.set(name, false);
+  if (known.has('background-snapshot')) target.set('background-snapshot', want.mode === 'background');
+  if (want.mode === 'switchover') {
+    target.set('pause-before-switchover', true);
+    if (want.autoConverge) target.set('auto-converge', true);
   }
-  return 'background snapshots need userfaultfd write protection (Linux ≥ 5.7) on anonymous, tmpfs or hugetlbfs RAM; QEMU 7.2 also refuses after a background snapshot of this VM failed (restart the VM)';
+  target.set('events', true);
+  return [...target].filter(([name, state]) => known.get(name) !== state);
+}
+
+function parameterTargets(want: MigrationWant): Partial<Record<TunedParameter, number>> {
+  return {
+    'max-bandwidth': want.maxBandwidth ?? UNLIMITED_BANDWIDTH,
+    ...(want.mode === 'switchover' && want.downtimeLimitMs !== undefined
+      ? { 'downtime-limit': Math.round(want.downtimeLimitMs) }
+      : {}),
+  };
+}
+
+/** The user's values of the parameters about to change (7.2 reports all of them). */
+function savedParameters(
+  params: CommandReturn<'query-migrate-parameters'>,
+  targets: Partial<Record<TunedParameter, number>>,
+): Partial<Record<TunedParameter, number>> {
+  const saved: Partial<Record<TunedParameter, number>> = {};
+  for (const name of Object.keys(targets) as TunedParameter[]) {
+    const value = params[name];
+    if (value !== undefined) saved[name] = value;
+  }
+  return saved;
 }
 
 export async function restoreMigration(qmp: QmpClient, settings: MigrationSettings): Promise<void> {
-  const { capabilities, maxBandwidth } = settings.saved;
+  const { capabilities, parameters } = settings.saved;
   if (capabilities.length) {
     // Turn background-snapshot off before anything it conflicts with goes back on.
     const ordered = [...capabilities].sort((a, b) => Number(a.state) - Number(b.state));
     await qmp.execute('migrate-set-capabilities', { capabilities: ordered });
   }
-  if (maxBandwidth !== undefined)
-    await qmp.execute('migrate-set-parameters', { 'max-bandwidth': maxBandwidth });
+  if (Object.keys(parameters).length) await qmp.execute('migrate-set-parameters', parameters);
 }
 
 /** Migration states in which QEMU is still migrating (QAPI MigrationStatus). */

@@ -81,9 +81,10 @@ export const ManifestSchema = z.looseObject({
   }),
   /**
    * How the stream was produced: a background snapshot of a running guest (point in time = its
-   * start), or a plain precopy migration of a guest that was paused throughout.
+   * start), a plain precopy migration of a guest that was paused throughout, or a live precopy
+   * migration of a running guest paused at its switchover (point in time = the switchover).
    */
-  strategy: z.enum(['background-snapshot', 'stopped-precopy']),
+  strategy: z.enum(['background-snapshot', 'stopped-precopy', 'live-precopy']),
   pointInTime: z.looseObject({
     wallClock: IsoTime,
     /** QMP event timestamp of the pause, in microseconds since the epoch. */

@@ -6,6 +6,8 @@
  * then the linear scan). They are copied into fixed-size staging chunks; a full chunk is sorted by
  * file offset and written with one positioned writev per run of contiguous pages, so the linear
  * scan costs one syscall per chunk. Zero pages are never written: the file is created sparse.
+ * A page sent again (a pre-copy migration resends what the guest dirtied) replaces its copy in
+ * place while that is still staged; the last record of a page always wins.
  *
  * Life cycle: create() → writePage()/writeZeroPage() (respecting needsDrain/onceDrained) →
  * finish() → the file exists at its final path; or abort() → nothing is left behind.
@@ -104,8 +106,12 @@ interface Chunk {
   /** File page number (= file offset / 4096) of each staged page, in arrival order. */
   pages: Float64Array;
   count: number;
-  /** Must not start before every earlier chunk is on disk: it rewrites a page written before. */
+  /** Must not start before every earlier chunk is on disk: it rewrites a page being written. */
   barrier: boolean;
+  /** Names this use of the buffer (a new one each time it becomes the staging chunk). */
+  serial: number;
+  /** Handed to the disk: its pages can no longer be changed in place. */
+  writing: boolean;
 }
 
 export class SnapshotWriter {
@@ -126,6 +132,12 @@ export class SnapshotWriter {
   readonly #maxConcurrent: number;
   readonly #pwrite: NonNullable<SnapshotWriterOptions['pwrite']>;
   #staging: Chunk;
+  /** Where each page's last copy is staged: chunk serial (0: none) and slot. */
+  readonly #pageChunk: Uint32Array;
+  readonly #pageSlot: Uint16Array;
+  /** Chunks staged, queued or being written, by serial: a page's copy in none of them is on disk. */
+  readonly #pending = new Map<number, Chunk>();
+  #nextSerial = 1;
   readonly #free: Chunk[] = [];
   readonly #queue: Chunk[] = [];
   #inFlight = 0;
@@ -158,7 +170,9 @@ export class SnapshotWriter {
     this.#poolChunks = Math.max(2, Math.floor((opts.bufferBytes ?? 16 * MiB) / chunkBytes));
     this.#maxConcurrent = Math.max(1, opts.maxConcurrentWrites ?? 3);
     this.#pwrite = opts.pwrite ?? pwriteAll;
-    this.#staging = this.#newChunk();
+    this.#pageChunk = new Uint32Array(layout.totalPages);
+    this.#pageSlot = new Uint16Array(layout.totalPages);
+    this.#staging = this.#stagingChunk(this.#newChunk());
   }
 
   /**
@@ -519,23 +533,48 @@ export class SnapshotWriter {
     else c.zeroPages++;
   }
 
-  #stage(page: number, data: Uint8Array, barrier: boolean): void {
-    if (barrier) {
-      this.#seal();
-      this.#staging.barrier = true;
-    }
+  /** Copies a page into the staging chunk; `rewrite`: an earlier copy of it was staged. */
+  #stage(page: number, data: Uint8Array, rewrite: boolean): void {
+    if (rewrite && this.#restage(page, data)) return;
     const s = this.#staging;
     s.buf.set(data, s.count * PAGE_SIZE);
-    s.pages[s.count++] = page;
+    s.pages[s.count] = page;
+    this.#pageChunk[page] = s.serial;
+    this.#pageSlot[page] = s.count;
+    s.count++;
     if (s.count === this.#chunkPages) this.#seal();
+  }
+
+  /**
+   * A page sent again (pre-copy resends what the guest dirtied). Its earlier copy, if not handed
+   * to the disk yet, is overwritten in place (true). One being written makes the staging chunk
+   * wait for every earlier write (a barrier), or the older copy could land last. One already on
+   * disk is simply overwritten by the later write. So rewrites never add chunks.
+   */
+  #restage(page: number, data: Uint8Array): boolean {
+    const chunk = this.#pending.get(this.#pageChunk[page]!);
+    if (!chunk) return false;
+    if (!chunk.writing) {
+      chunk.buf.set(data, this.#pageSlot[page]! * PAGE_SIZE);
+      return true;
+    }
+    this.#staging.barrier = true;
+    return false;
   }
 
   /** Queues the staging chunk (if it holds pages) for writing and starts a new one. */
   #seal(): void {
     if (this.#staging.count === 0) return;
     this.#queue.push(this.#staging);
-    this.#staging = this.#free.pop() ?? this.#newChunk();
+    this.#staging = this.#stagingChunk(this.#free.pop() ?? this.#newChunk());
     this.#pump();
+  }
+
+  #stagingChunk(chunk: Chunk): Chunk {
+    chunk.serial = this.#nextSerial++;
+    chunk.writing = false;
+    this.#pending.set(chunk.serial, chunk);
+    return chunk;
   }
 
   #pump(): void {
@@ -543,6 +582,7 @@ export class SnapshotWriter {
       const chunk = this.#queue[0]!;
       if (chunk.barrier && this.#inFlight > 0) return;
       this.#queue.shift();
+      chunk.writing = true;
       this.#inFlight++;
       this.#writeChunk(chunk).then(
         () => this.#settled(chunk, undefined),
@@ -553,6 +593,7 @@ export class SnapshotWriter {
 
   #settled(chunk: Chunk, err: unknown): void {
     this.#inFlight--;
+    this.#pending.delete(chunk.serial);
     if (err === undefined) this.#writeBack(chunk.count * PAGE_SIZE);
     chunk.count = 0;
     chunk.barrier = false;
@@ -642,6 +683,8 @@ export class SnapshotWriter {
       pages: new Float64Array(this.#chunkPages),
       count: 0,
       barrier: false,
+      serial: 0,
+      writing: false,
     };
   }
 }

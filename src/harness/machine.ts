@@ -1,7 +1,7 @@
 import { mkdtemp, rm, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { TMPFS_MAGIC } from '../engine/migration.js';
+import { TMPFS_MAGIC } from '../engine/ram-protection.js';
 import { type RestoreMode, restore } from '../engine/restore/restore.js';
 import { type SnapshotResult, snapshot } from '../engine/snapshot/snapshot.js';
 import { parseCommandLine } from '../vm/cmdline.js';

@@ -3,16 +3,33 @@
  * whose behaviour differs from 7.2 where it matters: after a background snapshot's capture it
  * restores the run state from before `migrate`, so qsnap itself must resume a running guest —
  * and only after the first RAM section — while a paused guest stays paused (no precopy
- * fallback needed). Runs when QSNAP_QEMU10=1 (make test sets it) and as root.
+ * fallback needed). And its TCG dirty tracking is exact (fixed in 9.0), so a VM restored with
+ * --lazy from a file on a disk filesystem is snapshotted by live-precopy: proven point-in-time
+ * here, with a negative control, and killed in its switchover pause (QEMU 10 also leaves the
+ * source `postmigrate` after the migration and resumes it when one is cancelled in
+ * `pre-switchover`). Runs when QSNAP_QEMU10=1 (make test sets it) and as root.
  */
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { statfs } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Intent } from '../../src/engine/intent.js';
+import { TMPFS_MAGIC } from '../../src/engine/ram-protection.js';
 import { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
-import { restore, snapshot } from '../../src/index.js';
+import {
+  type OperationEvent,
+  type RestoreResult,
+  restore,
+  type SnapshotResult,
+  snapshot,
+} from '../../src/index.js';
+import { ensureBuilt } from '../support/build.js';
+import { runCli, spawnCli } from '../support/cli.js';
 import { isRoot } from '../support/env.js';
+import { failure } from '../support/errors.js';
+import { waitUntil } from '../support/process.js';
 
 const enabled = process.env['QSNAP_QEMU10'] === '1' && isRoot;
 const CHROOT = process.env['QSNAP_QEMU10_DIR'] ?? '/var/tmp/qsnap-qemu10';
@@ -93,4 +110,147 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
       }
     }
   });
+
+  describe('a VM restored with --lazy from a file on a disk filesystem', () => {
+    /** The lazily restored VM the tests work on, and its console. */
+    let lazy: { result: RestoreResult; console: GuestConsole } | undefined;
+    let argv: string[] = [];
+    let serial = '';
+    let live: SnapshotResult;
+
+    async function restoreAttached(file: string, asLazy: boolean): Promise<NonNullable<typeof lazy>> {
+      const result = await restore({ file, argv, lazy: asLazy, attached: true }).result;
+      const restoredConsole = await GuestConsole.connect(serial);
+      await restoredConsole.waitReady({ timeoutMs: 30_000 });
+      return { result, console: restoredConsole };
+    }
+
+    async function stopLazy(): Promise<void> {
+      await lazy?.console.close();
+      await lazy?.result.vm?.stop();
+      lazy = undefined;
+    }
+
+    beforeAll(async () => {
+      ensureBuilt();
+      expect((await statfs(dir)).type, `${dir} must not be tmpfs`).not.toBe(TMPFS_MAGIC);
+      const booted = await bootTestGuest({ dir: join(dir, 'lazy-vm'), qemuBinary: qemu, accel: 'tcg' });
+      argv = [qemu, ...booted.argv];
+      serial = booted.vm.serial!.socket;
+      try {
+        await snapshot({ qmp: booted.vm.qmpPath, out: join(dir, 'mapped.qsnap') }).result;
+      } finally {
+        await booted.stop();
+      }
+      lazy = await restoreAttached(join(dir, 'mapped.qsnap'), true);
+    }, 180_000);
+
+    afterAll(stopLazy);
+
+    it('is snapshotted by live-precopy: paused once at the switchover, resumed by qsnap after the migration', async () => {
+      const seen: OperationEvent[] = [];
+      live = await snapshot({ qmp: lazy!.result.qmp, out: join(dir, 'live.qsnap') }).on((e) => seen.push(e))
+        .result;
+      expect(live).toMatchObject({ strategy: 'live-precopy', runState: 'running' });
+      expect(seen.filter((e) => e.type === 'warning')).toEqual([]);
+      const phases = seen.filter((e) => e.type === 'phase').map((e) => e.type === 'phase' && e.phase);
+      expect(phases.slice(phases.indexOf('precopy'))).toEqual([
+        'precopy',
+        'pause',
+        'frozen',
+        'switchover',
+        'stream',
+        'resumed',
+        'finish',
+      ]);
+      expect(live.duplicatePages).toBeGreaterThan(0);
+      console.info(
+        `QEMU 10 live-precopy: pause ${live.downtimeMs.toFixed(0)} ms, ${live.precopy!.passes} passes in ` +
+          `${live.precopy!.precopyMs.toFixed(0)} ms, stream ${(live.streamBytes / 2 ** 20).toFixed(0)} MiB`,
+      );
+      const vm = lazy!.result.vm!;
+      expect((await vm.qmp.execute('query-status')).status).toBe('running');
+      expect(
+        (await vm.qmp.execute('query-migrate-capabilities')).find(
+          (c) => c.capability === 'pause-before-switchover',
+        )?.state,
+      ).toBe(false);
+      expect((await lazy!.console.check()).ok).toBe(true);
+    });
+
+    it.each([
+      ['full', false],
+      ['lazy', true],
+    ])('the live-precopy snapshot restores (%s) and the workload check passes', async (_mode, asLazy) => {
+      await stopLazy();
+      lazy = await restoreAttached(live.file, asLazy);
+      const check = await lazy.console.check({ timeoutMs: 60_000 });
+      expect(check.ok, check.line).toBe(true);
+    });
+
+    it('qsnap killed in the switchover pause: paused until `qsnap status` cancels; QEMU 10 resumes the guest', async () => {
+      // Runs lazily from live.qsnap (the lazy restore above).
+      const vm = lazy!.result.vm!;
+      const c = spawnCli(
+        ['snapshot', '--qmp', lazy!.result.qmp, '--out', join(dir, 'killed.qsnap'), '--json'],
+        {
+          QSNAP_FAULT: 'in-switchover',
+        },
+      );
+      try {
+        // in-switchover holds qsnap once the disk is frozen and its intent record says so.
+        await waitUntil(
+          async () =>
+            (await vm.qmp.execute('query-migrate')).status === 'pre-switchover' &&
+            frozenInRecord(join(dir, 'state', 'intents')),
+          60_000,
+          'the switchover pause',
+        );
+      } finally {
+        c.child.kill('SIGKILL');
+      }
+      expect((await c.done).signal).toBe('SIGKILL');
+      expect((await failure(lazy!.console.nextHeartbeat({ timeoutMs: 2000 }))).code).toBe(
+        'QSNAP_GUEST_TIMEOUT',
+      );
+      expect((await vm.qmp.execute('query-status')).status).toBe('finish-migrate');
+      const status = await runCli(['status', '--qmp', lazy!.result.qmp, '--json']);
+      expect(status.code, status.stderr).toBe(0);
+      expect(status.json).toMatchObject({
+        runState: 'running',
+        recovery: {
+          recovered: true,
+          resumed: true,
+          actions: expect.arrayContaining([
+            'cancelled the unfinished migration',
+            'restored migration settings',
+          ]),
+        },
+      });
+      expect((await lazy!.console.check()).ok).toBe(true);
+    });
+    it('negative control: the disk frozen when the pre-copy starts, not in its pause, FAILS check() with disk-*', async () => {
+      // Runs lazily from live.qsnap (on disk): live-precopy again, with the fault.
+      const early = await snapshot({
+        qmp: lazy!.result.qmp,
+        out: join(dir, 'early.qsnap'),
+        faults: new Set(['precopy-freeze-early']),
+      }).result;
+      expect(early.strategy).toBe('live-precopy');
+      await stopLazy();
+      lazy = await restoreAttached(early.file, false);
+      const check = await lazy.console.check({ timeoutMs: 60_000 });
+      console.info(`QEMU 10 negative control (disk frozen early): ${check.line}`);
+      expect(check.ok, check.line).toBe(false);
+      expect(check.reason).toMatch(/^disk-/);
+    });
+  });
 });
+
+/** The one intent record in `intents` lists its overlays as in use (qsnap froze the disks). */
+function frozenInRecord(intents: string): boolean {
+  const file = existsSync(intents) ? readdirSync(intents).find((f) => f.endsWith('.json')) : undefined;
+  if (!file) return false;
+  const record = JSON.parse(readFileSync(join(intents, file), 'utf8')) as Intent;
+  return record.overlays.length > 0 && record.overlays.every((o) => o.inUse);
+}

@@ -159,8 +159,12 @@ describe.skipIf(!canRun)('qsnap killed mid-snapshot', () => {
     const chainBefore = await chainFiles(guest.vm.qmp);
     const c = await startHeld('stream-hang', out);
     // qsnap hangs once 20 MiB have arrived; QEMU cannot send more than the socket buffers hold.
+    // (Until the new migration is active, query-migrate still reports the previous one's bytes.)
     await waitUntil(
-      async () => ((await guest.vm.qmp.execute('query-migrate')).ram?.transferred ?? 0) > 20 * 2 ** 20,
+      async () => {
+        const info = await guest.vm.qmp.execute('query-migrate');
+        return info.status === 'active' && (info.ram?.transferred ?? 0) > 20 * 2 ** 20;
+      },
       30_000,
       'the stream to pass 20 MiB',
     );
@@ -247,8 +251,12 @@ describe.skipIf(!canRun)('qsnap killed mid-snapshot', () => {
         createdAt: new Date().toISOString(),
       }),
     );
+    // And an update the dead qsnap had begun writing (IntentHandle.update: tmp, then rename).
+    const partialUpdate = join(sandbox.state, 'intents', `${key}.json.${2 ** 22 - 3}.tmp`);
+    writeFileSync(partialUpdate, '{"version": 1, "qmp"');
     const status = await runCli(['status', '--qmp', guest.vm.qmpPath, '--json'], sandbox.env);
     expect(status.code, status.stderr).toBe(0);
+    expect(existsSync(partialUpdate), 'the partial update is removed with the record').toBe(false);
     expect(status.json?.['recovery']).toMatchObject({
       recovered: true,
       resumed: false,

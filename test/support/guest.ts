@@ -1,13 +1,13 @@
 /**
- * The real-guest harness: the bundled test guest with a heartbeat tracker, `expectIntact` (the
- * checks every test runs after every snapshot or failure), the guest's QEMU command line, the
+ * The real-guest harness: the bundled test guest with a heartbeat tracker (booted, or restored
+ * from a snapshot), `expectIntact` (the checks every test runs after every snapshot or failure), the guest's QEMU command line, the
  * console of a (restored) guest, and a register of every QEMU a test file starts.
  *
  * QEMU is always stopped by pid (Vm.stop: quit, SIGTERM, SIGKILL; or killPid), even when a
  * test fails.
  */
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { mkdtemp, readdir } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { expect } from 'vitest';
 import { openSnapshot } from '../../src/format/index.js';
@@ -18,6 +18,7 @@ import {
   type TestGuestOptions,
   testGuestSpec,
 } from '../../src/guest/test-guest.js';
+import { type RestoreResult, restore, snapshot } from '../../src/index.js';
 import type { QmpClient } from '../../src/qmp/index.js';
 import type { ImageInfo } from '../../src/qmp/qapi.js';
 import { buildArgv } from '../../src/vm/args.js';
@@ -29,9 +30,11 @@ import { QEMU } from './env.js';
 import { killPid, waitUntil } from './process.js';
 import type { Sandbox } from './sandbox.js';
 
-interface MigrationBaseline {
+export interface MigrationBaseline {
   capabilities: Record<string, boolean>;
   maxBandwidth: number | undefined;
+  /** qsnap's live-precopy changes it too (and must put it back). */
+  downtimeLimit: number | undefined;
 }
 
 export interface Guest extends TestGuest {
@@ -45,7 +48,69 @@ export interface Guest extends TestGuest {
 
 export async function bootGuest(sandbox: Sandbox, options: TestGuestOptions = {}): Promise<Guest> {
   const dir = await mkdtemp(join(sandbox.root, 'guest-'));
-  const guest = await bootTestGuest({ dir, ...options });
+  return trackGuest(await bootTestGuest({ dir, ...options }));
+}
+
+/**
+ * A snapshot restored into a new QEMU kept attached to this process, as a Guest: the same
+ * directory and sockets as `from` (stop that one first), the restored disk overlay, and the
+ * workload's console connected.
+ */
+export async function restoreGuest(
+  from: Pick<TestGuest, 'dir' | 'argv'>,
+  file: string,
+  options: { lazy: boolean },
+): Promise<Guest & { restored: RestoreResult }> {
+  const restored = await restore({ file, argv: from.argv, lazy: options.lazy, attached: true }).result;
+  const vm = restored.vm!;
+  try {
+    const guestConsole = await connectConsole(chardevPath(from.argv));
+    const guest: TestGuest = {
+      vm,
+      console: guestConsole,
+      dir: from.dir,
+      diskFile: restored.disks[0]!.overlayFile,
+      argv: from.argv,
+      bootSeconds: 0,
+      stop: async () => {
+        await guestConsole.close().catch(() => undefined);
+        await vm.stop();
+      },
+    };
+    return Object.assign(await trackGuest(guest), { restored });
+  } catch (err) {
+    await vm.stop().catch(() => vm.kill());
+    throw err;
+  }
+}
+
+let mappedFiles = 0;
+
+/**
+ * The test guest booted, snapshotted into sandbox.disk, stopped and restored from that file with
+ * --lazy: a VM whose main RAM is a private mapping of a file on a disk filesystem, which
+ * userfaultfd cannot write-protect (what qsnap's pre-copy strategies are for). `mapped` is the
+ * file; the restored VM needs it as long as it runs.
+ */
+export async function lazyGuestOnDisk(
+  sandbox: Sandbox,
+  options: TestGuestOptions = {},
+): Promise<Guest & { restored: RestoreResult; mapped: string }> {
+  const original = await bootGuest(sandbox, options);
+  const mapped = join(sandbox.disk, `mapped-${mappedFiles++}.qsnap`);
+  let overlay: string;
+  try {
+    overlay = (await snapshot({ qmp: original.vm.qmpPath, out: mapped }).result).disks[0]!.overlayFile;
+  } finally {
+    await stopGuest(original);
+  }
+  // The stopped VM's overlay is in no chain the restored VM uses.
+  await rm(overlay, { force: true });
+  const argv = options.qemuBinary ? [options.qemuBinary, ...original.argv] : original.argv;
+  return Object.assign(await restoreGuest({ dir: original.dir, argv }, mapped, { lazy: true }), { mapped });
+}
+
+async function trackGuest(guest: TestGuest): Promise<Guest> {
   let last = -1;
   guest.console.onLine((line) => {
     const m = /^QSNAP-HB n=(\d+) /.exec(line);
@@ -62,12 +127,13 @@ export async function bootGuest(sandbox: Sandbox, options: TestGuestOptions = {}
   return result;
 }
 
-async function migrationSettings(qmp: QmpClient): Promise<MigrationBaseline> {
+export async function migrationSettings(qmp: QmpClient): Promise<MigrationBaseline> {
   const caps = await qmp.execute('query-migrate-capabilities');
   const params = await qmp.execute('query-migrate-parameters');
   return {
     capabilities: Object.fromEntries(caps.map((c) => [c.capability, c.state])),
     maxBandwidth: params['max-bandwidth'],
+    downtimeLimit: params['downtime-limit'],
   };
 }
 
@@ -154,7 +220,9 @@ export async function expectNoLeftovers(
   expect(now.capabilities['background-snapshot'], 'background-snapshot capability').toBe(false);
   expect(now, 'migration settings restored').toEqual(guest.baseline);
   const migrate = await guest.vm.qmp.execute('query-migrate');
-  expect(['active', 'setup', 'device', 'cancelling'], 'no migration running').not.toContain(migrate.status);
+  expect(['active', 'setup', 'device', 'cancelling', 'pre-switchover'], 'no migration running').not.toContain(
+    migrate.status,
+  );
   const chain = new Set(await chainFiles(guest.vm.qmp));
   const images = (await readdir(guest.dir))
     .filter((f) => f.endsWith('.qcow2'))

@@ -14,9 +14,11 @@ const spec = {
   summary:
     'Take a live point-in-time snapshot of a running VM: the guest pauses for milliseconds while its\n' +
     'disks are frozen (each gets a new qcow2 overlay beside it) and RAM is write-protected; RAM then\n' +
-    'streams into one snapshot file in the background while the guest runs. With --name the snapshot\n' +
-    "goes into the store, with the VM's QEMU command line (read from the QEMU process), so\n" +
-    '`qsnap restore NAME` needs nothing else; --out writes a loose file instead.',
+    'streams into one snapshot file in the background while the guest runs. A VM whose RAM QEMU cannot\n' +
+    'write-protect (restored with --lazy from a file on disk) is snapshotted by pre-copy instead: RAM is\n' +
+    'sent while it runs and the guest pauses once, longer (a few hundred ms), when the disks are frozen.\n' +
+    "With --name the snapshot goes into the store, with the VM's QEMU command line (read from the QEMU\n" +
+    'process), so `qsnap restore NAME` needs nothing else; --out writes a loose file instead.',
   usage:
     'qsnap snapshot --qmp <socket> (--name <name> | --out <file>) [--overwrite] [--max-bandwidth <rate>] [--json]',
   options: {

@@ -4,7 +4,7 @@ import { type RollbackOutcome, rollbackOverlays } from '../disks/rollback.js';
 import { SnapshotError } from '../errors.js';
 import { MIGRATION_UNSETTLED, restoreMigration } from '../migration.js';
 import type { SnapshotContext, SnapshotRun } from './context.js';
-import { qemuGoneError, waitMigrationSettled } from './waits.js';
+import { qemuGoneError, waitMigrationSettled, waitRunStateSettled } from './waits.js';
 
 type GuestAfter = 'running' | 'paused' | 'gone';
 
@@ -62,8 +62,11 @@ async function endMigration(ctx: SnapshotContext): Promise<string[]> {
     const final = await waitMigrationSettled(qmp, 30 * 60_000);
     return [`QEMU's migration ran to its end (${final}) so the guest's RAM is released`];
   }
+  // A pre-copy whose stream qsnap closed (receiver.abort) may have failed already.
   const info = await qmp.execute('query-migrate');
-  if (!MIGRATION_UNSETTLED.has(info.status ?? 'none')) return [];
+  const status = info.status ?? 'none';
+  if (!MIGRATION_UNSETTLED.has(status))
+    return status === 'failed' || status === 'cancelled' ? [`the migration ended (${status})`] : [];
   await qmp.execute('migrate_cancel');
   await waitMigrationSettled(qmp, 60_000);
   return ['migration cancelled'];
@@ -71,7 +74,9 @@ async function endMigration(ctx: SnapshotContext): Promise<string[]> {
 
 async function resumeIfStopped(ctx: SnapshotContext): Promise<string[]> {
   if (!ctx.vm.running) return [];
-  const status = await ctx.qmp.execute('query-status');
+  // A cancelled or failed pre-copy migration resumes a guest it stopped itself, just after
+  // its status changed; a completed one leaves it `postmigrate`.
+  const status = await waitRunStateSettled(ctx.qmp);
   if (status.running) return [];
   await ctx.qmp.execute('cont');
   return ['guest resumed'];

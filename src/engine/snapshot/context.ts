@@ -7,9 +7,12 @@ import type { MigrationSettings } from '../migration.js';
 import type { OperationContext } from '../operation.js';
 import type { VmInfo } from '../probe.js';
 import type { StreamReceiver } from './receiver.js';
-import type { SnapshotOptions, SnapshotStrategy } from './types.js';
+import type { PrecopyReport, SnapshotOptions, SnapshotStrategy } from './types.js';
 
-/** What a snapshot knows once it holds the VM's lock: fixed for the rest of the sequence. */
+/**
+ * What a snapshot knows once it holds the VM's lock: fixed for the rest of the sequence, but
+ * for `strategy`, which prepare changes once when QEMU cannot write-protect RAM (pause.ts).
+ */
 export interface SnapshotContext {
   options: SnapshotOptions;
   op: OperationContext;
@@ -43,4 +46,6 @@ export interface SnapshotRun {
   pause: PauseState;
   /** The user's migration settings while qsnap's are in force. */
   settings: MigrationSettings | undefined;
+  /** live-precopy: how the migration converged, known at the switchover. */
+  precopy: PrecopyReport | undefined;
 }

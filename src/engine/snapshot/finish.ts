@@ -1,19 +1,19 @@
 import { stat } from 'node:fs/promises';
 import { type Manifest, SnapshotFileError, type SnapshotInfo } from '../../format/index.js';
 import { SnapshotError } from '../errors.js';
-import type { PauseState, SnapshotContext } from './context.js';
+import type { PauseState, SnapshotContext, SnapshotRun } from './context.js';
 import type { ReceivedStream } from './receiver.js';
-import type { SnapshotResult } from './types.js';
+import type { PrecopyReport, SnapshotResult } from './types.js';
 
 /** Seal the file (page table, manifest, trailer, fsync, rename) and say what was written. */
 export async function finishFile(
   ctx: SnapshotContext,
   received: ReceivedStream,
-  pause: PauseState,
+  run: SnapshotRun,
 ): Promise<SnapshotResult> {
-  const timing = pauseTiming(pause);
+  const timing = pauseTiming(run.pause);
   const streamMs = received.endAt - received.firstByteAt;
-  const manifest = await seal(received, snapshotInfo(ctx, received, timing, streamMs));
+  const manifest = await seal(received, snapshotInfo(ctx, received, timing, streamMs, run.precopy));
   const st = await stat(received.writer.path);
   return {
     file: received.writer.path,
@@ -26,6 +26,7 @@ export async function finishFile(
     pagesWritten: manifest.counts.pagesWritten,
     zeroPages: manifest.counts.zeroPages,
     streamBytes: received.streamBytes,
+    duplicatePages: manifest.counts.duplicatePages,
     fileBytes: st.size,
     allocatedBytes: st.blocks * 512,
     pointInTime: manifest.pointInTime.wallClock,
@@ -38,6 +39,7 @@ export async function finishFile(
     })),
     skippedDisks: ctx.skipped,
     runState: ctx.vm.runState,
+    ...(run.precopy ? { precopy: run.precopy } : {}),
   };
 }
 
@@ -63,6 +65,7 @@ function snapshotInfo(
   received: ReceivedStream,
   timing: PauseTiming,
   streamMs: number,
+  precopy: PrecopyReport | undefined,
 ): SnapshotInfo {
   const { vm } = ctx;
   const devices = received.summary.vmDescription?.devices.map((d) => d.name);
@@ -97,8 +100,28 @@ function snapshotInfo(
       backingChain: o.chain,
     })),
     skippedDisks: ctx.skipped,
-    timings: { downtimeMs: timing.downtimeMs, totalMs: performance.now() - ctx.startedAt, streamMs },
-    counts: { streamBytes: received.streamBytes, ramParts: received.summary.ramParts },
+    ...timingsAndCounts(ctx, received, { downtimeMs: timing.downtimeMs, streamMs }, precopy),
+  };
+}
+
+/** The manifest's timings and counts; live-precopy adds its pre-copy time and passes. */
+function timingsAndCounts(
+  ctx: SnapshotContext,
+  received: ReceivedStream,
+  times: { downtimeMs: number; streamMs: number },
+  precopy: PrecopyReport | undefined,
+): Pick<SnapshotInfo, 'timings' | 'counts'> {
+  return {
+    timings: {
+      ...times,
+      totalMs: performance.now() - ctx.startedAt,
+      ...(precopy ? { precopyMs: precopy.precopyMs } : {}),
+    },
+    counts: {
+      streamBytes: received.streamBytes,
+      ramParts: received.summary.ramParts,
+      ...(precopy ? { precopyPasses: precopy.passes } : {}),
+    },
   };
 }
 

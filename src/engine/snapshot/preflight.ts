@@ -2,6 +2,7 @@ import { constants } from 'node:fs';
 import { access, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { SnapshotError } from '../errors.js';
+import type { Faults } from '../faults.js';
 import { MIGRATION_UNSETTLED } from '../migration.js';
 import { type VmInfo, versionAtLeast } from '../probe.js';
 import type { SnapshotStrategy } from './types.js';
@@ -51,6 +52,29 @@ function chooseStrategy(vm: VmInfo): SnapshotStrategy {
       details: { runState: vm.runState },
     },
   );
+}
+
+/**
+ * The strategy when QEMU cannot write-protect guest RAM (ram-protection.ts): a pre-copy
+ * migration. Live (the guest runs while RAM is sent) only where QEMU's dirty tracking is
+ * exact; otherwise qsnap pauses the guest for the whole migration (stopped-precopy, resumed
+ * afterwards): point-in-time, at the cost of a pause as long as the transfer.
+ */
+export function precopyStrategy(vm: VmInfo, faults: Faults): SnapshotStrategy {
+  if (!vm.running) return 'stopped-precopy';
+  return dirtyTrackingExact(vm) || faults.has('live-precopy-on-tcg') ? 'live-precopy' : 'stopped-precopy';
+}
+
+/**
+ * Whether a pre-copy migration sees every guest write. Not under TCG before QEMU 9.0: the fast
+ * path of the dirty bitmap sync clears bits without resetting the TCG TLB, so stores through
+ * entries cached before the sync set no dirty bit and are never resent (QEMU commit 03bfc2188f,
+ * "physmem: Fix migration dirty bitmap coherency with TCG memory access", in 9.0). Measured on
+ * 7.2: 48–81 pages of the final RAM missing from every pre-copy of the busy test guest that took
+ * 20 passes or more, the restored guest crashing; none on 10.0. KVM's dirty log is kernel-side.
+ */
+export function dirtyTrackingExact(vm: VmInfo): boolean {
+  return vm.accel === 'kvm' || versionAtLeast(vm.qemu.version, 9, 0);
 }
 
 /** The output's directory is writable and, unless `overwrite`, nothing is at `out` yet. */

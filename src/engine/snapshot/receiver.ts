@@ -34,6 +34,11 @@ export interface ReceiverOptions {
   onProgress: (doneBytes: number, totalBytes: number) => void;
   /** Read the stream no faster than this (bytes per second). */
   maxBytesPerSecond?: number | undefined;
+  /**
+   * Asked when QEMU connects: whether a failure must hand the stream to a drain guard (a
+   * background snapshot) or may simply close it (a pre-copy migration fails cleanly).
+   */
+  needsDrainGuard: () => boolean;
   /** Test-only (faults.ts): fail, or hang, once this many bytes of the stream arrived. */
   fault?: { afterBytes: number; kind: 'error' | 'hang' } | undefined;
 }
@@ -49,8 +54,9 @@ interface PendingPage {
  * Listens on a unix socket for QEMU's outgoing migration, parses the stream as it arrives
  * and writes every page to its place in the snapshot file. Holds the socket (backpressure)
  * while the file writer catches up, so memory stays bounded whatever the stream's speed.
- * Once QEMU has connected, a failure hands the rest of the stream to a drain guard
- * (drain-guard.ts): a begun background snapshot is never cut off.
+ * Once QEMU has connected, a failure hands the rest of a background snapshot's stream to a
+ * drain guard (drain-guard.ts): a begun background snapshot is never cut off. A pre-copy
+ * stream is closed instead: QEMU fails the migration and resumes a guest it stopped.
  */
 export class StreamReceiver {
   readonly done: Promise<ReceivedStream>;
@@ -77,7 +83,7 @@ export class StreamReceiver {
   private lastProgressAt = 0;
   private firstByteAt = 0;
   private failed = false;
-  private readonly rate: ReadRateLimit;
+  private rate: ReadRateLimit;
 
   constructor(private readonly options: ReceiverOptions) {
     this.done = new Promise((resolve, reject) => {
@@ -109,6 +115,11 @@ export class StreamReceiver {
     await this.writer?.abort(reason);
   }
 
+  /** Read as fast as QEMU sends from now on (the --max-bandwidth limit no longer applies). */
+  liftRateLimit(): void {
+    this.rate = new ReadRateLimit(undefined);
+  }
+
   async close(): Promise<void> {
     if (!this.failed) this.guard?.dismiss();
     this.socket?.destroy();
@@ -124,10 +135,11 @@ export class StreamReceiver {
     }
     this.socket = socket;
     this.server?.close();
-    this.guard = DrainGuard.spawn(socket);
+    if (this.options.needsDrainGuard()) this.guard = DrainGuard.spawn(socket);
     if (this.failed) {
       // qsnap failed between `migrate` and this connection: QEMU's background snapshot may
       // already be under way, so it must be drained like any other (never just dropped).
+      // A pre-copy migration is just closed.
       this.handOff();
       return;
     }
@@ -183,7 +195,8 @@ export class StreamReceiver {
     const now = performance.now();
     if (!force && (now - this.lastProgressAt <= 100 || this.totalBytes === 0)) return;
     this.lastProgressAt = now;
-    this.options.onProgress(this.pagesSeen * 4096, this.totalBytes);
+    // Pre-copy resends dirtied pages: count no more than all of RAM.
+    this.options.onProgress(Math.min(this.pagesSeen * 4096, this.totalBytes), this.totalBytes);
   }
 
   /** Pause the socket while the file writer catches up or the stream is ahead of its rate limit. */

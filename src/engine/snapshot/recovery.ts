@@ -3,6 +3,7 @@ import type { QmpClient } from '../../qmp/index.js';
 import { discardOverlays } from '../disks/freeze.js';
 import type { Intent, IntentStore } from '../intent.js';
 import { MIGRATION_UNSETTLED, pollMigration, restoreMigration } from '../migration.js';
+import { waitRunStateSettled } from './waits.js';
 
 export interface RecoveryReport {
   recovered: boolean;
@@ -28,8 +29,9 @@ export async function recoverStaleIntent(
   report.recovered = true;
   const { intent } = stale;
   if (intent) {
+    const before = await qmp.execute('query-status');
     await settleMigration(qmp, report);
-    if (intent.vmWasRunning) await resumeGuest(qmp, intent, report);
+    if (intent.vmWasRunning) await resumeGuest(qmp, intent, report, before.status);
     await releaseOverlays(qmp, intent, report);
     if (intent.migration) {
       await restoreMigration(qmp, { saved: intent.migration }).catch(() => undefined);
@@ -46,7 +48,9 @@ export async function recoverStaleIntent(
 /**
  * A background snapshot the dead qsnap began is being read to its end by its drain guard
  * (drain-guard.ts): cancelling it would hang the guest on QEMU 7.2, so wait for it. A plain
- * migration is cancelled.
+ * migration is cancelled, in any state: one held in `pre-switchover` (a live-precopy whose
+ * qsnap died in the switchover pause, the guest stopped) ends `cancelled` and QEMU resumes the
+ * guest (verified on 7.2 and 10.0).
  */
 async function settleMigration(qmp: QmpClient, report: RecoveryReport): Promise<void> {
   const info = await qmp.execute('query-migrate');
@@ -87,9 +91,25 @@ async function dismissMergeJobs(qmp: QmpClient, report: RecoveryReport): Promise
 /** Run states a dead qsnap leaves a guest in that it had been running before. */
 const LEFT_STOPPED = new Set(['paused', 'postmigrate', 'finish-migrate']);
 
-async function resumeGuest(qmp: QmpClient, intent: Intent, report: RecoveryReport): Promise<void> {
-  const status = await qmp.execute('query-status');
-  if (status.running || !LEFT_STOPPED.has(status.status)) return;
+/**
+ * Resume a guest the dead qsnap left stopped. A cancelled pre-copy migration resumes a guest
+ * QEMU stopped for its switchover by itself (7.2 and 10.0): that is reported as a resume too.
+ */
+async function resumeGuest(
+  qmp: QmpClient,
+  intent: Intent,
+  report: RecoveryReport,
+  before: string,
+): Promise<void> {
+  const status = await waitRunStateSettled(qmp);
+  if (status.running) {
+    if (LEFT_STOPPED.has(before)) {
+      report.resumed = true;
+      report.actions.push(`the guest left ${before} by qsnap pid ${intent.owner.pid} runs again`);
+    }
+    return;
+  }
+  if (!LEFT_STOPPED.has(status.status)) return;
   await qmp.execute('cont');
   report.resumed = true;
   report.actions.push(`resumed the guest left ${status.status} by qsnap pid ${intent.owner.pid}`);

@@ -14,9 +14,10 @@ import { defaultStateDir } from '../state-dir.js';
 import { cleanupAfterFailure } from './cleanup.js';
 import type { SnapshotContext, SnapshotRun } from './context.js';
 import { finishFile } from './finish.js';
-import { pauseAndFreeze, prepare, startMigration } from './pause.js';
+import { pauseAndFreeze, prepare, resumeAfterMigration, startMigration } from './pause.js';
 import { checkOutput, preflight } from './preflight.js';
 import { StreamReceiver } from './receiver.js';
+import { precopyUntilSwitchover } from './switchover.js';
 import type { SnapshotOptions, SnapshotResult } from './types.js';
 import { cancelled, qemuGone, waitMigrationCompleted, watchMigrationFailure } from './waits.js';
 
@@ -26,6 +27,10 @@ export type { SnapshotDisk, SnapshotOptions, SnapshotResult, SnapshotStrategy } 
  * A live, point-in-time snapshot of a running VM into one file:
  * lock and probe → prepare (guest running) → pause + freeze → migrate → capture → resume →
  * stream RAM in the background → seal the file. Any failure puts the VM back (cleanup.ts).
+ * Where QEMU cannot write-protect guest RAM: prepare → migrate (pre-copy, guest running) →
+ * QEMU's switchover pause: freeze → the rest of RAM and the devices → resume → seal
+ * (switchover.ts); or, where pre-copy misses writes (TCG before QEMU 9.0), pause + freeze →
+ * migrate → resume once all of RAM is sent (preflight.ts precopyStrategy).
  */
 export function snapshot(options: SnapshotOptions): Operation<SnapshotResult> {
   return new Operation((op) => runSnapshot(options, op));
@@ -103,10 +108,11 @@ async function snapshotLocked(ctx: SnapshotContext): Promise<SnapshotResult> {
   try {
     await prepare(ctx, run);
     const migrationFailed = watchMigrationFailure(ctx.qmp);
-    await pauseAndFreeze(ctx, run);
-    await startMigration(ctx, run, migrationFailed.promise);
+    await freezeAndMigrate(ctx, run, migrationFailed.promise);
     await ctx.intent.update({ stage: 'streaming' });
     ctx.op.phase('stream');
+    if (ctx.strategy !== 'background-snapshot' && ctx.vm.running)
+      await resumeAfterMigration(ctx, migrationFailed.promise);
     const received = await Promise.race([
       run.receiver.done,
       migrationFailed.promise,
@@ -118,7 +124,7 @@ async function snapshotLocked(ctx: SnapshotContext): Promise<SnapshotResult> {
     run.pause.migrating = false;
     ctx.op.phase('finish');
     await ctx.intent.update({ stage: 'finishing' });
-    const result = await finishFile(ctx, received, run.pause);
+    const result = await finishFile(ctx, received, run);
     await putSettingsBack(ctx, run);
     return result;
   } catch (err) {
@@ -130,6 +136,23 @@ async function snapshotLocked(ctx: SnapshotContext): Promise<SnapshotResult> {
   }
 }
 
+/**
+ * Freeze the disks and RAM at one instant: pause, transaction, `migrate` (background snapshot,
+ * stopped-precopy); or `migrate` and the transaction in QEMU's switchover pause (live-precopy).
+ */
+async function freezeAndMigrate(
+  ctx: SnapshotContext,
+  run: SnapshotRun,
+  failed: Promise<never>,
+): Promise<void> {
+  if (ctx.strategy === 'live-precopy') {
+    await precopyUntilSwitchover(ctx, run, failed);
+    return;
+  }
+  await pauseAndFreeze(ctx, run);
+  await startMigration(ctx, run, failed);
+}
+
 /** The socket directory and the receiver listening in it. */
 async function openRun(ctx: SnapshotContext): Promise<SnapshotRun> {
   const socketDir = await mkdtemp(join(tmpdir(), 'qsnap-stream-'));
@@ -137,6 +160,7 @@ async function openRun(ctx: SnapshotContext): Promise<SnapshotRun> {
     socketDir,
     writer: undefined,
     settings: undefined,
+    precopy: undefined,
     pause: { stopEvent: undefined, resumeEvent: undefined, frozen: false, migrating: false },
     receiver: new StreamReceiver({
       socketPath: join(socketDir, 'migration.sock'),
@@ -148,6 +172,7 @@ async function openRun(ctx: SnapshotContext): Promise<SnapshotRun> {
       },
       onProgress: (done, total) => ctx.op.progress(done, total),
       maxBytesPerSecond: ctx.options.maxBandwidth,
+      needsDrainGuard: () => ctx.strategy === 'background-snapshot',
       fault: ctx.faults.has('stream-hang')
         ? { afterBytes: STREAM_FAULT_AFTER_BYTES, kind: 'hang' }
         : ctx.faults.has('stream-error')

@@ -3,7 +3,7 @@
  * away, the operation is cancelled or time runs out, and polls for the migration's end.
  */
 import type { QsnapError } from '../../errors.js';
-import type { QmpClient } from '../../qmp/index.js';
+import type { CommandReturn, QmpClient } from '../../qmp/index.js';
 import { SnapshotError } from '../errors.js';
 import { MIGRATION_ENDED, MIGRATION_UNSETTLED, pollMigration } from '../migration.js';
 
@@ -102,5 +102,22 @@ export async function waitMigrationCompleted(qmp: QmpClient): Promise<void> {
       `QEMU's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
       { hint: 'see the message; no snapshot was written' },
     );
+  }
+}
+
+/**
+ * The run state once QEMU has left `finish-migrate`: a migration thread that completed or
+ * failed sets the final state (postmigrate, or running again) only after the migration status
+ * changed (migration_iteration_finish), and a `cont` sent in between would be overridden.
+ */
+export async function waitRunStateSettled(
+  qmp: QmpClient,
+  timeoutMs = 30_000,
+): Promise<CommandReturn<'query-status'>> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const status = await qmp.execute('query-status');
+    if (status.status !== 'finish-migrate' || Date.now() > deadline) return status;
+    await new Promise((r) => setTimeout(r, 1));
   }
 }
