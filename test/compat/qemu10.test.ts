@@ -25,6 +25,9 @@ import {
   type SnapshotResult,
   snapshot,
 } from '../../src/index.js';
+import { collect } from '../../src/store/collect.js';
+import { storeSnapshot } from '../../src/store/snapshot.js';
+import { Store } from '../../src/store/store.js';
 import { ensureBuilt } from '../support/build.js';
 import { runCli, spawnCli } from '../support/cli.js';
 import { isRoot } from '../support/env.js';
@@ -244,6 +247,29 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
       expect(check.ok, check.line).toBe(false);
       expect(check.reason).toMatch(/^disk-/);
     });
+  });
+
+  it('store: a paused guest’s snapshot deletes with a live merge at once, and the guest stays paused', async () => {
+    const own = await bootTestGuest({ dir: join(dir, 'store-vm'), qemuBinary: qemu, accel: 'tcg' });
+    try {
+      const store = await Store.open({ dir: join(dir, 'store'), stateDir: join(dir, 'state') });
+      const take = (name: string) => storeSnapshot(store, { qmp: own.vm.qmpPath, name }).result;
+      await take('a');
+      await take('b');
+      await own.vm.qmp.execute('stop');
+      await take('c');
+      expect((await own.vm.qmp.execute('query-status')).status, 'QEMU ≥ 9.0 keeps it paused').toBe('paused');
+      const id = Object.values((await store.read()).snapshots).find((s) => s.name === 'b')!.id;
+      const top = (await store.read()).snapshots[id]!.disks[0]!.top;
+      const done = await collect(store, { deleting: [id] }).result;
+      expect(done.merged.map((m) => [m.via, m.error, m.pauses])).toEqual([['live', undefined, 0]]);
+      expect(done.removed.map((f) => f.path)).toContain(top);
+      expect((await own.vm.qmp.execute('query-status')).status).toBe('paused');
+      await own.vm.qmp.execute('cont');
+      expect((await own.console.check()).ok).toBe(true);
+    } finally {
+      await own.stop();
+    }
   });
 });
 

@@ -181,6 +181,20 @@ describe.skipIf(!canRun)('snapshots over time: delete never loses data', () => {
     await expectGuestHealthy(guest);
   });
 
+  it('a VM restored --lazy from the store (a disk file system) is snapshotted into the store again', async () => {
+    await take('lazy-base');
+    const r = await storeRestore(store, { name: 'lazy-base', lazy: true, attached: true }).result;
+    restored.push(r);
+    const again = await storeSnapshot(store, { qmp: r.qmp, name: 'from-lazy' }).result;
+    // QEMU cannot write-protect RAM mapped from a file on disk: pre-copy instead (stopped on 7.2 TCG).
+    expect(['live-precopy', 'stopped-precopy']).toContain(again.strategy);
+    expect(again.cmdline, 'the command line it was restored from').toBe('recorded');
+    views.set('from-lazy', await diskView('from-lazy'));
+    await restored.pop()!.vm!.stop();
+    await restoreAndCheck('from-lazy', true);
+    await restoreAndCheck('from-lazy', false);
+  });
+
   it('a paused VM: its snapshot deletes, and the guest stays paused (libvirt #626)', async () => {
     await take('p1');
     await guest.vm.qmp.execute('stop');
