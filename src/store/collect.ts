@@ -9,6 +9,7 @@ import { readImage } from '../vm/image-chain.js';
 import { isRunning } from '../vm/process.js';
 import { sweepStaleRunDirs } from '../vm/run-dir.js';
 import { allocatedBytes, fileKey, identityOf, scanHolders } from './facts.js';
+import { sweepStaleIntents } from './intents-sweep.js';
 import { checkMerged, isMerged, mergeLive, mergeOffline } from './merge.js';
 import { type Merge, type Plan, type PlannedFile, planCollection } from './plan.js';
 import type { Catalog } from './schema.js';
@@ -49,6 +50,8 @@ export interface CollectResult {
   deleted: string[];
   /** Run directories of QEMUs that exited, removed (or, dry, to be removed). */
   sweptRunDirs?: string[];
+  /** What interrupted qsnaps left on VMs: recovered, or removed when the VM is gone. */
+  sweptIntents?: string[];
 }
 
 /**
@@ -79,8 +82,10 @@ async function runCollect(
     kept: plan.keep,
     deleted: [],
   };
-  if (options.sweepRunDirs)
+  if (options.sweepRunDirs) {
     result.sweptRunDirs = await sweepStaleRunDirs(undefined, { dryRun: result.dryRun });
+    result.sweptIntents = await sweepStaleIntents(store.stateDir, { dryRun: result.dryRun });
+  }
   if (options.dryRun) return result;
   if (deleting.size) await store.transact('delete', (c) => markDeleting(c, deleting));
   const faults = options.faults ?? NO_FAULTS;

@@ -69,3 +69,13 @@ export async function createOverlay(spec: OverlaySpec): Promise<void> {
 export function backingReference(image: string, backing: string): string {
   return dirname(image) === dirname(backing) ? basename(backing) : backing;
 }
+
+/**
+ * Whether an overlay holds data of its own (anything the guest wrote to it), from `qemu-img map`:
+ * an extent at depth 0 that is present. An overlay without any can go without losing a byte.
+ */
+export async function hasOwnData(file: string): Promise<boolean> {
+  const { stdout } = await run('qemu-img', ['map', '-U', '--output=json', file]);
+  const extents = JSON.parse(stdout) as { depth: number; present: boolean }[];
+  return extents.some((e) => e.depth === 0 && e.present);
+}

@@ -44,6 +44,12 @@ export async function gcCommand(argv: string[], env: CliEnv): Promise<number> {
   }
 }
 
+function intentLine(line: string, will: string): string {
+  if (line.startsWith('keep ')) return `keep    ${line.slice(5)}`;
+  if (line.startsWith('recovered ')) return `${will}recover ${line.slice(10)}`;
+  return `${will}remove  ${line}`;
+}
+
 /** The plan, then what was done (or, with --dry-run, what would be). */
 export function printCollection(r: CollectResult, catalog: Catalog, out: Output): number {
   const names = r.plan.snapshots.map((id) => catalog.snapshots[id]?.name ?? id);
@@ -65,7 +71,15 @@ export function printCollection(r: CollectResult, catalog: Catalog, out: Output)
     );
   for (const f of r.dryRun ? r.plan.keep : r.kept) out.text(`keep    ${f.path} (${f.reason})`);
   for (const d of r.sweptRunDirs ?? []) out.text(`${will}remove  ${d} (run directory of a QEMU that exited)`);
-  if (names.length + r.plan.merges.length + r.plan.remove.length + (r.sweptRunDirs?.length ?? 0) === 0)
+  for (const d of r.sweptIntents ?? []) out.text(intentLine(d, will));
+  if (
+    names.length +
+      r.plan.merges.length +
+      r.plan.remove.length +
+      (r.sweptRunDirs?.length ?? 0) +
+      (r.sweptIntents?.length ?? 0) ===
+    0
+  )
     out.text('nothing to do');
   return 0;
 }
