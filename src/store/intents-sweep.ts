@@ -28,8 +28,11 @@ export async function sweepStaleIntents(stateDir: string, options: { dryRun: boo
       continue;
     }
     const files = [...intent.tempFiles];
-    for (const o of intent.overlays)
+    for (const o of intent.overlays) {
       if (!o.inUse && !(await hasOwnData(o.overlayFile).catch(() => true))) files.push(o.overlayFile);
+      else if (existsSync(o.overlayFile))
+        done.push(`keep ${o.overlayFile} (holds what the guest wrote last)`);
+    }
     if (!options.dryRun)
       for (const file of [...files, path]) await rm(file, { recursive: true, force: true });
     done.push(...files.map((f) => `${f} (left by a qsnap that died working on a VM that is gone)`));
