@@ -14,17 +14,23 @@ export interface CliEnv {
   storeDir: string;
   /** Test-only fault points from `QSNAP_FAULT` (engine/faults.ts). */
   faults: Faults;
+  /** Test-only: `QSNAP_FAULT=kill-at:<phase>` SIGKILLs the CLI when an operation enters that phase. */
+  killAtPhases: ReadonlySet<string>;
 }
 
 export function readCliEnv(env: NodeJS.ProcessEnv = process.env): CliEnv {
+  const names = (env['QSNAP_FAULT'] ?? '').split(',');
+  const killAtPhases = new Set(
+    names.filter((n) => n.startsWith('kill-at:')).map((n) => n.slice('kill-at:'.length)),
+  );
   let faults: Faults;
   try {
-    faults = parseFaults(env['QSNAP_FAULT']);
+    faults = parseFaults(names.filter((n) => !n.startsWith('kill-at:')).join(','));
   } catch (err) {
     throw new UsageError(
       `QSNAP_FAULT: ${(err as Error).message}`,
       'unset QSNAP_FAULT (it is for qsnap’s own tests)',
     );
   }
-  return { stateDir: defaultStateDir(env), storeDir: defaultStoreDir(env), faults };
+  return { stateDir: defaultStateDir(env), storeDir: defaultStoreDir(env), faults, killAtPhases };
 }

@@ -27,7 +27,11 @@ export function reportError(err: unknown, json: boolean): number {
   else {
     // One line: what failed — what to do [CODE] (what qsnap put back afterwards).
     const cleanup = error.details['cleanup'];
-    const after = Array.isArray(cleanup) && cleanup.length ? ` (afterwards: ${cleanup.join('; ')})` : '';
+    const phase = error.details['phase'];
+    const after =
+      Array.isArray(cleanup) && cleanup.length
+        ? ` (${typeof phase === 'string' ? `during ${phase}; ` : ''}afterwards: ${cleanup.join('; ')})`
+        : '';
     process.stderr.write(`qsnap: ${error.toLine()} [${error.code}]${after}\n`);
     if (process.env['QSNAP_DEBUG'] && err instanceof Error) process.stderr.write(`${err.stack}\n`);
   }

@@ -12,6 +12,7 @@ import { QsnapError } from '../errors.js';
  *   ├── QSNAP_SNAPSHOT_DISK          preparing or freezing a disk failed
  *   ├── QSNAP_SNAPSHOT_MIGRATION     QEMU's migration failed, or QEMU did not capture in time
  *   ├── QSNAP_SNAPSHOT_QEMU_GONE     QEMU exited during the snapshot
+ *   ├── QSNAP_SNAPSHOT_QMP_LOST      the QMP connection closed mid-snapshot while QEMU ran on
  *   ├── QSNAP_SNAPSHOT_INCOMPLETE    the stream ended without every page
  *   ├── QSNAP_SNAPSHOT_CANCELLED     cancelled by the user
  *   └── QSNAP_SNAPSHOT_FAILED        anything else (the cause is kept)
@@ -44,6 +45,7 @@ export type SnapshotErrorCode =
   | 'QSNAP_SNAPSHOT_DISK'
   | 'QSNAP_SNAPSHOT_MIGRATION'
   | 'QSNAP_SNAPSHOT_QEMU_GONE'
+  | 'QSNAP_SNAPSHOT_QMP_LOST'
   | 'QSNAP_SNAPSHOT_INCOMPLETE'
   | 'QSNAP_SNAPSHOT_CANCELLED'
   | 'QSNAP_SNAPSHOT_FAILED';

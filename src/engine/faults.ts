@@ -18,6 +18,7 @@
  * - `fail-after-migrate`: fail as soon as `migrate` returns, before QEMU's connection is accepted
  * - `stream-error`: the receiver fails after 20 MiB of the stream
  * - `stream-hang`: hang after 20 MiB of the stream, the guest resumed (to be killed)
+ * - `kill-at:<phase>` (CLI only, src/cli/run.ts): SIGKILL qsnap the moment an operation enters `<phase>`
  * - `slow-merge`: store merges stream at 4 MiB/s (QEMU's job speed limit), to be killed mid-merge
  * - `hang-after-removal`: a delete or gc hangs after removing its first file (to be killed)
  */

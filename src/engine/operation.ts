@@ -1,4 +1,5 @@
 import { EventEmitter } from 'node:events';
+import { QsnapError } from '../errors.js';
 import type { WarningCode } from './errors.js';
 
 /**
@@ -20,13 +21,19 @@ export class Operation<T> {
   readonly #emitter = new EventEmitter();
   readonly #abort = new AbortController();
   readonly #startedAt = performance.now();
+  /** The phase the operation is in: a failure names it (details.phase). */
+  #phase: string | undefined;
 
   constructor(run: (op: OperationContext) => Promise<T>) {
+    const emit = (event: OperationEvent) => {
+      if (event.type === 'phase') this.#phase = event.phase;
+      this.#emitter.emit('event', event);
+    };
     const context: OperationContext = {
       signal: this.#abort.signal,
-      emit: (event) => this.#emitter.emit('event', event),
+      emit,
       phase: (phase, detail) =>
-        this.#emitter.emit('event', {
+        emit({
           type: 'phase',
           phase,
           ...(detail === undefined ? {} : { detail }),
@@ -42,7 +49,13 @@ export class Operation<T> {
       warn: (code, message) => this.#emitter.emit('event', { type: 'warning', code, message }),
     };
     // Start on the next tick so listeners attached right after construction see every event.
-    this.result = Promise.resolve().then(() => run(context));
+    this.result = Promise.resolve()
+      .then(() => run(context))
+      .catch((err: unknown) => {
+        if (err instanceof QsnapError && err.details['phase'] === undefined && this.#phase !== undefined)
+          err.details['phase'] = this.#phase;
+        throw err;
+      });
     // The caller awaits `result`; this keeps an unobserved rejection from crashing the process.
     this.result.catch(() => undefined);
   }

@@ -93,12 +93,14 @@ async function runCollect(
   op.phase('remove');
   const after = await planNow(store, deleting);
   for (const file of after.remove) {
+    op.phase('removing', file.path);
     if (!(await removeUnheld(file.path))) continue;
     result.removed.push(file);
     if (faults.has('hang-after-removal')) hangForever();
   }
   result.waiting = after.wait;
   result.kept = after.keep;
+  op.phase('index');
   result.deleted = await store.transact('collected', (c) => settle(c, after, result));
   return result;
 }

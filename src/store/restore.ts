@@ -10,7 +10,7 @@ import { StoreError } from './errors.js';
 import { identityOf, sameIdentity } from './facts.js';
 import type { Catalog, SnapshotEntry } from './schema.js';
 import { forward } from './snapshot.js';
-import { endOperation, newOperation, type Store } from './store.js';
+import { endOperation, finishedHere, newOperation, type Store } from './store.js';
 import { vmKey } from './vms.js';
 
 export interface StoreRestoreOptions
@@ -73,9 +73,11 @@ async function runStoreRestore(
       op,
     );
   } catch (err) {
-    await store.transact('restore failed', (c) => endOperation(c, pending.id));
+    finishedHere(pending.id);
+    await store.transact('restore failed', (c) => endOperation(c, pending.id)).catch(() => undefined);
     throw err;
   }
+  op.phase('index');
   const key = await store.transact('restored', (c) => recordVm(c, pending.id, entry, result));
   return { ...result, name: entry.name, vmKey: key, cmdline: source };
 }

@@ -61,6 +61,8 @@ export const VmEntrySchema = z.object({
   launchedBy: z.enum(['user', 'restore']),
   from: z.string().optional(),
   runDir: AbsolutePath.optional(),
+  /** A stream job qsnap started to shorten its chain (chain-depth.ts): the next snapshot waits for it. */
+  chainJob: z.string().optional(),
   seenAt: IsoTime,
 });
 export type VmEntry = z.infer<typeof VmEntrySchema>;

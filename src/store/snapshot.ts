@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { IntentStore } from '../engine/intent.js';
 import { Operation, type OperationContext } from '../engine/operation.js';
 import { snapshot } from '../engine/snapshot/snapshot.js';
 import type { SnapshotOptions, SnapshotResult } from '../engine/snapshot/types.js';
@@ -8,7 +9,7 @@ import { StoreError } from './errors.js';
 import { recordSnapshotLayers } from './layers.js';
 import { checkName } from './names.js';
 import type { Catalog, OperationEntry, SnapshotEntry } from './schema.js';
-import { endOperation, newOperation, type Store } from './store.js';
+import { endOperation, finishedHere, newOperation, type Store } from './store.js';
 import { identifyVm } from './vms.js';
 
 export interface StoreSnapshotOptions
@@ -44,7 +45,10 @@ async function runStoreSnapshot(
 ): Promise<StoreSnapshotResult> {
   const name = checkName(options.name);
   const file = `${randomUUID()}.qsnap`;
-  const { vm, cmdline, noCmdline } = await identifyVm(await store.read(), options.qmp, options.cmdline);
+  // A second snapshot of a VM that one runs now is refused at once (before anything connects).
+  await new IntentStore(store.stateDir).assertNotBusy(options.qmp);
+  const catalog = await store.read();
+  const { vm, cmdline, noCmdline } = await identifyVm(catalog, options.qmp, options.cmdline);
   if (!cmdline)
     op.warn(
       'QSNAP_CMDLINE_UNKNOWN',
@@ -56,7 +60,7 @@ async function runStoreSnapshot(
   });
   let result: SnapshotResult;
   try {
-    await waitForChainJob(options.qmp, store.stateDir, op);
+    if (catalog.vms[vm.key]?.chainJob) await waitForChainJob(options.qmp, store.stateDir, op);
     const { name: _n, overwrite: _o, cmdline: _c, maxChain: _m, ...engine } = options;
     result = await forward(
       snapshot({
@@ -68,18 +72,35 @@ async function runStoreSnapshot(
       op,
     );
   } catch (err) {
-    await store.transact('snapshot failed', (c) => endOperation(c, pending.id));
+    // Best effort: a catalog that cannot be written now (a full disk) keeps the record, which
+    // the next command finds stale and drops; the snapshot's own error is what the user needs.
+    finishedHere(pending.id);
+    await store.transact('snapshot failed', (c) => endOperation(c, pending.id)).catch(() => undefined);
     throw err;
   }
-  const replaced = await store.transact('snapshot done', async (c) => {
-    endOperation(c, pending.id);
-    return await record(c, pending, result);
-  });
+  op.phase('index');
+  const replaced = await store
+    .transact('snapshot done', async (c) => {
+      endOperation(c, pending.id);
+      return await record(c, pending, result);
+    })
+    .catch((err: unknown) => {
+      // The file is published: the next command adopts it (recover.ts) from its manifest.
+      finishedHere(pending.id);
+      throw err;
+    });
   if (replaced)
     await forward(collect(store, { deleting: [replaced] }), op).catch((err) =>
       op.warn('QSNAP_STORE_DEFERRED', (err as Error).message),
     );
   const shortening = await boundChain(store, options.qmp, result, options.maxChain ?? DEFAULT_MAX_CHAIN, op);
+  if (shortening || catalog.vms[vm.key]?.chainJob)
+    await store.transact('chain job', (c) => {
+      const entry = c.vms[vm.key];
+      if (!entry) return;
+      if (shortening) entry.chainJob = shortening.job;
+      else delete entry.chainJob;
+    });
   return {
     ...result,
     name,

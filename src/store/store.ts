@@ -97,35 +97,41 @@ export class Store {
     }
   }
 
-  /** Record an operation that runs outside the lock; returns it for `endOperation`. */
-  async beginOperation(init: Omit<OperationEntry, 'id' | 'owner' | 'since'>): Promise<OperationEntry> {
-    const owner = processIdentity() ?? { pid: process.pid, startTime: '' };
-    const op: OperationEntry = {
-      id: `${owner.pid}-${Date.now().toString(36)}`,
-      owner,
-      since: new Date().toISOString(),
-      ...init,
-    };
-    await this.transact(`begin ${init.kind}`, (c) => {
-      c.operations.push(op);
-    });
-    return op;
-  }
-
-  /** Operations whose qsnap died before it ended them. */
+  /**
+   * Operations whose qsnap died before it ended them — or that this process began and no longer
+   * runs (it could not write the catalog when the operation ended, e.g. its file system was full).
+   */
   static staleOperations(catalog: Catalog): OperationEntry[] {
-    return catalog.operations.filter((op) => !isRunning(op.owner));
+    const self = processIdentity();
+    return catalog.operations.filter((op) =>
+      self && op.owner.pid === self.pid && op.owner.startTime === self.startTime
+        ? !running.has(op.id)
+        : !isRunning(op.owner),
+    );
   }
 }
 
-/** An operation that will run outside the lock, owned by this process (recorded by the caller's transaction). */
+/** Operations this process runs now (their catalog records are not stale, whatever else happens). */
+const running = new Set<string>();
+
+/**
+ * An operation that will run outside the lock, owned by this process (recorded by the caller's
+ * transaction); `finishedHere` marks it ended in this process even if the catalog could not say so.
+ */
 export function newOperation(init: Omit<OperationEntry, 'id' | 'owner' | 'since'>): OperationEntry {
   const owner = processIdentity() ?? { pid: process.pid, startTime: '' };
-  return { id: randomUUID(), owner, since: new Date().toISOString(), ...init };
+  const op: OperationEntry = { id: randomUUID(), owner, since: new Date().toISOString(), ...init };
+  running.add(op.id);
+  return op;
+}
+
+export function finishedHere(id: string): void {
+  running.delete(id);
 }
 
 export function endOperation(c: Catalog, id: string): void {
   c.operations = c.operations.filter((o) => o.id !== id);
+  running.delete(id);
 }
 
 export function accessError(dir: string, err: unknown): StoreError {

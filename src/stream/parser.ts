@@ -522,6 +522,7 @@ export class MigrationStreamParser {
     const list = this.list;
     this.tailOffset = list.consumed;
     this.state = S_TAIL;
+    this.sink.onDeviceTailStart?.(this.tailOffset);
     while (list.length > 0) this.passTail(list.shiftChunk(list.length));
   }
 

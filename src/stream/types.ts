@@ -106,6 +106,8 @@ export interface StreamSink {
   onRamPart(index: number, streamOffset: number): void;
   /** The RAM END section (precopy streams only). */
   onRamEnd?(): void;
+  /** The device state begins at absolute stream offset `streamOffset` (all RAM has been sent). */
+  onDeviceTailStart?(streamOffset: number): void;
   /**
    * The stream ended complete and valid. `deviceTail` is the device state verbatim: every byte
    * from the first section that is not RAM through EOF and VMDESCRIPTION (the parser keeps it

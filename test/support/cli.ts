@@ -83,6 +83,8 @@ export function expectCliError(result: CliResult, code: string): string {
   expect(result.code, result.stderr).toBe(1);
   const lines = result.stderr.trimEnd().split('\n');
   expect(lines, result.stderr).toHaveLength(1);
-  expect(lines[0], result.stderr).toMatch(new RegExp(`^qsnap: .+ \\[${code}\\]( \\(afterwards: .+\\))?$`));
+  expect(lines[0], result.stderr).toMatch(
+    new RegExp(`^qsnap: .+ \\[${code}\\]( \\((during [a-z-]+; )?afterwards: .+\\))?$`),
+  );
   return lines[0]!;
 }

@@ -3,7 +3,7 @@ import { findSnapshot } from '../../store/restore.js';
 import { parseCommand, UsageError } from '../args.js';
 import type { CliEnv } from '../env.js';
 import { makeOutput } from '../output.js';
-import { ProgressBar } from '../progress.js';
+import { runOperation } from '../run.js';
 import { openStore, STORE_HELP, STORE_OPTION } from '../store.js';
 import { printCollection } from './gc.js';
 
@@ -35,13 +35,6 @@ export async function deleteCommand(argv: string[], env: CliEnv): Promise<number
   const store = await openStore(env, values.store, out);
   const catalog = await store.read();
   const ids = [...new Set(positionals)].map((name) => findSnapshot(catalog, name).id);
-  const bar = new ProgressBar(!out.json);
-  const op = collect(store, { deleting: ids, dryRun: values['dry-run'] ?? false, faults: env.faults }).on(
-    bar.onEvent,
-  );
-  try {
-    return printCollection(await op.result, catalog, out);
-  } finally {
-    bar.clear();
-  }
+  const op = collect(store, { deleting: ids, dryRun: values['dry-run'] ?? false, faults: env.faults });
+  return printCollection((await runOperation(op, out, env)).result, catalog, out);
 }

@@ -1,12 +1,11 @@
 import { stat } from 'node:fs/promises';
-import type { Operation } from '../../engine/operation.js';
 import { exportStream } from '../../engine/restore/export.js';
 import { exportBundle } from '../../store/bundle.js';
 import { findSnapshot } from '../../store/restore.js';
 import { parseCommand, UsageError } from '../args.js';
 import type { CliEnv } from '../env.js';
 import { formatBytes, formatMs, makeOutput, type Output } from '../output.js';
-import { ProgressBar } from '../progress.js';
+import { runOperation } from '../run.js';
 import { openStore, STORE_HELP, STORE_OPTION } from '../store.js';
 
 const spec = {
@@ -57,14 +56,22 @@ export async function exportCommand(argv: string[], env: CliEnv): Promise<number
     if (isFile)
       throw new UsageError('export --bundle: name a snapshot of the store', 'qsnap list shows the names');
     const store = await openStore(env, values.store, out);
-    const r = await run(exportBundle(store, { name: target, out: values.bundle, overwrite }), out);
+    const { result: r } = await runOperation(
+      exportBundle(store, { name: target, out: values.bundle, overwrite }),
+      out,
+      env,
+    );
     out.result({ ok: true, ...r });
     out.text(`exported  ${r.name} → ${r.file}: ${formatBytes(r.bytes)} in ${formatMs(r.ms)}`);
     for (const d of r.disks) out.text(`disk      ${d.device}: ${formatBytes(d.bytes)} (flattened)`);
     return 0;
   }
   const file = isFile ? target : await storeFile(env, values.store, target, out);
-  const r = await run(exportStream({ file, out: values['qemu-stream']!, overwrite }), out);
+  const { result: r } = await runOperation(
+    exportStream({ file, out: values['qemu-stream']!, overwrite }),
+    out,
+    env,
+  );
   out.result({ ok: true, ...r });
   out.text(`exported  ${r.out}: ${formatBytes(r.bytes)} in ${formatMs(r.ms)}`);
   return 0;
@@ -73,14 +80,4 @@ export async function exportCommand(argv: string[], env: CliEnv): Promise<number
 async function storeFile(env: CliEnv, dir: string | undefined, name: string, out: Output): Promise<string> {
   const store = await openStore(env, dir, out);
   return store.snapshotPath(findSnapshot(await store.read(), name));
-}
-
-async function run<T>(op: Operation<T>, out: Output): Promise<T> {
-  const bar = new ProgressBar(!out.json);
-  op.on(bar.onEvent);
-  try {
-    return await op.result;
-  } finally {
-    bar.clear();
-  }
 }

@@ -4,7 +4,7 @@ import type { Catalog } from '../../store/schema.js';
 import { parseCommand } from '../args.js';
 import type { CliEnv } from '../env.js';
 import { formatBytes, formatMs, makeOutput, type Output } from '../output.js';
-import { ProgressBar } from '../progress.js';
+import { runOperation } from '../run.js';
 import { openStore, STORE_HELP, STORE_OPTION } from '../store.js';
 
 const spec = {
@@ -30,18 +30,13 @@ export async function gcCommand(argv: string[], env: CliEnv): Promise<number> {
   const out = makeOutput(values.json ?? false);
   const store = await openStore(env, values.store, out);
   const catalog = await store.read();
-  const bar = new ProgressBar(!out.json);
   const op = collect(store, {
     deleting: [],
     dryRun: values['dry-run'] ?? false,
     sweepRunDirs: true,
     faults: env.faults,
-  }).on(bar.onEvent);
-  try {
-    return printCollection(await op.result, catalog, out);
-  } finally {
-    bar.clear();
-  }
+  });
+  return printCollection((await runOperation(op, out, env)).result, catalog, out);
 }
 
 function intentLine(line: string, will: string): string {

@@ -2,7 +2,7 @@ import { importBundle } from '../../store/bundle.js';
 import { parseCommand, UsageError } from '../args.js';
 import type { CliEnv } from '../env.js';
 import { formatMs, makeOutput } from '../output.js';
-import { ProgressBar } from '../progress.js';
+import { runOperation } from '../run.js';
 import { openStore, STORE_HELP, STORE_OPTION } from '../store.js';
 
 const spec = {
@@ -30,23 +30,16 @@ export async function importCommand(argv: string[], env: CliEnv): Promise<number
   if (!file || extra.length) throw new UsageError('import: give one bundle file', 'see qsnap import --help');
   const out = makeOutput(values.json ?? false);
   const store = await openStore(env, values.store, out);
-  const bar = new ProgressBar(!out.json);
-  try {
-    const r = await importBundle(store, { file, ...(values.name ? { name: values.name } : {}) }).on(
-      bar.onEvent,
-    ).result;
-    bar.clear();
-    out.result({ ok: true, ...r });
-    out.text(`imported  ${r.name} (${r.id}) in ${formatMs(r.ms)}`);
-    for (const d of r.disks) out.text(`disk      ${d.device}: ${d.file}`);
-    if (r.cmdline) {
-      out.text(`cmdline   ${r.cmdline.join(' ')}`);
-      out.text(
-        `          (from another machine: read it; \`qsnap restore ${r.name} --trust-cmdline\` runs it, or give your own after --)`,
-      );
-    }
-    return 0;
-  } finally {
-    bar.clear();
+  const op = importBundle(store, { file, ...(values.name ? { name: values.name } : {}) });
+  const { result: r } = await runOperation(op, out, env);
+  out.result({ ok: true, ...r });
+  out.text(`imported  ${r.name} (${r.id}) in ${formatMs(r.ms)}`);
+  for (const d of r.disks) out.text(`disk      ${d.device}: ${d.file}`);
+  if (r.cmdline) {
+    out.text(`cmdline   ${r.cmdline.join(' ')}`);
+    out.text(
+      `          (from another machine: read it; \`qsnap restore ${r.name} --trust-cmdline\` runs it, or give your own after --)`,
+    );
   }
+  return 0;
 }

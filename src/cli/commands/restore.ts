@@ -1,6 +1,5 @@
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import type { Operation } from '../../engine/operation.js';
 import { restore } from '../../engine/restore/restore.js';
 import type { RestoreOptions, RestoreResult } from '../../engine/restore/types.js';
 import { type StoreRestoreResult, storeRestore } from '../../store/restore.js';
@@ -8,7 +7,7 @@ import { sweepStaleRunDirs } from '../../vm/run-dir.js';
 import { parseCommand, UsageError } from '../args.js';
 import type { CliEnv } from '../env.js';
 import { formatMs, makeOutput, type Output } from '../output.js';
-import { ProgressBar } from '../progress.js';
+import { runOperation } from '../run.js';
 import { openStore, STORE_HELP, STORE_OPTION } from '../store.js';
 
 const spec = {
@@ -80,7 +79,7 @@ export async function restoreCommand(argv: string[], env: CliEnv): Promise<numbe
         'append -- and the command line the VM was started with',
       );
     return report(
-      await run(restore({ ...common, file: resolve(target), argv: qemuArgv }), out),
+      (await runOperation(restore({ ...common, file: resolve(target), argv: qemuArgv }), out, env)).result,
       resolve(target),
       out,
     );
@@ -92,7 +91,7 @@ export async function restoreCommand(argv: string[], env: CliEnv): Promise<numbe
     ...(qemuArgv.length ? { argv: qemuArgv } : {}),
     trustCmdline: values['trust-cmdline'] ?? false,
   });
-  return report(await run(op, out), target, out);
+  return report((await runOperation(op, out, env)).result, target, out);
 }
 
 /** A path to an existing file is a loose snapshot; anything else is a name in the store. */
@@ -101,16 +100,6 @@ async function isFile(target: string): Promise<boolean> {
     (s) => s.isFile(),
     () => false,
   );
-}
-
-async function run<T>(op: Operation<T>, out: Output): Promise<T> {
-  const bar = new ProgressBar(!out.json);
-  op.on(bar.onEvent);
-  try {
-    return await op.result;
-  } finally {
-    bar.clear();
-  }
 }
 
 function report(r: RestoreResult | StoreRestoreResult, target: string, out: Output): number {

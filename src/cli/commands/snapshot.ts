@@ -1,12 +1,11 @@
 import { resolve } from 'node:path';
-import type { Operation, OperationEvent } from '../../engine/operation.js';
 import { snapshot } from '../../engine/snapshot/snapshot.js';
 import type { SnapshotResult } from '../../engine/snapshot/types.js';
 import { type StoreSnapshotResult, storeSnapshot } from '../../store/snapshot.js';
 import { parseCommand, parseSize, splitCommandLine, UsageError } from '../args.js';
 import type { CliEnv } from '../env.js';
 import { formatBytes, formatMs, makeOutput, type Output } from '../output.js';
-import { ProgressBar } from '../progress.js';
+import { runOperation } from '../run.js';
 import { openStore, STORE_HELP, STORE_OPTION } from '../store.js';
 
 const spec = {
@@ -76,7 +75,7 @@ export async function snapshotCommand(argv: string[], env: CliEnv): Promise<numb
   };
   if (values.out) {
     const op = snapshot({ ...engine, out: resolve(values.out), overwrite: values.overwrite ?? false });
-    return report(await run(op, out), out);
+    return report(await runOperation(op, out, env), out);
   }
   const store = await openStore(env, values.store, out);
   const op = storeSnapshot(store, {
@@ -86,7 +85,7 @@ export async function snapshotCommand(argv: string[], env: CliEnv): Promise<numb
     ...(values.cmdline ? { cmdline: splitCommandLine(values.cmdline) } : {}),
     ...(values['max-chain'] ? { maxChain: maxChain(values['max-chain']) } : {}),
   });
-  return report(await run(op, out), out);
+  return report(await runOperation(op, out, env), out);
 }
 
 function maxChain(text: string): number {
@@ -94,24 +93,6 @@ function maxChain(text: string): number {
   if (!Number.isInteger(n) || n < 2)
     throw new UsageError(`--max-chain: ${text} is not a whole number of at least 2`);
   return n;
-}
-
-/** Run with a progress bar, notes (a recovery of an earlier qsnap) and warnings collected; Ctrl-C cancels. */
-async function run<T>(op: Operation<T>, out: Output): Promise<{ result: T; notes: string[] }> {
-  const bar = new ProgressBar(!out.json);
-  const notes: string[] = [];
-  op.on(bar.onEvent).on((event: OperationEvent) => {
-    if (event.type === 'info') notes.push(event.message);
-    if (event.type === 'warning' && !bar.enabled) notes.push(`warning: ${event.message} [${event.code}]`);
-  });
-  const cancel = () => op.cancel(new UsageError('interrupted'));
-  process.once('SIGINT', cancel);
-  try {
-    return { result: await op.result, notes };
-  } finally {
-    bar.clear();
-    process.off('SIGINT', cancel);
-  }
 }
 
 function report(

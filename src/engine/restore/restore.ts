@@ -46,6 +46,7 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
     await options.onPrepared?.({ overlays: [...made.files], runDir });
     op.phase('launch');
     const vm = await launch(parsed, argv, qmpPath, runDir, options, made);
+    op.phase('launched');
     op.phase('load');
     const incoming = join(runDir, `incoming-${randomBytes(4).toString('hex')}.sock`);
     const loadMs = await load(vm, reader, options.lazy ? 'lazy' : 'full', incoming, op);
@@ -95,6 +96,7 @@ async function prepare(
   if (options.lazy) checkLazy(parsed, reader.manifest);
   op.phase('disks');
   const disks = await makeOverlays(reader, parsed, options, randomBytes(4).toString('hex'), made);
+  op.phase('overlays');
   const qmpPath = parsed.qmpSocket ?? options.qmp ?? join(runDir, 'qmp.sock');
   const argv = rewriteCommandLine(parsed, {
     disks: disks.map((d) => ({ argvDisk: d.argvDisk, overlayFile: d.overlayFile })),
@@ -172,6 +174,7 @@ async function load(
       .execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
       .then(() => qmp.execute('migrate-incoming', { uri: `unix:${incoming}` })),
   ]);
+  op.phase('checked');
   const socket = await connectWhenListening(incoming, 10_000);
   const loaded = waitIncoming(qmp, 30 * 60_000).catch(async (err) => {
     throw await loadFailure(vm, err);

@@ -1,4 +1,5 @@
 import { QsnapError } from '../../errors.js';
+import { QmpClient } from '../../qmp/index.js';
 import { discardOverlays, type PlannedOverlay } from '../disks/freeze.js';
 import { type RollbackOutcome, rollbackOverlays } from '../disks/rollback.js';
 import { SnapshotError } from '../errors.js';
@@ -28,6 +29,31 @@ export async function cleanupAfterFailure(
   const done: Restitution = { guest: 'gone', notes: [], unrolled: [] };
   await run.receiver.abort(err);
   await run.writer?.abort(err);
+  const reconnected = ctx.qmp.state === 'running' ? undefined : await reconnect(ctx);
+  if (reconnected) done.notes.push('QMP connection lost; qsnap reconnected to put the VM back');
+  try {
+    await restitute(ctx, run, done);
+  } finally {
+    await reconnected?.close();
+  }
+  return rootCause(ctx, err, done, reconnected !== undefined);
+}
+
+/**
+ * A QMP connection closed by the peer while QEMU runs on (a proxy, a monitor reset): connect
+ * again, so the VM can still be put back. The intent record is still this qsnap's.
+ */
+async function reconnect(ctx: SnapshotContext): Promise<QmpClient | undefined> {
+  try {
+    const qmp = await QmpClient.connect(ctx.options.qmp, { connectTimeoutMs: 1500 });
+    ctx.qmp = qmp;
+    return qmp;
+  } catch {
+    return undefined;
+  }
+}
+
+async function restitute(ctx: SnapshotContext, run: SnapshotRun, done: Restitution): Promise<void> {
   if (ctx.qmp.state !== 'running') {
     if (run.pause.frozen) done.unrolled.push(...notRolledBack(ctx.overlays));
   } else {
@@ -45,7 +71,6 @@ export async function cleanupAfterFailure(
         );
     }
   }
-  return rootCause(ctx, err, done);
 }
 
 function notRolledBack(overlays: PlannedOverlay[]): RollbackOutcome[] {
@@ -106,20 +131,29 @@ async function putDisksBack(ctx: SnapshotContext, run: SnapshotRun, done: Restit
  * its stream (QSNAP_STREAM_TRUNCATED) or a failed command; the cleanup's queries settle which,
  * and the root cause is named.
  */
-function rootCause(ctx: SnapshotContext, err: unknown, done: Restitution): QsnapError {
+function rootCause(ctx: SnapshotContext, err: unknown, done: Restitution, reconnected: boolean): QsnapError {
   const gone =
     ctx.qmp.state !== 'running' && !(err instanceof QsnapError && err.code === 'QSNAP_SNAPSHOT_QEMU_GONE');
-  const base = gone
-    ? qemuGoneError(err)
-    : err instanceof QsnapError
-      ? err
-      : new SnapshotError(
-          'QSNAP_SNAPSHOT_FAILED',
-          `snapshot failed: ${(err as Error)?.message ?? String(err)}`,
-          {
-            cause: err,
-          },
-        );
+  const base = reconnected
+    ? new SnapshotError(
+        'QSNAP_SNAPSHOT_QMP_LOST',
+        'the QMP connection to QEMU closed in the middle of the snapshot',
+        {
+          hint: 'QEMU still runs and was put back; check what else talks to its QMP socket, then retry',
+          cause: err,
+        },
+      )
+    : gone
+      ? qemuGoneError(err)
+      : err instanceof QsnapError
+        ? err
+        : new SnapshotError(
+            'QSNAP_SNAPSHOT_FAILED',
+            `snapshot failed: ${(err as Error)?.message ?? String(err)}`,
+            {
+              cause: err,
+            },
+          );
   base.details['guest'] = done.guest;
   base.details['cleanup'] = done.notes;
   if (done.unrolled.length)

@@ -25,6 +25,7 @@ export async function prepare(ctx: SnapshotContext, run: SnapshotRun): Promise<v
   await intent.update({ tempFiles: [run.socketDir], migration: run.settings.saved });
   await prepareOverlays(qmp, ctx.overlays);
   await run.receiver.listen();
+  ctx.op.phase('prepared');
   await intent.update({ stage: ctx.strategy === 'live-precopy' ? 'precopy' : 'paused' });
   // Write the images' dirty host pages out now, so the flush QEMU does inside the
   // transaction (in the pause) has little left to do.
@@ -76,7 +77,9 @@ export async function pauseAndFreeze(ctx: SnapshotContext, run: SnapshotRun): Pr
     await freezeEarly(ctx, run);
   ctx.op.phase('pause');
   // stop and transaction are sent back to back: QMP runs them in order, one round trip less.
-  const stopped = ctx.vm.running ? ctx.qmp.execute('stop') : Promise.resolve();
+  const stopped = ctx.vm.running
+    ? ctx.qmp.execute('stop').then(() => ctx.op.phase('paused'))
+    : Promise.resolve();
   if (ctx.faults.has('after-stop')) {
     await stopped;
     hangForever();

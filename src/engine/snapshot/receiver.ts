@@ -32,6 +32,8 @@ export interface ReceiverOptions {
   overwrite: boolean;
   onWriterCreated: (writer: SnapshotWriter) => void;
   onProgress: (doneBytes: number, totalBytes: number) => void;
+  /** The stream reached the device state (all RAM was sent). */
+  onDeviceTail?: () => void;
   /** Read the stream no faster than this (bytes per second). */
   maxBytesPerSecond?: number | undefined;
   /**
@@ -43,7 +45,10 @@ export interface ReceiverOptions {
   fault?: { afterBytes: number; kind: 'error' | 'hang' } | undefined;
 }
 
-/** A page parsed before the file writer existed (at most one socket chunk's worth). */
+/** Pages held in memory while the snapshot file is created (32 MiB), before the socket is paused. */
+const MAX_PENDING_PAGES = 8192;
+
+/** A page parsed before the file writer existed. */
 interface PendingPage {
   blockIndex: number;
   offset: number;
@@ -201,7 +206,11 @@ export class StreamReceiver {
 
   /** Pause the socket while the file writer catches up or the stream is ahead of its rate limit. */
   private applyBackpressure(socket: Socket): void {
-    const writer = this.creating ?? (this.writer?.needsDrain ? this.writer.onceDrained() : undefined);
+    // While the file is being created the stream goes on into memory, up to a bound: the first
+    // RAM section — QEMU's signal that the guest may run again — must not wait for a slow disk
+    // to create a file (measured: 199 ms of pause on a 16 MB/s disk when it did).
+    const creating = this.creating && this.pending.length > MAX_PENDING_PAGES ? this.creating : undefined;
+    const writer = creating ?? (this.writer?.needsDrain ? this.writer.onceDrained() : undefined);
     const aheadMs = this.rate.delayMs(this.bytes, this.firstByteAt);
     if (!writer && aheadMs <= 0) return;
     socket.pause();
@@ -295,6 +304,7 @@ export class StreamReceiver {
       onRamPart: (index) => {
         if (index === 0) this.onCaptured();
       },
+      onDeviceTailStart: () => this.options.onDeviceTail?.(),
       onEnd: (summary, deviceTail) => {
         this.summary = summary;
         this.deviceTail = deviceTail;

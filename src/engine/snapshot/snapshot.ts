@@ -85,6 +85,7 @@ async function lockVm(
       inUse: false,
     })),
   });
+  op.phase('intent');
   const faults = options.faults ?? NO_FAULTS;
   return {
     options,
@@ -125,6 +126,7 @@ async function snapshotLocked(ctx: SnapshotContext): Promise<SnapshotResult> {
     ctx.op.phase('finish');
     await ctx.intent.update({ stage: 'finishing' });
     const result = await finishFile(ctx, received, run);
+    ctx.op.phase('published');
     await putSettingsBack(ctx, run);
     return result;
   } catch (err) {
@@ -170,7 +172,8 @@ async function openRun(ctx: SnapshotContext): Promise<SnapshotRun> {
         run.writer = w;
         void ctx.intent.update({ tempFiles: [socketDir, w.tempPath] }).catch(() => undefined);
       },
-      onProgress: (done, total) => ctx.op.progress(done, total),
+      onProgress: halfwayAt(ctx),
+      onDeviceTail: () => ctx.op.phase('device-tail'),
       maxBytesPerSecond: ctx.options.maxBandwidth,
       needsDrainGuard: () => ctx.strategy === 'background-snapshot',
       fault: ctx.faults.has('stream-hang')
@@ -207,4 +210,16 @@ async function putSettingsBack(ctx: SnapshotContext, run: SnapshotRun): Promise<
     ),
   );
   run.settings = undefined;
+}
+
+/** Progress of the RAM stream, with the phase `mid-stream` once half of it has arrived. */
+function halfwayAt(ctx: SnapshotContext): (done: number, total: number) => void {
+  let halfway = false;
+  return (done, total) => {
+    ctx.op.progress(done, total);
+    if (!halfway && total > 0 && done >= total / 2) {
+      halfway = true;
+      ctx.op.phase('mid-stream');
+    }
+  };
 }
