@@ -123,7 +123,10 @@ describe.skipIf(!canRun)('live-precopy of a VM whose RAM cannot be write-protect
     const [stop, resume] = events.slice(eventsBefore);
     expect([stop?.event, resume?.event]).toEqual(['STOP', 'RESUME']);
     expect(r.downtimeMs).toBeCloseTo((resume!.timestampUs - stop!.timestampUs) / 1000, 3);
-    expect(r.precopy).toMatchObject({ passes: expect.any(Number), downtimeLimitMs: 300 });
+    // QEMU's default limit, doubled for every 5 s the pre-copy took to converge (a busy host).
+    const doublings = Math.log2(r.precopy!.downtimeLimitMs / 300);
+    expect(Number.isInteger(doublings) && doublings >= 0, `limit ${r.precopy!.downtimeLimitMs}`).toBe(true);
+    expect(doublings).toBeLessThanOrEqual(Math.ceil(r.precopy!.precopyMs / 5000));
     expect(r.precopy!.passes).toBeGreaterThanOrEqual(2);
     expect(r.precopy!.precopyMs).toBeLessThan(r.totalMs);
     // Pre-copy resends what the guest dirtied: the stream holds more pages than RAM has.
