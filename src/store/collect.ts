@@ -48,6 +48,8 @@ export interface CollectResult {
   kept: PlannedFile[];
   /** Names of the snapshots that are gone. */
   deleted: string[];
+  /** Layers that would go after a merge that did not happen: kept, for a later delete or gc. */
+  unmerged?: PlannedFile[];
   /** Run directories of QEMUs that exited, removed (or, dry, to be removed). */
   sweptRunDirs?: string[];
   /** What interrupted qsnaps left on VMs: recovered, or removed when the VM is gone. */
@@ -92,13 +94,16 @@ async function runCollect(
   for (const merge of plan.merges) result.merged.push(await runMerge(store, merge, faults, op));
   op.phase('remove');
   const after = await planNow(store, deleting);
-  for (const file of after.remove) {
+  // What the second look still wants merged did not merge (a merge failed, QEMU died): its
+  // layers are still in a chain, and they stay until a later delete or gc merges them.
+  result.unmerged = after.remove.filter((f) => f.afterMerge);
+  for (const file of after.remove.filter((f) => !f.afterMerge)) {
     op.phase('removing', file.path);
     if (!(await removeUnheld(file.path))) continue;
     result.removed.push(file);
     if (faults.has('hang-after-removal')) hangForever();
   }
-  result.waiting = after.wait;
+  result.waiting = after.wait.filter((f) => !f.afterMerge);
   result.kept = after.keep;
   op.phase('index');
   result.deleted = await store.transact('collected', (c) => settle(c, after, result));

@@ -32,6 +32,8 @@ export interface PlannedFile {
   path: string;
   kind: 'layer' | 'snapshot-file';
   reason: string;
+  /** It goes only once a planned merge took its data up: while the merge has not happened, it stays. */
+  afterMerge?: true;
 }
 
 export interface Plan {
@@ -63,7 +65,10 @@ export function planCollection(view: StoreView, options: PlanOptions): Plan {
   const plan: Plan = { snapshots: [...deleting], merges: [], remove: [], wait: [], keep: [], forget: [] };
   const blocked = new Map<string, string>();
   for (const [path] of keepers) planMergeInto(view, path, keepers, options, plan, blocked);
-  const reachable = reachableAfter(view, keepers, plan.merges);
+  const reachable = {
+    after: reachableAfter(view, keepers, plan.merges),
+    now: reachableAfter(view, keepers, []),
+  };
   const releasedBy = releasedByMerges(plan.merges);
   const lost = lostTrail(view, keepers);
   for (const layer of view.layers.values()) {
@@ -80,7 +85,9 @@ export function planCollection(view: StoreView, options: PlanOptions): Plan {
         plan.keep.push({ path: d.top, kind: 'layer', reason });
     }
   }
-  for (const g of view.garbage) if (g.exists) planFile(plan, g.path, 'snapshot-file', g.reason, g.holders);
+  // A garbage file that some chain reads (it should never be) stays: the chains decide, not the list.
+  for (const g of view.garbage)
+    if (g.exists && !reachable.now.has(g.path)) planFile(plan, g.path, 'snapshot-file', g.reason, g.holders);
   return plan;
 }
 
@@ -195,24 +202,27 @@ function planLayer(
   layer: LayerView,
   keepers: Map<string, string>,
   blocked: Map<string, string>,
-  reachable: Set<string>,
+  reachable: { after: Set<string>; now: Set<string> },
   releasedBy: Map<string, number>,
   plan: Plan,
 ): void {
-  if (!layer.exists && !reachable.has(layer.path) && layer.origin !== 'unknown') plan.forget.push(layer.path);
+  if (!layer.exists && !reachable.now.has(layer.path) && layer.origin !== 'unknown')
+    plan.forget.push(layer.path);
   if (!layer.exists || keepers.has(layer.path) || layer.origin === 'user' || layer.origin === 'unknown')
     return;
   const why = blocked.get(layer.path);
   if (why) plan.keep.push({ path: layer.path, kind: 'layer', reason: why });
-  else if (!reachable.has(layer.path)) {
+  else if (!reachable.after.has(layer.path)) {
     const merger = releasedBy.get(layer.path);
     const holders = layer.holders.filter((h) => h.pid !== merger);
+    const afterMerge = reachable.now.has(layer.path);
     planFile(
       plan,
       layer.path,
       'layer',
-      merger ? 'merged into the layer above it' : reasonGone(layer),
+      afterMerge ? 'merged into the layer above it' : reasonGone(layer),
       holders,
+      afterMerge,
     );
   }
 }
@@ -228,9 +238,11 @@ function planFile(
   kind: PlannedFile['kind'],
   reason: string,
   holders: Holder[],
+  afterMerge = false,
 ): void {
-  if (holders.length) plan.wait.push({ path, kind, reason, holders });
-  else plan.remove.push({ path, kind, reason });
+  const after = afterMerge ? { afterMerge: true as const } : {};
+  if (holders.length) plan.wait.push({ path, kind, reason, holders, ...after });
+  else plan.remove.push({ path, kind, reason, ...after });
 }
 
 export function who(h: Holder): string {

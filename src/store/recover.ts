@@ -1,5 +1,7 @@
 import { access } from 'node:fs/promises';
 import { openSnapshot } from '../format/index.js';
+import { QmpClient } from '../qmp/index.js';
+import { isRunning } from '../vm/process.js';
 import { collect } from './collect.js';
 import { allocatedBytes } from './facts.js';
 import { recordSnapshotLayers } from './layers.js';
@@ -32,10 +34,7 @@ async function recoverOperations(store: Store, c: Catalog): Promise<string[]> {
   for (const op of Store.staleOperations(c)) {
     endOperation(c, op.id);
     if (op.kind === 'snapshot') actions.push(await adoptOrForget(store, c, op));
-    else if (op.kind === 'restore')
-      actions.push(
-        `forgot an unfinished restore of ${op.names.join(', ')}; its overlays go once nothing holds them`,
-      );
+    else if (op.kind === 'restore') actions.push(await settleRestore(c, op));
     else actions.push(`finishing the interrupted delete of ${op.names.join(', ')}`);
   }
   return actions;
@@ -80,5 +79,41 @@ async function adoptOrForget(store: Store, c: Catalog, op: OperationEntry): Prom
     return `adopted snapshot ${name}, finished by a qsnap that died before cataloguing it`;
   } finally {
     await reader.close();
+  }
+}
+
+/**
+ * A restore whose qsnap died: the QEMU it started either got its state (it runs: adopted as a
+ * restored VM) or waits for it forever in `inmigrate` (stopped: it is qsnap's and of no use).
+ * Its overlays are restore overlays: gc removes them once nothing holds them.
+ */
+async function settleRestore(c: Catalog, op: OperationEntry): Promise<string> {
+  const what = `the interrupted restore of ${op.names.join(', ')}`;
+  if (!op.qemu || !op.vm || !isRunning(op.qemu))
+    return `forgot ${what}; its overlays go once nothing holds them`;
+  const status = await runState(op.vm.qmp);
+  if (status === 'inmigrate' || status === undefined) {
+    process.kill(op.qemu.pid, 'SIGKILL');
+    // Gone before the sweep that follows looks at its run directory.
+    for (let i = 0; i < 100 && isRunning(op.qemu); i++) await new Promise((r) => setTimeout(r, 20));
+    return `stopped the QEMU ${what} had started (pid ${op.qemu.pid}, it never got its state)`;
+  }
+  const from = Object.values(c.snapshots).find((s) => s.name === op.names[0]);
+  c.vms[op.vm.key] = {
+    ...op.vm,
+    ...(from ? { from: from.id } : {}),
+    ...(op.runDir ? { runDir: op.runDir } : {}),
+  };
+  for (const path of op.overlays ?? []) if (c.layers[path]) c.layers[path].vm = op.vm.key;
+  return `adopted the VM ${what} had started (pid ${op.qemu.pid}, ${status})`;
+}
+
+async function runState(qmp: string): Promise<string | undefined> {
+  const client = await QmpClient.connect(qmp, { connectTimeoutMs: 2000 }).catch(() => undefined);
+  if (!client) return undefined;
+  try {
+    return (await client.execute('query-status')).status;
+  } finally {
+    await client.close();
   }
 }

@@ -14,7 +14,7 @@ import { endOperation, finishedHere, newOperation, type Store } from './store.js
 import { vmKey } from './vms.js';
 
 export interface StoreRestoreOptions
-  extends Omit<RestoreOptions, 'file' | 'argv' | 'relocateSockets' | 'onPrepared'> {
+  extends Omit<RestoreOptions, 'file' | 'argv' | 'relocateSockets' | 'onPrepared' | 'onLaunched'> {
   name: string;
   /** A command line that wins over the recorded one. */
   argv?: string[];
@@ -69,6 +69,7 @@ async function runStoreRestore(
         relocateSockets: relocate,
         ...importedLayers(catalog, entry),
         onPrepared: (made) => store.transact('restore prepared', (c) => recordOverlays(c, pending.id, made)),
+        onLaunched: (qemu) => store.transact('restore launched', (c) => recordLaunched(c, pending.id, qemu)),
       }),
       op,
     );
@@ -158,6 +159,21 @@ function recordOverlays(c: Catalog, opId: string, made: { overlays: string[]; ru
   if (op) Object.assign(op, { overlays: made.overlays, runDir: made.runDir });
   const now = new Date().toISOString();
   for (const path of made.overlays) c.layers[path] = { path, origin: 'restore', createdAt: now };
+}
+
+/** The QEMU a restore started, in its record: a recovery stops it if it never got its state. */
+function recordLaunched(c: Catalog, opId: string, qemu: { pid: number; qmp: string }): void {
+  const op = c.operations.find((o) => o.id === opId);
+  const identity = processIdentity(qemu.pid);
+  if (!op || !identity) return;
+  op.qemu = identity;
+  op.vm = {
+    key: vmKey({ ...identity, qmp: qemu.qmp }),
+    qmp: qemu.qmp,
+    ...identity,
+    launchedBy: 'restore',
+    seenAt: new Date().toISOString(),
+  };
 }
 
 function recordVm(c: Catalog, opId: string, entry: SnapshotEntry, result: RestoreResult): string {

@@ -1,5 +1,5 @@
 import { realpath } from 'node:fs/promises';
-import { resolve } from 'node:path';
+import { basename, resolve } from 'node:path';
 import { findQmpPeer, qemuCommandLine } from '../vm/peer.js';
 import { getOpt, parseQemuOpts } from '../vm/qemu-opts.js';
 import type { Catalog, SnapshotEntry, VmEntry } from './schema.js';
@@ -25,7 +25,12 @@ export interface IdentifiedVm {
  */
 export async function identifyVm(catalog: Catalog, qmp: string, given?: string[]): Promise<IdentifiedVm> {
   const path = await realpath(qmp).catch(() => resolve(qmp));
-  const peer = await findQmpPeer(qmp);
+  const found = await findQmpPeer(qmp);
+  // Only a QEMU is a VM: a socket served by something else (a proxy) names no VM and no command line.
+  const peer: typeof found =
+    found.found && !basename(found.exe).startsWith('qemu')
+      ? { found: false, reason: 'no-process', detail: `${qmp} is served by ${found.exe}, not by QEMU` }
+      : found;
   const seenAt = new Date().toISOString();
   const base: VmEntry = peer.found
     ? { key: '', qmp: path, pid: peer.pid, startTime: peer.startTime, launchedBy: 'user', seenAt }

@@ -165,6 +165,7 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
         'stream',
         'resumed',
         'finish',
+        'published',
       ]);
       expect(live.duplicatePages).toBeGreaterThan(0);
       console.info(

@@ -83,6 +83,8 @@ describe('delete planning', () => {
       },
     ]);
     expect(p.remove.map((f) => f.path)).toEqual(['O2', '/store/S3.qsnap']);
+    // O2 goes only once the merge has taken its data up (if the merge fails, it stays).
+    expect(p.remove.map((f) => f.afterMerge)).toEqual([true, undefined]);
     expect(p.wait).toEqual([]);
   });
 

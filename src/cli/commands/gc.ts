@@ -65,6 +65,8 @@ export function printCollection(r: CollectResult, catalog: Catalog, out: Output)
       `wait    ${f.path} (${f.reason}; held by ${f.holders.map(who).join(', ')}): qsnap gc removes it later`,
     );
   for (const f of r.dryRun ? r.plan.keep : r.kept) out.text(`keep    ${f.path} (${f.reason})`);
+  for (const f of r.unmerged ?? [])
+    out.text(`keep    ${f.path} (its merge did not happen; a later delete or gc merges it)`);
   for (const d of r.sweptRunDirs ?? []) out.text(`${will}remove  ${d} (run directory of a QEMU that exited)`);
   for (const d of r.sweptIntents ?? []) out.text(intentLine(d, will));
   if (

@@ -46,6 +46,7 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
     await options.onPrepared?.({ overlays: [...made.files], runDir });
     op.phase('launch');
     const vm = await launch(parsed, argv, qmpPath, runDir, options, made);
+    await options.onLaunched?.({ pid: vm.pid, qmp: qmpPath });
     op.phase('launched');
     op.phase('load');
     const incoming = join(runDir, `incoming-${randomBytes(4).toString('hex')}.sock`);

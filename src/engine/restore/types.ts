@@ -36,6 +36,8 @@ export interface RestoreOptions {
   frozenLayers?: Record<string, string>;
   /** Told what the restore made (overlays, run directory) before QEMU starts, so a caller can record it. */
   onPrepared?: (made: { overlays: string[]; runDir: string }) => Promise<void>;
+  /** Told the new QEMU's pid and QMP socket as soon as it answers (before the state is loaded). */
+  onLaunched?: (qemu: { pid: number; qmp: string }) => Promise<void>;
 }
 
 export interface RestoredDisk {
