@@ -12,7 +12,7 @@ VM_DIR ?= .qsnap/vm
 export QSNAP_STORE ?= $(CURDIR)/.qsnap/store
 NAME ?= vm-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy clean
+.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy test-faults test-compat clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -22,6 +22,8 @@ help:
 	@echo "make snapshots         list the store's snapshots (the parent tree too)"
 	@echo "make restore NAME=x    restore snapshot x (the recorded command line; RESTORE_FLAGS=--lazy)"
 	@echo "make vm-stop   stop it"
+	@echo "make test-faults  every phase x every fault; regenerates docs/faults.md"
+	@echo "make test-compat  every QEMU set-up of the compatibility table; regenerates it in README.md"
 	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
 	@echo "make bench-precopy  snapshots of a lazily restored VM against background snapshots"
@@ -60,6 +62,19 @@ unit: setup
 	QSNAP_QEMU10=$${QSNAP_QEMU10:-$$( [ "$$(id -u)" = 0 ] && echo 1 || echo 0 )} $(BIN)/vitest run
 
 test: setup typecheck lint unit
+
+# The whole phase × fault matrix (make test runs a diagonal of it), then docs/faults.md from
+# what it observed.
+test-faults: setup
+	QSNAP_FAULTS=full $(BIN)/vitest run test/faults
+	QSNAP_FAULTS=render $(BIN)/vitest run test/faults/table.test.ts
+
+# Every set-up of test/compat/setups.ts on QEMU 7.2 (and 10.0 as root), then the README's
+# compatibility table from what they observed (docs/compat.json).
+test-compat: setup
+	QSNAP_COMPAT=full QSNAP_QEMU10=$${QSNAP_QEMU10:-$$( [ "$$(id -u)" = 0 ] && echo 1 || echo 0 )} \
+	  $(BIN)/vitest run test/compat/setups.test.ts
+	QSNAP_COMPAT=render $(BIN)/vitest run test/compat/setups.test.ts -t 'compatibility table'
 
 demo: setup
 	node scripts/demo.mjs
