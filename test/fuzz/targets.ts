@@ -198,6 +198,8 @@ function editManifest(manifest: unknown, paths: JsonPath[], edits: ManifestEdit[
       .reduce<unknown>((o, k) => (o as Record<string, unknown> | undefined)?.[k as string], m);
     if (!parent || typeof parent !== 'object') continue;
     const key = path[path.length - 1]!;
+    // an earlier edit may have turned an object into an array (or back): edit what is there
+    if (Array.isArray(parent) !== (typeof key === 'number')) continue;
     const holder = parent as Record<string | number, unknown>;
     if (edit.kind === 'set') holder[key] = edit.value;
     else if (edit.kind === 'delete') delete holder[key];
