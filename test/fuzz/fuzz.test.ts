@@ -56,6 +56,8 @@ describe('fuzz: mutated real inputs give only coded errors', () => {
     const stats = await fuzz(target, budgetFromEnv(TARGETS, FIXED[target.name]!));
     all.push(stats);
     console.log(formatStats(stats));
+    if (process.env['FUZZ_VERBOSE'] === '1')
+      console.log('slowest:', JSON.stringify(stats.slowest).slice(0, 2000));
     if (stats.finding)
       console.log(`finding in ${target.name}:`, JSON.stringify(stats.finding).slice(0, 4000));
     expect(stats.finding, `${target.name} (seed ${stats.seed})`).toBeUndefined();

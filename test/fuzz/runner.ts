@@ -28,6 +28,8 @@ export interface FuzzStats {
   executions: number;
   ms: number;
   slowestMs: number;
+  /** The slowest input and its outcome (FUZZ_VERBOSE=1 prints it): where a hang would start. */
+  slowest?: { input: unknown; outcome: string };
   /** Executions by outcome: 'ok' or the error code (or class) the input was refused with. */
   outcomes: Record<string, number>;
   /** The shrunk input of the first finding, and what it did. */
@@ -61,7 +63,10 @@ export async function fuzz<I>(target: FuzzTarget<I>, budget: Budget): Promise<Fu
     const outcome = await target.run(input);
     const ms = performance.now() - t;
     stats.executions++;
-    stats.slowestMs = Math.max(stats.slowestMs, ms);
+    if (ms > stats.slowestMs) {
+      stats.slowestMs = ms;
+      stats.slowest = { input, outcome };
+    }
     stats.outcomes[outcome] = (stats.outcomes[outcome] ?? 0) + 1;
     if (ms > SLOW_EXEC_MS) throw new Finding(`one execution took ${Math.round(ms)} ms (outcome ${outcome})`);
   });
