@@ -12,7 +12,7 @@ VM_DIR ?= .qsnap/vm
 export QSNAP_STORE ?= $(CURDIR)/.qsnap/store
 NAME ?= vm-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy test-faults test-compat clean
+.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy test-faults test-compat fuzz clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
 	@echo "make bench-precopy  snapshots of a lazily restored VM against background snapshots"
+	@echo "make fuzz      fuzz the readers of untrusted input for FUZZ_MINUTES (10; FUZZ_SEED=n replays a run)"
 	@echo "make setup     install QEMU, npm packages, build, build the guest image"
 	@echo "make clean     remove build output, the guest image and .qsnap/"
 
@@ -75,6 +76,12 @@ test-compat: setup
 	QSNAP_COMPAT=full QSNAP_QEMU10=$${QSNAP_QEMU10:-$$( [ "$$(id -u)" = 0 ] && echo 1 || echo 0 )} \
 	  $(BIN)/vitest run test/compat/setups.test.ts
 	QSNAP_COMPAT=render $(BIN)/vitest run test/compat/setups.test.ts -t 'compatibility table'
+
+# The fuzzer of test/fuzz for FUZZ_MINUTES, from a fresh seed (printed; FUZZ_SEED=n repeats a
+# run). A finding is shrunk and written to test/fuzz/regressions/, which make test replays.
+FUZZ_MINUTES ?= 10
+fuzz: deps qemu
+	FUZZ_MINUTES=$(FUZZ_MINUTES) FUZZ_SAVE=1 $(BIN)/vitest run test/fuzz/fuzz.test.ts
 
 demo: setup
 	node scripts/demo.mjs

@@ -1,0 +1,101 @@
+/**
+ * Hostile inputs built on purpose (the fuzzer finds the accidental ones): each size, count and
+ * offset is bounded before use, and an input fed in small chunks costs time linear in its size.
+ */
+import { describe, expect, it } from 'vitest';
+import {
+  encodePrologue,
+  encodeRamSetupSection,
+  MigrationStreamParser,
+  type RamSetupEvent,
+  type StreamSink,
+} from '../../src/stream/index.js';
+
+function setupSink(onSetup: (s: RamSetupEvent) => void): StreamSink {
+  return {
+    onPrologue: () => {},
+    onRamSetup: onSetup,
+    onPage: () => {},
+    onZeroPage: () => {},
+    onRamPart: () => {},
+    onEnd: () => {},
+  };
+}
+
+/** A prologue and a RAM START section listing `count` blocks with 241-byte names: ~1 MiB. */
+function bigSetup(count: number): Buffer {
+  const blocks = Array.from({ length: count }, (_, i) => ({
+    idstr: `${'b'.repeat(240)}${i}`,
+    usedLength: 4096,
+  }));
+  return Buffer.concat([
+    encodePrologue({ machine: 'pc-i440fx-7.2', capabilities: [] }),
+    encodeRamSetupSection({ sectionId: 2, blocks, footers: true, ignoreShared: false }),
+  ]);
+}
+
+function feedInChunks(input: Buffer, size: number, limit: number): { ms: number; blocks: number } {
+  let blocks = -1;
+  const parser = new MigrationStreamParser(
+    setupSink((s) => {
+      blocks = s.blocks.length;
+    }),
+    { maxRamSetupBytes: limit },
+  );
+  const started = performance.now();
+  for (let at = 0; at < input.length; at += size) parser.feed(input.subarray(at, at + size));
+  // nothing follows the section: end() decodes what it waited for, then finds no device state
+  expect(() => parser.end()).toThrow(expect.objectContaining({ code: 'QSNAP_STREAM_TRUNCATED' }));
+  return { ms: performance.now() - started, blocks };
+}
+
+describe('the stream parser on hostile input', () => {
+  it('decodes a 1 MiB RAM START section fed in 512-byte chunks in linear time (was 10 s: quadratic)', () => {
+    const input = bigSetup(4000);
+    expect(input.length).toBeGreaterThan(1_000_000);
+    const whole = feedInChunks(input, input.length, 2 * 1024 * 1024);
+    const small = feedInChunks(input, 512, 2 * 1024 * 1024);
+    expect(whole.blocks).toBe(4000);
+    expect(small.blocks).toBe(4000);
+    // 2048 chunks: one decode per chunk copied and re-decoded up to 1 MiB each time (~10 s here)
+    expect(small.ms).toBeLessThan(1000);
+  });
+
+  it('refuses a RAM START section over its limit, however it is chunked, having buffered at most twice it', () => {
+    const input = bigSetup(4000);
+    for (const size of [input.length, 4096, 333]) {
+      const parser = new MigrationStreamParser(
+        setupSink(() => {}),
+        { maxRamSetupBytes: 256 * 1024 },
+      );
+      let refusedAt = -1;
+      try {
+        for (let at = 0; at < input.length; at += size) {
+          parser.feed(input.subarray(at, at + size));
+          if (parser.bytesFed > 2 * 256 * 1024 + size + 64) break;
+        }
+      } catch (err) {
+        expect((err as { code?: string }).code).toBe('QSNAP_STREAM_LIMIT');
+        refusedAt = parser.bytesFed;
+      }
+      expect(refusedAt, `chunks of ${size}`).toBeGreaterThan(0);
+      expect(refusedAt).toBeLessThanOrEqual(Math.max(2 * 256 * 1024, size) + size);
+    }
+  });
+
+  it('decodes a section deferred for more bytes when the input ends', () => {
+    const input = bigSetup(3); // 26 + 783 bytes
+    let blocks = 0;
+    const parser = new MigrationStreamParser(
+      setupSink((s) => {
+        blocks = s.blocks.length;
+      }),
+    );
+    parser.feed(input.subarray(0, 500));
+    parser.feed(input.subarray(500, input.length));
+    expect(blocks, 'the second attempt waits for 1000 bytes').toBe(0);
+    // the stream stops there: the section is decoded, then TRUNCATED (no device state)
+    expect(() => parser.end()).toThrow(expect.objectContaining({ code: 'QSNAP_STREAM_TRUNCATED' }));
+    expect(blocks).toBe(3);
+  });
+});
