@@ -8,8 +8,8 @@
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type Checkpoint, GuestConsole, Machine, type MachineExit, QmpClient } from '../../src/index.js';
 import { launchTestGuest } from '../../src/harness/test-guest.js';
+import { type Checkpoint, GuestConsole, Machine, type MachineExit, QmpClient } from '../../src/index.js';
 import { canRun, QEMU } from '../support/env.js';
 import { isAlive } from '../support/process.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
@@ -87,9 +87,10 @@ describe.skipIf(!canRun)('Machine', () => {
         expect([...pids].filter(isAlive), 'QEMU processes left').toEqual([]);
         expect(existsSync(machine.runDir), 'run directory').toBe(false);
         expect(existsSync(machine.checkpointDir), 'checkpoint directory').toBe(false);
-        expect(readdirSync(guestDir).filter((f) => f.endsWith('.qcow2')), 'overlays beside the disk').toEqual([
-          'disk.qcow2',
-        ]);
+        expect(
+          readdirSync(guestDir).filter((f) => f.endsWith('.qcow2')),
+          'overlays beside the disk',
+        ).toEqual(['disk.qcow2']);
       }
     } finally {
       await sandbox?.dispose();
@@ -157,7 +158,18 @@ describe.skipIf(!canRun)('Machine', () => {
     await expect(machine.revert(doomed)).rejects.toMatchObject({ code: 'QSNAP_MACHINE_CHECKPOINT_MISSING' });
     // A checkpoint of another VM (128 MiB, no disk): the RAM size does not fit.
     const other = await Machine.launch({
-      argv: [QEMU, '-machine', 'pc-i440fx-7.2', '-accel', 'tcg', '-m', '128M', '-display', 'none', '-nodefaults'],
+      argv: [
+        QEMU,
+        '-machine',
+        'pc-i440fx-7.2',
+        '-accel',
+        'tcg',
+        '-m',
+        '128M',
+        '-display',
+        'none',
+        '-nodefaults',
+      ],
     });
     try {
       const foreign = await other.checkpoint('foreign');
@@ -168,7 +180,9 @@ describe.skipIf(!canRun)('Machine', () => {
       await other.close();
     }
     // A checkpoint whose id does not match its file (the file replaced behind qsnap's back).
-    await expect(machine.revert({ ...clean, id: '00000000-0000-4000-8000-000000000000' })).rejects.toMatchObject({
+    await expect(
+      machine.revert({ ...clean, id: '00000000-0000-4000-8000-000000000000' }),
+    ).rejects.toMatchObject({
       code: 'QSNAP_MACHINE_CHECKPOINT_MISMATCH',
     });
     // Untouched: same QEMU, running, its state as set, and an intact checkpoint still reverts.
@@ -201,7 +215,9 @@ describe.skipIf(!canRun)('Machine', () => {
   it('checkpoints: validated unique names, a list, revert in any order, delete frees files and overlays', async () => {
     await expect(machine.checkpoint('../escape')).rejects.toMatchObject({ code: 'QSNAP_STORE_NAME' });
     expect(existsSync('/dev/shm/escape.qsnap')).toBe(false);
-    await expect(machine.checkpoint('clean')).rejects.toMatchObject({ code: 'QSNAP_MACHINE_CHECKPOINT_EXISTS' });
+    await expect(machine.checkpoint('clean')).rejects.toMatchObject({
+      code: 'QSNAP_MACHINE_CHECKPOINT_EXISTS',
+    });
     await writeCmos(machine, 0x01);
     const one = await machine.checkpoint('one');
     await writeCmos(machine, 0x02);
