@@ -35,3 +35,6 @@ export { type AccelDecision, resolveAccel } from './vm/accel.js';
 export { VmError } from './vm/errors.js';
 export { type ExitInfo, type LaunchOptions, Vm } from './vm/launcher.js';
 export { DiskSpec, VmSpec } from './vm/spec.js';
+export { connect, type ConnectOptions as DaemonConnectOptions, type DaemonClient } from './client/client.js';
+export { DaemonError } from './daemon/errors.js';
+export { type Event as DaemonEvent, PROTOCOL_VERSION } from './daemon/protocol.js';
