@@ -67,7 +67,7 @@ export class Controller {
   readonly ops = new Map<string, OpRecord>();
   readonly streams: PQueue;
   /** Store operations that change layers (delete, gc) run one at a time. */
-  readonly storeQueue = new PQueue({ concurrency: 1 });
+  readonly storeQueue: PQueue = new PQueue({ concurrency: 1 });
   #watch: NodeJS.Timeout | undefined;
 
   constructor(readonly options: ControllerOptions) {
