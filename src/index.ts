@@ -3,6 +3,9 @@
  * progress as events and return data.
  */
 
+export { type ConnectOptions as DaemonConnectOptions, connect, type DaemonClient } from './client/client.js';
+export { DaemonError } from './daemon/errors.js';
+export { type Event as DaemonEvent, PROTOCOL_VERSION } from './daemon/protocol.js';
 export { type ConnectOptions, connectVm } from './engine/connect.js';
 export { ExportError, RestoreError, SnapshotError, VerifyError } from './engine/errors.js';
 export { Operation, type OperationEvent } from './engine/operation.js';
@@ -35,6 +38,3 @@ export { type AccelDecision, resolveAccel } from './vm/accel.js';
 export { VmError } from './vm/errors.js';
 export { type ExitInfo, type LaunchOptions, Vm } from './vm/launcher.js';
 export { DiskSpec, VmSpec } from './vm/spec.js';
-export { connect, type ConnectOptions as DaemonConnectOptions, type DaemonClient } from './client/client.js';
-export { DaemonError } from './daemon/errors.js';
-export { type Event as DaemonEvent, PROTOCOL_VERSION } from './daemon/protocol.js';

@@ -25,6 +25,8 @@ export interface ControllerOptions {
   maxStreams: number;
   /** Test-only fault points, handed to each snapshot (engine/faults.ts). */
   faults: Faults;
+  /** Run stream work on this thread instead of worker threads (measurements only). */
+  inlineStreams?: boolean;
   log: (line: string) => void;
 }
 
@@ -240,7 +242,9 @@ export class Controller {
   /** Run a stream task in a worker thread, its events turned into protocol events of `op`. */
   inWorker(op: OpRecord, task: WorkerTask): Promise<Record<string, unknown>> {
     let seq = 0;
-    const run = runInWorker(task, (event) => this.onEngineEvent(op, event, () => seq++));
+    const run = runInWorker(task, (event) => this.onEngineEvent(op, event, () => seq++), {
+      inline: this.options.inlineStreams ?? false,
+    });
     op.cancel = run.cancel;
     return run.result;
   }

@@ -11,6 +11,8 @@ export interface DaemonOptions {
   listen: Listen;
   maxStreams?: number;
   faults?: Faults;
+  /** Stream work on the event loop instead of worker threads (measurements only). */
+  inlineStreams?: boolean;
   log?: (line: string) => void;
 }
 
@@ -37,6 +39,7 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     store,
     maxStreams: options.maxStreams ?? 2,
     faults: options.faults ?? NO_FAULTS,
+    inlineStreams: options.inlineStreams ?? false,
     log,
   });
   startup.push(...(await controller.reattach()));

@@ -27,7 +27,12 @@ export interface WorkerRun {
 const WORKER_URL = new URL('./worker.js', import.meta.url);
 
 /** Run a task in a new worker thread; its events go to `onEvent`, its error is a QsnapError again. */
-export function runInWorker(task: WorkerTask, onEvent: (event: OperationEvent) => void): WorkerRun {
+export function runInWorker(
+  task: WorkerTask,
+  onEvent: (event: OperationEvent) => void,
+  options: { inline?: boolean } = {},
+): WorkerRun {
+  if (options.inline) return runInline(task, onEvent);
   const worker = new Worker(WORKER_URL, { workerData: task });
   const result = new Promise<Record<string, unknown>>((resolve, reject) => {
     let settled = false;
@@ -60,6 +65,22 @@ export function runInWorker(task: WorkerTask, onEvent: (event: OperationEvent) =
     });
   });
   return { result, cancel: () => worker.postMessage({ cancel: true }) };
+}
+
+/**
+ * The same task on this thread's event loop (`QSNAP_DAEMON_INLINE=1`): only for measuring what
+ * the worker threads buy (scripts/bench-daemon.mjs --inline).
+ */
+function runInline(task: WorkerTask, onEvent: (event: OperationEvent) => void): WorkerRun {
+  let cancel = () => undefined as void;
+  const result = import('./tasks.js').then(async ({ startTask }) => {
+    const op = await startTask(task);
+    cancel = () => op.cancel();
+    op.on(onEvent);
+    const { vm: _vm, ...data } = (await op.result) as Record<string, unknown>;
+    return data;
+  });
+  return { result, cancel: () => cancel() };
 }
 
 /** An error that crossed a thread or a wire, as a QsnapError with the same code, hint and details. */

@@ -8,24 +8,9 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import type { Operation } from '../engine/operation.js';
-import { verifySnapshot } from '../engine/verify.js';
 import { asQsnapError } from '../errors.js';
-import { findSnapshot, storeRestore } from '../store/restore.js';
-import { storeSnapshot } from '../store/snapshot.js';
-import { Store } from '../store/store.js';
+import { startTask } from './tasks.js';
 import type { WorkerMessage, WorkerTask } from './worker-host.js';
-
-async function start(task: WorkerTask): Promise<Operation<object>> {
-  const store = await Store.open({ dir: task.storeDir, stateDir: task.stateDir });
-  switch (task.kind) {
-    case 'snapshot':
-      return storeSnapshot(store, { ...task.options, faults: task.faults });
-    case 'restore':
-      return storeRestore(store, task.options);
-    case 'verify':
-      return verifySnapshot(store.snapshotPath(findSnapshot(await store.read(), task.name)));
-  }
-}
 
 function post(message: WorkerMessage): void {
   parentPort!.postMessage(message);
@@ -35,7 +20,7 @@ async function main(): Promise<void> {
   const task = workerData as WorkerTask;
   let op: Operation<object>;
   try {
-    op = await start(task);
+    op = await startTask(task);
   } catch (err) {
     post({ type: 'error', error: asQsnapError(err).toJSON() });
     return;
