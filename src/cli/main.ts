@@ -6,6 +6,7 @@ import { importCommand } from './commands/import.js';
 import { inspectCommand } from './commands/inspect.js';
 import { listCommand } from './commands/list.js';
 import { restoreCommand } from './commands/restore.js';
+import { serveCommand } from './commands/serve.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { statusCommand } from './commands/status.js';
 import { verifyCommand } from './commands/verify.js';
@@ -37,6 +38,10 @@ const COMMANDS: Record<string, Command> = {
     summary: 'export a snapshot: a portable bundle, or a plain QEMU migration stream',
   },
   import: { run: importCommand, summary: 'import a bundle into the store (verified before it lands)' },
+  serve: {
+    run: serveCommand,
+    summary: 'run the daemon: many VMs, a queue per VM, a WebSocket API and a dashboard',
+  },
 };
 
 function usage(): string {
