@@ -248,7 +248,8 @@ describe.skipIf(!canRun)('QEMU set-ups users run', () => {
 });
 
 describe('the README’s compatibility table', () => {
-  it('is the one docs/compat.json gives', () => {
+  // A full run saves docs/compat.json when it ends; the render step after it writes the table.
+  it.skipIf(FULL)('is the one docs/compat.json gives', () => {
     const table = renderCompat(loadCells(), CROSS_ROWS);
     const readmePath = join(ROOT, 'README.md');
     const readme = readFileSync(readmePath, 'utf8');

@@ -333,7 +333,9 @@ export const TABLE_END = '<!-- /compat-table -->';
 
 /** The README's compatibility table: a row per set-up, a column per QEMU version. */
 export function renderCompat(cells: readonly CompatCell[], extraRows: readonly CompatRow[]): string {
-  const versions = [...new Set(cells.map((c) => c.qemu))].sort();
+  const versions = [...new Set(cells.map((c) => c.qemu))].sort((a, b) =>
+    a.localeCompare(b, 'en', { numeric: true }),
+  );
   const lines = [
     `| machine | firmware | disks | also | ${versions.map((v) => `QEMU ${v}`).join(' | ')} |`,
     `|---|---|---|---|${versions.map(() => '---').join('|')}|`,
