@@ -3,11 +3,14 @@
  * holds (as libvirt does) and a QEMU that stops answering, both with a real QEMU; an event
  * flood and a reply larger than any limit from a fake peer (QEMU cannot be made to send those).
  */
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { DEFAULT_MAX_LINE_BYTES } from '../../src/qmp/framing.js';
 import { QmpClient } from '../../src/qmp/index.js';
 import { monitorHeld, parseProcNetUnix } from '../../src/qmp/monitor-held.js';
+import { ensureBuilt } from '../support/build.js';
+import { runCli } from '../support/cli.js';
 import { failure } from '../support/errors.js';
 import { FakePeer } from './fake-peer.js';
 import { makeTempDir, type QemuInstance, startQemu } from './qemu-harness.js';
@@ -61,6 +64,20 @@ describe('a real QEMU whose monitor is held or that stops answering', () => {
     await holder.close();
     const next = await connect();
     expect(next.greeting.version.major).toBeGreaterThanOrEqual(7);
+  });
+
+  it('qsnap status on a held monitor: one line naming the cause and the fix, exit 1, within 2 s', async () => {
+    ensureBuilt();
+    const holder = await connect();
+    const started = Date.now();
+    const r = await runCli(['status', '--qmp', qemu.qmpPath], { QSNAP_STATE_DIR: join(temp.dir, 'state') });
+    const ms = Date.now() - started;
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toContain('in use by another client');
+    expect(r.stderr).toContain('[QSNAP_QMP_CONNECT]');
+    expect(ms).toBeLessThan(2000 + 1500); // node's start-up included
+    await holder.close();
   });
 
   it('a QEMU that does not answer (SIGSTOP) fails connect with a coded timeout, not busy', async () => {
