@@ -88,6 +88,9 @@ export async function fuzz<I>(target: FuzzTarget<I>, budget: Budget): Promise<Fu
   if (details.failed && details.counterexample) {
     const input = details.counterexample[0];
     const error = String(details.errorInstance ?? 'failed');
+    console.log(
+      `finding in ${target.name} (seed ${budget.seed}, path ${details.counterexamplePath}): ${error}`,
+    );
     stats.finding = { input, error };
     if (process.env['FUZZ_SAVE'] === '1')
       stats.finding.saved = saveRegression(target.name, input, error, budget.seed);

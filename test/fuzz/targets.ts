@@ -213,7 +213,8 @@ function editManifest(manifest: unknown, paths: JsonPath[], edits: ManifestEdit[
     // an earlier edit may have turned an object into an array (or back): edit what is there
     if (Array.isArray(parent) !== (typeof key === 'number')) continue;
     const holder = parent as Record<string | number, unknown>;
-    if (edit.kind === 'set') holder[key] = edit.value;
+    // a copy: fast-check hands the same constant object to many runs, and later edits change it
+    if (edit.kind === 'set') holder[key] = structuredClone(edit.value);
     else if (edit.kind === 'nudge') {
       if (typeof holder[key] === 'number') holder[key] = (holder[key] as number) * edit.times + edit.by;
     } else if (edit.kind === 'delete') delete holder[key];

