@@ -12,8 +12,11 @@ import { Finding, type FuzzTarget } from './targets.js';
 
 export const REGRESSIONS = join(dirname(fileURLToPath(import.meta.url)), 'regressions');
 
-/** An execution slower than this is a hang (the inputs are at most a few MiB). */
-export const SLOW_EXEC_MS = 3000;
+/**
+ * An execution using more CPU than this is a hang (the inputs are at most a few MiB). CPU time,
+ * not wall time: the machine is shared, and a busy neighbour must not pass for a hang.
+ */
+export const SLOW_EXEC_CPU_MS = 3000;
 
 export interface Budget {
   seed: number;
@@ -59,16 +62,20 @@ export async function fuzz<I>(target: FuzzTarget<I>, budget: Budget): Promise<Fu
   };
   const started = performance.now();
   const property = fc.asyncProperty(target.input, async (input) => {
+    const cpu = process.cpuUsage();
     const t = performance.now();
     const outcome = await target.run(input);
     const ms = performance.now() - t;
+    const used = process.cpuUsage(cpu);
+    const cpuMs = (used.user + used.system) / 1000;
     stats.executions++;
     if (ms > stats.slowestMs) {
       stats.slowestMs = ms;
       stats.slowest = { input, outcome };
     }
     stats.outcomes[outcome] = (stats.outcomes[outcome] ?? 0) + 1;
-    if (ms > SLOW_EXEC_MS) throw new Finding(`one execution took ${Math.round(ms)} ms (outcome ${outcome})`);
+    if (cpuMs > SLOW_EXEC_CPU_MS)
+      throw new Finding(`one execution used ${Math.round(cpuMs)} ms of CPU (outcome ${outcome})`);
   });
   const details = await fc.check(property, {
     seed: budget.seed,
@@ -81,6 +88,9 @@ export async function fuzz<I>(target: FuzzTarget<I>, budget: Budget): Promise<Fu
   if (details.failed && details.counterexample) {
     const input = details.counterexample[0];
     const error = String(details.errorInstance ?? 'failed');
+    console.log(
+      `finding in ${target.name} (seed ${budget.seed}, path ${details.counterexamplePath}): ${error}`,
+    );
     stats.finding = { input, error };
     if (process.env['FUZZ_SAVE'] === '1')
       stats.finding.saved = saveRegression(target.name, input, error, budget.seed);

@@ -7,6 +7,7 @@
 import { createHash } from 'node:crypto';
 import { open, truncate } from 'node:fs/promises';
 import fc from 'fast-check';
+import { snapshotStream } from '../../src/engine/restore/file-stream.js';
 import { QsnapError } from '../../src/errors.js';
 import { encodeTrailer, openSnapshot, parseManifest, TRAILER_SIZE } from '../../src/format/index.js';
 import {
@@ -17,7 +18,7 @@ import {
   HEADER_BYTES,
   TRAILER_BYTES,
 } from '../../src/store/bundle-format.js';
-import { MigrationStreamParser, PAGE_SIZE, type RamBlock } from '../../src/stream/index.js';
+import { MigrationStreamParser, PAGE_SIZE, type RamBlock, StreamError } from '../../src/stream/index.js';
 import { decodeBackingName, decodeQcow2Header, Qcow2FormatError } from '../../src/vm/qcow2.js';
 import type { Fixture, SnapshotFixture } from './fixtures.js';
 import {
@@ -154,12 +155,23 @@ const hostileValue: fc.Arbitrary<unknown> = fc.oneof(
 export type ManifestEdit =
   | { kind: 'set'; path: number; value: unknown }
   | { kind: 'delete'; path: number }
+  /** A number moved a little (off by one, by a page) or multiplied: near-valid manifests. */
+  | { kind: 'nudge'; path: number; by: number; times: number }
   /** The array at `path` (or the one holding it) grows by `times` copies of its first element. */
   | { kind: 'grow'; path: number; times: number };
 
 const manifestEdit: fc.Arbitrary<ManifestEdit> = fc.oneof(
   { weight: 4, arbitrary: fc.record({ kind: fc.constant('set'), path: fc.nat(), value: hostileValue }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('delete'), path: fc.nat() }) },
+  {
+    weight: 3,
+    arbitrary: fc.record({
+      kind: fc.constant('nudge'),
+      path: fc.nat(),
+      by: fc.constantFrom(-4096, -1, 1, 4096, 8192),
+      times: fc.constantFrom(1, 1, 1, 2, 0),
+    }),
+  },
   {
     weight: 1,
     arbitrary: fc.record({
@@ -201,8 +213,11 @@ function editManifest(manifest: unknown, paths: JsonPath[], edits: ManifestEdit[
     // an earlier edit may have turned an object into an array (or back): edit what is there
     if (Array.isArray(parent) !== (typeof key === 'number')) continue;
     const holder = parent as Record<string | number, unknown>;
-    if (edit.kind === 'set') holder[key] = edit.value;
-    else if (edit.kind === 'delete') delete holder[key];
+    // a copy: fast-check hands the same constant object to many runs, and later edits change it
+    if (edit.kind === 'set') holder[key] = structuredClone(edit.value);
+    else if (edit.kind === 'nudge') {
+      if (typeof holder[key] === 'number') holder[key] = (holder[key] as number) * edit.times + edit.by;
+    } else if (edit.kind === 'delete') delete holder[key];
     else {
       const array = Array.isArray(holder[key])
         ? (holder[key] as unknown[])
@@ -305,22 +320,39 @@ async function writeMeta(f: SnapshotFixture, meta: Buffer): Promise<void> {
   }
 }
 
-/** What a restore reads: head, prologue, device tail, every block's data pages checked; optionally verify(). */
+/**
+ * What a restore reads: the head, then the migration stream it sends QEMU (prologue, every
+ * block's pages checked, device tail: restore/file-stream.ts), which qsnap's own parser must
+ * accept whole, pages inside their blocks; optionally verify() of every byte.
+ */
 async function readWhole(file: string, fullVerify: boolean): Promise<Outcome> {
   let reader: Awaited<ReturnType<typeof openSnapshot>> | undefined;
   try {
     reader = await openSnapshot(file);
-    await reader.readPrologue();
-    await reader.readDeviceTail();
-    for (let i = 0; i < reader.layout.blocks.length; i++) {
-      for await (const _run of reader.readPages(i, { verify: 'data' })) {
-        // consumed: every data page is read and checked
-      }
-    }
+    let blocks: RamBlock[] = [];
+    const parser = new MigrationStreamParser({
+      onPrologue: () => {},
+      onRamSetup: (s) => {
+        blocks = s.blocks;
+      },
+      onPage: (block, offset, data) => checkPage(blocks, block, offset, data.length),
+      onZeroPage: (block, offset) => checkPage(blocks, block, offset, PAGE_SIZE),
+      onRamPart: () => {},
+      onEnd: () => {},
+    });
+    for await (const chunk of snapshotStream(reader, { skipMainBlock: false, verify: 'data' }))
+      parser.feed(chunk);
+    parser.end();
     if (fullVerify) await reader.verify();
     return 'ok';
   } catch (err) {
-    return codedOutcome(err, ['QSNAP_FILE_']);
+    if (err instanceof Finding) throw err;
+    if (err instanceof StreamError) {
+      throw new Finding(
+        `the stream a restore would send QEMU is refused by qsnap's parser: ${err.code} ${err.message}`,
+      );
+    }
+    return codedOutcome(err, ['QSNAP_FILE_', 'QSNAP_RESTORE_']);
   } finally {
     await reader?.close();
   }
