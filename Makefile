@@ -12,7 +12,7 @@ VM_DIR ?= .qsnap/vm
 export QSNAP_STORE ?= $(CURDIR)/.qsnap/store
 NAME ?= vm-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy clean
+.PHONY: help setup qemu deps build image test test-package typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
 	@echo "make bench-precopy  snapshots of a lazily restored VM against background snapshots"
+	@echo "make test-package  npm pack from a clean clone, install it, strict TypeScript, a checkpoint/revert"
 	@echo "make setup     install QEMU, npm packages, build, build the guest image"
 	@echo "make clean     remove build output, the guest image and .qsnap/"
 
@@ -60,6 +61,10 @@ unit: setup
 	QSNAP_QEMU10=$${QSNAP_QEMU10:-$$( [ "$$(id -u)" = 0 ] && echo 1 || echo 0 )} $(BIN)/vitest run
 
 test: setup typecheck lint unit
+
+# About a minute (two TypeScript builds): the package as a user installs it (test/harness/package.test.ts).
+test-package: deps
+	QSNAP_TEST_PACKAGE=1 $(BIN)/vitest run test/harness/package.test.ts
 
 demo: setup
 	node scripts/demo.mjs
