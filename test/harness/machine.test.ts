@@ -276,19 +276,19 @@ describe.skipIf(!canRun)('Machine', () => {
       pids.add(r.pid);
       times.push(r.revertMs);
     }
-    const normal = (await machine.checkpoint('normal')).downtimeMs;
-    await machine.deleteCheckpoint('normal');
-    const afterRevert: number[] = [];
-    for (let i = 0; i < 3; i++) {
+    // A full revert (RAM loaded, not mapped) takes seconds on TCG: not timed here (docs/harness.md has its figure).
+    const pauses: number[] = [];
+    for (let i = 0; i < 2; i++) {
       await machine.revert(clean);
       pids.add(machine.pid);
       const cp = await machine.checkpoint(`after-revert-${i}`);
-      afterRevert.push(cp.downtimeMs);
+      pauses.push(cp.downtimeMs);
       await machine.deleteCheckpoint(cp);
     }
     console.log(
       `revert: median ${median(times).toFixed(0)} ms, p95 ${p95(times).toFixed(0)} ms (lazy, 256 MiB, TCG); ` +
-        `checkpoint pause ${normal.toFixed(1)} ms, right after a revert ${afterRevert.map((d) => d.toFixed(1)).join(', ')} ms`,
+        `checkpoint pause of the booted guest ${clean.downtimeMs.toFixed(1)} ms, right after a lazy revert ` +
+        `${pauses.map((d) => d.toFixed(1)).join(', ')} ms`,
     );
     await reconnect();
     expect((await guestConsole.check()).ok).toBe(true);
