@@ -12,7 +12,7 @@ VM_DIR ?= .qsnap/vm
 export QSNAP_STORE ?= $(CURDIR)/.qsnap/store
 NAME ?= vm-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup qemu deps build image test typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy test-faults test-compat fuzz clean
+.PHONY: help setup qemu deps build image test test-package typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy test-faults test-compat fuzz clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
 	@echo "make bench-precopy  snapshots of a lazily restored VM against background snapshots"
 	@echo "make fuzz      fuzz the readers of untrusted input for FUZZ_MINUTES (10; FUZZ_SEED=n replays a run)"
+	@echo "make test-package  npm pack from a clean clone, install it, strict TypeScript, a checkpoint/revert"
 	@echo "make setup     install QEMU, npm packages, build, build the guest image"
 	@echo "make clean     remove build output, the guest image and .qsnap/"
 
@@ -82,6 +83,10 @@ test-compat: setup
 FUZZ_MINUTES ?= 10
 fuzz: deps qemu
 	FUZZ_MINUTES=$(FUZZ_MINUTES) FUZZ_SAVE=1 $(BIN)/vitest run test/fuzz/fuzz.test.ts
+
+# About a minute (two TypeScript builds): the package as a user installs it (test/harness/package.test.ts).
+test-package: deps
+	QSNAP_TEST_PACKAGE=1 $(BIN)/vitest run test/harness/package.test.ts
 
 demo: setup
 	node scripts/demo.mjs

@@ -362,7 +362,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
    * unique: an existing name is an error unless `overwrite` (the old checkpoint is deleted).
    */
   async checkpoint(
-    name: string = `checkpoint-${this.catalog.list().length + 1}`,
+    name: string = `checkpoint-${this.sequence + 1}`,
     options: CallOptions & { overwrite?: boolean } = {},
   ): Promise<Checkpoint> {
     return this.serialized(async () => {

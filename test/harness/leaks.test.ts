@@ -13,6 +13,7 @@ import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Machine, sweepMachines } from '../../src/index.js';
 import { ensureBuilt } from '../support/build.js';
+import { runCli } from '../support/cli.js';
 import { canRun, QEMU, ROOT } from '../support/env.js';
 import { isGone, killPid, waitGone } from '../support/process.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
@@ -126,7 +127,7 @@ describe.skipIf(!canRun)('Machine leaves nothing behind', () => {
     await expectNothingLeft(w, made);
   });
 
-  it('after a SIGKILL of the harness, the next sweep ends its QEMU and removes its files', async () => {
+  it('after a SIGKILL of the harness, qsnap gc ends its QEMU and removes its files', async () => {
     const w = world('sigkill');
     const { made, exited, pid } = await runChild('wait', w);
     process.kill(pid, 'SIGKILL');
@@ -134,9 +135,18 @@ describe.skipIf(!canRun)('Machine leaves nothing behind', () => {
     try {
       // The control: SIGKILL gives the harness no chance; everything is still there.
       expectAllThere(w, made);
-      const swept = await sweepMachines(w.tmp);
-      expect(swept.qemus).toEqual([made.pid]);
+      const env = { ...sandbox.env, TMPDIR: w.tmp };
+      const store = ['--store', join(sandbox.root, `store-${pid}`)];
+      const dry = await runCli(['gc', '--dry-run', ...store], env);
+      expect(dry.code, dry.stderr).toBe(0);
+      expect(dry.stdout).toContain(`would stop    QEMU pid ${made.pid}`);
+      expectAllThere(w, made);
+      const gc = await runCli(['gc', '--json', ...store], env);
+      expect(gc.code, gc.stderr).toBe(0);
+      expect(gc.json?.['sweptMachines']).toMatchObject({ qemus: [made.pid] });
       await expectNothingLeft(w, made);
+      // And the next Machine sweeps too (nothing is left for it here).
+      expect((await sweepMachines(w.tmp)).dirs).toEqual([]);
     } finally {
       await killPid(made.pid);
     }

@@ -14,16 +14,28 @@ import { canRun, QEMU } from '../support/env.js';
 import { isAlive } from '../support/process.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
-/** A CMOS byte qsnap's test guest never touches: a device register set from the host over HMP. */
+/**
+ * A CMOS byte (0x50) qsnap's test guest never uses: a device register set from the host over
+ * HMP. The guest is paused around it: its kernel selects CMOS registers too (the RTC).
+ */
+async function cmos(machine: Machine, value?: number): Promise<number> {
+  await machine.hmp('stop');
+  try {
+    await machine.hmp('o /b 0x70 0x50');
+    if (value !== undefined) await machine.hmp(`o /b 0x71 0x${value.toString(16)}`);
+    const out = await machine.hmp('i /b 0x71');
+    return Number.parseInt(/0x([0-9a-f]+)\s*$/i.exec(out.trim())![1]!, 16);
+  } finally {
+    await machine.hmp('cont');
+  }
+}
+
 async function writeCmos(machine: Machine, value: number): Promise<void> {
-  await machine.hmp('o /b 0x70 0x50');
-  await machine.hmp(`o /b 0x71 0x${value.toString(16)}`);
+  expect(await cmos(machine, value)).toBe(value);
 }
 
 async function readCmos(machine: Machine): Promise<number> {
-  await machine.hmp('o /b 0x70 0x50');
-  const out = await machine.hmp('i /b 0x71');
-  return Number.parseInt(/0x([0-9a-f]+)\s*$/i.exec(out.trim())![1]!, 16);
+  return cmos(machine);
 }
 
 async function heartbeat(guestConsole: GuestConsole): Promise<number> {
@@ -259,24 +271,24 @@ describe.skipIf(!canRun)('Machine', () => {
 
   it('reverts: time per revert, and the pause of a checkpoint taken right after one', async () => {
     const times: number[] = [];
-    for (let i = 0; i < 8; i++) {
+    for (let i = 0; i < 6; i++) {
       const r = await machine.revert(clean);
       pids.add(r.pid);
       times.push(r.revertMs);
     }
-    const normal = (await machine.checkpoint('normal')).downtimeMs;
-    await machine.deleteCheckpoint('normal');
-    const afterRevert: number[] = [];
-    for (let i = 0; i < 3; i++) {
+    // A full revert (RAM loaded, not mapped) takes seconds on TCG: not timed here (docs/harness.md has its figure).
+    const pauses: number[] = [];
+    for (let i = 0; i < 2; i++) {
       await machine.revert(clean);
       pids.add(machine.pid);
       const cp = await machine.checkpoint(`after-revert-${i}`);
-      afterRevert.push(cp.downtimeMs);
+      pauses.push(cp.downtimeMs);
       await machine.deleteCheckpoint(cp);
     }
     console.log(
       `revert: median ${median(times).toFixed(0)} ms, p95 ${p95(times).toFixed(0)} ms (lazy, 256 MiB, TCG); ` +
-        `checkpoint pause ${normal.toFixed(1)} ms, right after a revert ${afterRevert.map((d) => d.toFixed(1)).join(', ')} ms`,
+        `checkpoint pause of the booted guest ${clean.downtimeMs.toFixed(1)} ms, right after a lazy revert ` +
+        `${pauses.map((d) => d.toFixed(1)).join(', ')} ms`,
     );
     await reconnect();
     expect((await guestConsole.check()).ok).toBe(true);
