@@ -90,6 +90,7 @@ try {
 
   // ── stream: status every 5 ms while a snapshot of the big guest streams ──
   const poller = await connect(serve.url, { token });
+  await c.vms({ resetStats: true });
   const lat = { busy: [], idle: [] };
   let streaming = true;
   let streamBytes = 0;
@@ -112,6 +113,7 @@ try {
   })();
   const snapResult = await snap;
   await poll;
+  const loop = (await c.vms({ resetStats: true })).daemon.eventLoopDelayMs;
   results.stream = {
     ramBytes: snapResult.ramBytes,
     streamMs: snapResult.streamMs,
@@ -120,6 +122,7 @@ try {
     statusBusyVm: stats(lat.busy),
     statusIdleVm: stats(lat.idle),
     all: stats([...lat.busy, ...lat.idle]),
+    daemonEventLoopDelayMs: loop,
     workers: !values.inline,
   };
   log(
@@ -128,6 +131,9 @@ try {
   log(`  status of the streaming VM: ${fmt(results.stream.statusBusyVm)}`);
   log(`  status of an idle VM:       ${fmt(results.stream.statusIdleVm)}`);
   log(`  all status:                 ${fmt(results.stream.all)}`);
+  log(
+    `  the daemon's event-loop delay meanwhile: p50 ${loop.p50} ms, p99 ${loop.p99} ms, max ${loop.max} ms`,
+  );
   void streamBytes;
 
   // ── load: clients × requests while a snapshot streams ──
@@ -173,6 +179,8 @@ try {
   );
   for (const k of ['status', 'list', 'inspect', 'all']) log(`  ${k.padEnd(8)} ${fmt(results.load[k])}`);
   await Promise.all(clients.map((cl) => cl.close()));
+  results.load.daemonEventLoopDelayMs = (await c.vms({ resetStats: true })).daemon.eventLoopDelayMs;
+  log(`  the daemon's event-loop delay meanwhile: ${JSON.stringify(results.load.daemonEventLoopDelayMs)}`);
 
   // ── frames: malformed frames and the daemon's memory ──
   const nFrames = Number(values.frames);
