@@ -27,6 +27,7 @@ const { values } = parseArgs({
     requests: { type: 'string', default: '50' },
     frames: { type: 'string', default: '1000' },
     inline: { type: 'boolean', default: false },
+    check: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
   },
 });
@@ -89,6 +90,23 @@ try {
   await c.snapshot({ vm: idleId, name: 'idle-0' });
 
   // ── stream: status every 5 ms while a snapshot of the big guest streams ──
+  // The control: an idle Node process measuring its own event-loop delay meanwhile — what the
+  // machine's load alone does to any event loop (the daemon can do no better than that).
+  const control = spawn(
+    process.execPath,
+    [
+      '-e',
+      `const h = require('node:perf_hooks').monitorEventLoopDelay({ resolution: 10 }); h.enable();
+       process.on('SIGTERM', () => { const ms = (n) => Math.round(n / 1e4) / 100;
+         process.stdout.write(JSON.stringify({ p50: ms(h.percentile(50)), p99: ms(h.percentile(99)), max: ms(h.max) }));
+         process.exit(0); }); setInterval(() => {}, 1000);`,
+    ],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  let controlOut = '';
+  control.stdout.setEncoding('utf8').on('data', (t) => {
+    controlOut += t;
+  });
   const poller = await connect(serve.url, { token });
   await c.vms({ resetStats: true });
   const lat = { busy: [], idle: [] };
@@ -114,6 +132,9 @@ try {
   const snapResult = await snap;
   await poll;
   const loop = (await c.vms({ resetStats: true })).daemon.eventLoopDelayMs;
+  control.kill('SIGTERM');
+  await new Promise((r) => control.once('exit', r));
+  const idleLoop = JSON.parse(controlOut);
   results.stream = {
     ramBytes: snapResult.ramBytes,
     streamMs: snapResult.streamMs,
@@ -123,6 +144,7 @@ try {
     statusIdleVm: stats(lat.idle),
     all: stats([...lat.busy, ...lat.idle]),
     daemonEventLoopDelayMs: loop,
+    idleProcessEventLoopDelayMs: idleLoop,
     workers: !values.inline,
   };
   log(
@@ -247,3 +269,21 @@ try {
   await rm(work, { recursive: true, force: true });
 }
 if (values.json) process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
+// --check (make test-daemon): the proof's conditions, each a failure when not met.
+if (values.check) {
+  const failures = [];
+  const { load, frames } = results;
+  if (load.answered !== load.requests) failures.push(`load: ${load.requests - load.answered} requests lost`);
+  if (load.duplicates !== 0) failures.push(`load: ${load.duplicates} requests answered twice`);
+  if (frames.errorFrames !== frames.frames)
+    failures.push(`frames: ${frames.errorFrames}/${frames.frames} answered`);
+  if (frames.closedOversized !== 10) failures.push(`frames: ${frames.closedOversized}/10 oversized closed`);
+  if (!frames.stillUp) failures.push('frames: the daemon stopped answering');
+  if (frames.rssAfterKiB > frames.rssBeforeKiB + 64 * 1024)
+    failures.push(
+      `frames: memory grew ${((frames.rssAfterKiB - frames.rssBeforeKiB) / 1024).toFixed(0)} MiB`,
+    );
+  for (const f of failures) log(`FAIL ${f}`);
+  if (failures.length) process.exitCode = 1;
+  else log('ok: every request answered once, every malformed frame answered, memory flat');
+}
