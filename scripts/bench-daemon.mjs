@@ -156,6 +156,9 @@ try {
   log(
     `  the daemon's event-loop delay meanwhile: p50 ${loop.p50} ms, p99 ${loop.p99} ms, max ${loop.max} ms`,
   );
+  log(
+    `  an idle Node process's, same time (control): p50 ${idleLoop.p50} ms, p99 ${idleLoop.p99} ms, max ${idleLoop.max} ms; load average ${(await readFile('/proc/loadavg', 'utf8')).split(' ').slice(0, 3).join(' ')}`,
+  );
   void streamBytes;
 
   // ── load: clients × requests while a snapshot streams ──

@@ -58,11 +58,19 @@ describe.skipIf(!canRun || !existsSync(CHROMIUM))('the dashboard in Chromium', (
     await page.locator('#confirm-yes').click();
     // The running operation with a progress bar that moves.
     await page.locator(`.op[data-op]`).first().waitFor({ timeout: 30_000 });
-    await page.waitForFunction(
-      "[...document.querySelectorAll('.op .bar > div')].some((d) => Number.parseFloat(d.style.width) > 0)",
-      undefined,
-      { timeout: 60_000, polling: 50 },
-    );
+    let widest = 0;
+    await expect
+      .poll(
+        async () => {
+          for (const style of await page
+            .locator('.op .bar > div')
+            .evaluateAll((els) => els.map((e) => e.getAttribute('style') ?? '')))
+            widest = Math.max(widest, Number(/width: ([\d.]+)%/.exec(style)?.[1] ?? 0));
+          return widest;
+        },
+        { timeout: 60_000, interval: 50 },
+      )
+      .toBeGreaterThan(0);
     const shown = await page.locator('.op').first().textContent();
     expect(shown).toMatch(/snapshot/);
     // The new snapshot in the tree, the one the store has.
