@@ -12,7 +12,8 @@ VM_DIR ?= .qsnap/vm
 export QSNAP_STORE ?= $(CURDIR)/.qsnap/store
 NAME ?= vm-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup qemu deps build image test test-package typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy test-faults test-compat fuzz clean
+PHONY_DAEMON := serve test-daemon bench-daemon chromium
+.PHONY: $(PHONY_DAEMON) help setup qemu deps build image test test-package typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy test-faults test-compat fuzz clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -29,13 +30,19 @@ help:
 	@echo "make bench-precopy  snapshots of a lazily restored VM against background snapshots"
 	@echo "make fuzz      fuzz the readers of untrusted input for FUZZ_MINUTES (10; FUZZ_SEED=n replays a run)"
 	@echo "make test-package  npm pack from a clean clone, install it, strict TypeScript, a checkpoint/revert"
-	@echo "make setup     install QEMU, npm packages, build, build the guest image"
+	@echo "make serve     run the daemon in the foreground (ws://127.0.0.1:7325/v1, dashboard http://127.0.0.1:7325/)"
+	@echo "make test-daemon   the daemon's longer load and fault tests"
+	@echo "make bench-daemon  status latency while a 1 GiB snapshot streams, 20x50 load, 1000 malformed frames"
+	@echo "make setup     install QEMU, Chromium, npm packages, build, build the guest image"
 	@echo "make clean     remove build output, the guest image and .qsnap/"
 
-setup: qemu deps build image
+setup: qemu chromium deps build image
 
 qemu:
 	@scripts/ensure-qemu.sh
+
+chromium:
+	@scripts/ensure-chromium.sh
 
 # `npm install --no-save` installs the locked versions without rewriting the lockfile. Not
 # `npm ci`: npm 11 leaves other platforms' optional packages (biome, rollup, esbuild binaries)
@@ -120,6 +127,18 @@ bench-store: setup
 
 bench-precopy: setup
 	node scripts/bench-precopy.mjs
+
+# The daemon in the foreground: QSNAP_STORE as above; SERVE_FLAGS="--max-streams 1" etc.
+serve: build
+	$(QSNAP) serve $(SERVE_FLAGS)
+
+# The longer runs of the daemon's proof: the full load (20 clients x 50 requests), 1000
+# malformed frames with the memory figure, and the status latency while a 1 GiB snapshot streams.
+test-daemon: setup
+	node scripts/bench-daemon.mjs --check
+
+bench-daemon: setup
+	node scripts/bench-daemon.mjs --json
 
 clean: vm-stop
 	rm -rf dist images/build .qsnap

@@ -27,6 +27,7 @@ const { values } = parseArgs({
     requests: { type: 'string', default: '50' },
     frames: { type: 'string', default: '1000' },
     inline: { type: 'boolean', default: false },
+    check: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
   },
 });
@@ -89,7 +90,25 @@ try {
   await c.snapshot({ vm: idleId, name: 'idle-0' });
 
   // ── stream: status every 5 ms while a snapshot of the big guest streams ──
+  // The control: an idle Node process measuring its own event-loop delay meanwhile — what the
+  // machine's load alone does to any event loop (the daemon can do no better than that).
+  const control = spawn(
+    process.execPath,
+    [
+      '-e',
+      `const h = require('node:perf_hooks').monitorEventLoopDelay({ resolution: 10 }); h.enable();
+       process.on('SIGTERM', () => { const ms = (n) => Math.round(n / 1e4) / 100;
+         process.stdout.write(JSON.stringify({ p50: ms(h.percentile(50)), p99: ms(h.percentile(99)), max: ms(h.max) }));
+         process.exit(0); }); setInterval(() => {}, 1000);`,
+    ],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  let controlOut = '';
+  control.stdout.setEncoding('utf8').on('data', (t) => {
+    controlOut += t;
+  });
   const poller = await connect(serve.url, { token });
+  await c.vms({ resetStats: true });
   const lat = { busy: [], idle: [] };
   let streaming = true;
   let streamBytes = 0;
@@ -112,6 +131,10 @@ try {
   })();
   const snapResult = await snap;
   await poll;
+  const loop = (await c.vms({ resetStats: true })).daemon.eventLoopDelayMs;
+  control.kill('SIGTERM');
+  await new Promise((r) => control.once('exit', r));
+  const idleLoop = JSON.parse(controlOut);
   results.stream = {
     ramBytes: snapResult.ramBytes,
     streamMs: snapResult.streamMs,
@@ -120,6 +143,8 @@ try {
     statusBusyVm: stats(lat.busy),
     statusIdleVm: stats(lat.idle),
     all: stats([...lat.busy, ...lat.idle]),
+    daemonEventLoopDelayMs: loop,
+    idleProcessEventLoopDelayMs: idleLoop,
     workers: !values.inline,
   };
   log(
@@ -128,6 +153,12 @@ try {
   log(`  status of the streaming VM: ${fmt(results.stream.statusBusyVm)}`);
   log(`  status of an idle VM:       ${fmt(results.stream.statusIdleVm)}`);
   log(`  all status:                 ${fmt(results.stream.all)}`);
+  log(
+    `  the daemon's event-loop delay meanwhile: p50 ${loop.p50} ms, p99 ${loop.p99} ms, max ${loop.max} ms`,
+  );
+  log(
+    `  an idle Node process's, same time (control): p50 ${idleLoop.p50} ms, p99 ${idleLoop.p99} ms, max ${idleLoop.max} ms; load average ${(await readFile('/proc/loadavg', 'utf8')).split(' ').slice(0, 3).join(' ')}`,
+  );
   void streamBytes;
 
   // ── load: clients × requests while a snapshot streams ──
@@ -173,6 +204,8 @@ try {
   );
   for (const k of ['status', 'list', 'inspect', 'all']) log(`  ${k.padEnd(8)} ${fmt(results.load[k])}`);
   await Promise.all(clients.map((cl) => cl.close()));
+  results.load.daemonEventLoopDelayMs = (await c.vms({ resetStats: true })).daemon.eventLoopDelayMs;
+  log(`  the daemon's event-loop delay meanwhile: ${JSON.stringify(results.load.daemonEventLoopDelayMs)}`);
 
   // ── frames: malformed frames and the daemon's memory ──
   const nFrames = Number(values.frames);
@@ -239,3 +272,21 @@ try {
   await rm(work, { recursive: true, force: true });
 }
 if (values.json) process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
+// --check (make test-daemon): the proof's conditions, each a failure when not met.
+if (values.check) {
+  const failures = [];
+  const { load, frames } = results;
+  if (load.answered !== load.requests) failures.push(`load: ${load.requests - load.answered} requests lost`);
+  if (load.duplicates !== 0) failures.push(`load: ${load.duplicates} requests answered twice`);
+  if (frames.errorFrames !== frames.frames)
+    failures.push(`frames: ${frames.errorFrames}/${frames.frames} answered`);
+  if (frames.closedOversized !== 10) failures.push(`frames: ${frames.closedOversized}/10 oversized closed`);
+  if (!frames.stillUp) failures.push('frames: the daemon stopped answering');
+  if (frames.rssAfterKiB > frames.rssBeforeKiB + 64 * 1024)
+    failures.push(
+      `frames: memory grew ${((frames.rssAfterKiB - frames.rssBeforeKiB) / 1024).toFixed(0)} MiB`,
+    );
+  for (const f of failures) log(`FAIL ${f}`);
+  if (failures.length) process.exitCode = 1;
+  else log('ok: every request answered once, every malformed frame answered, memory flat');
+}

@@ -24,7 +24,7 @@ export interface DaemonClient {
   attach(args: ArgsOf<'attach'>): Promise<Result & { vm: string; state: string }>;
   detach(args: ArgsOf<'detach'>): Promise<Result>;
   launch(args: ArgsOf<'launch'>): Promise<Result & { vm: string }>;
-  vms(): Promise<{ vms: Result[] }>;
+  vms(args?: ArgsOf<'vms'>): Promise<{ vms: Result[]; daemon: Result }>;
   status(args: ArgsOf<'status'>): Promise<Result & { state: string }>;
   snapshot(
     args: ArgsOf<'snapshot'>,
@@ -170,7 +170,7 @@ export async function connect(url: string, options: ConnectOptions = {}): Promis
     attach: typed('attach'),
     detach: typed('detach'),
     launch: typed('launch'),
-    vms: () => request('vms', {}) as Promise<{ vms: Result[] }>,
+    vms: (args = {}) => request('vms', args) as Promise<{ vms: Result[]; daemon: Result }>,
     status: typed('status'),
     snapshot: typed('snapshot'),
     restore: typed('restore'),

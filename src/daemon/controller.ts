@@ -1,8 +1,10 @@
 import { EventEmitter } from 'node:events';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import PQueue from 'p-queue';
 import type { Faults } from '../engine/faults.js';
 import type { OperationEvent } from '../engine/operation.js';
 import { asQsnapError, type QsnapError } from '../errors.js';
+import { listSnapshots, type SnapshotRow } from '../store/list.js';
 import type { Store } from '../store/store.js';
 import { DaemonError } from './errors.js';
 import type { Event } from './protocol.js';
@@ -29,6 +31,11 @@ export interface ControllerOptions {
   inlineStreams?: boolean;
   log: (line: string) => void;
 }
+
+/** How long a run state read from QEMU answers status requests. */
+const STATE_FRESH_MS = 200;
+/** How long one listing answers `list` requests (unless the store changes first). */
+const LIST_FRESH_MS = 1000;
 
 /** An event before the server stamps the protocol version on it. */
 export type EventBody = Event extends infer E ? (E extends unknown ? Omit<E, 'v'> : never) : never;
@@ -71,6 +78,9 @@ export class Controller {
   /** Store operations that change layers (delete, gc) run one at a time. */
   readonly storeQueue: PQueue = new PQueue({ concurrency: 1 });
   #watch: NodeJS.Timeout | undefined;
+  /** `list` in flight or just answered, shared by every request until the store changes. */
+  #list: { at: number; rows: Promise<SnapshotRow[]> } | undefined;
+  readonly #loopDelay = monitorEventLoopDelay({ resolution: 10 });
 
   constructor(readonly options: ControllerOptions) {
     this.streams = new PQueue({ concurrency: options.maxStreams });
@@ -81,7 +91,34 @@ export class Controller {
     return this.options.store;
   }
 
+  /**
+   * The store's snapshots. Listing reads every layer's header and who holds what in /proc: requests
+   * that come while one runs, or within a second after, share it; a change of the store ends that.
+   */
+  listSnapshots(): Promise<SnapshotRow[]> {
+    const now = performance.now();
+    if (this.#list && now - this.#list.at < LIST_FRESH_MS) return this.#list.rows;
+    const rows = listSnapshots(this.store);
+    this.#list = { at: now, rows };
+    rows.catch(() => {
+      this.#list = undefined;
+    });
+    return rows;
+  }
+
+  /** The daemon's own event-loop delay since it started (ms): what stream work must not raise. */
+  loopDelay(): { p50: number; p99: number; max: number } {
+    const h = this.#loopDelay;
+    const ms = (ns: number) => Math.round(ns / 1e4) / 100;
+    return { p50: ms(h.percentile(50)), p99: ms(h.percentile(99)), max: ms(h.max) };
+  }
+
+  resetLoopDelay(): void {
+    this.#loopDelay.reset();
+  }
+
   emit(event: EventBody): void {
+    if (event.event === 'store') this.#list = undefined;
     this.events.emit('event', { v: 1, ...event } as Event);
   }
 
@@ -123,7 +160,9 @@ export class Controller {
       this.markGone(vm);
       return 'gone';
     }
-    if (vm.queue.pending > 0) return vm.state;
+    // While an operation holds the VM's QMP socket, and for a moment after a query, the state
+    // as last seen: a burst of status requests costs QEMU one connection.
+    if (vm.queue.pending > 0 || performance.now() - vm.stateAt < STATE_FRESH_MS) return vm.state;
     try {
       const state = await queryState(vm);
       this.setState(vm, state);
@@ -403,10 +442,12 @@ export class Controller {
       for (const vm of this.vms.values()) if (vm.state !== 'gone' && !qemuAlive(vm)) this.markGone(vm);
     }, intervalMs);
     this.#watch.unref();
+    this.#loopDelay.enable();
   }
 
   async close(): Promise<void> {
     if (this.#watch) clearInterval(this.#watch);
+    this.#loopDelay.disable();
   }
 
   saveState(): Promise<void> {

@@ -4,7 +4,6 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { openSnapshot } from '../format/index.js';
 import { QmpClient } from '../qmp/index.js';
 import { collect } from '../store/collect.js';
-import { listSnapshots } from '../store/list.js';
 import { checkName } from '../store/names.js';
 import { findSnapshot } from '../store/restore.js';
 import { parseCommandLine } from '../vm/cmdline.js';
@@ -73,12 +72,30 @@ export const HANDLERS: { [O in OpName]: Handler<O> } = {
     return { ...describeVm(ctl, vm), pid: child.pid, recovered };
   },
 
-  vms: async (ctl) => ({ vms: [...ctl.vms.values()].map((vm) => describeVm(ctl, vm)) }),
+  vms: async (ctl, args) => {
+    const answer = {
+      vms: [...ctl.vms.values()].map((vm) => describeVm(ctl, vm)),
+      daemon: {
+        pid: process.pid,
+        rssBytes: process.memoryUsage.rss(),
+        eventLoopDelayMs: ctl.loopDelay(),
+        maxStreams: ctl.streams.concurrency,
+        streamsRunning: ctl.streams.pending,
+        streamsWaiting: ctl.streams.size,
+      },
+    };
+    if (args.resetStats) ctl.resetLoopDelay();
+    return answer;
+  },
 
   status: async (ctl, args) => {
     const vm = ctl.vm(args.vm);
     const state = await ctl.state(vm);
-    return { ...describeVm(ctl, vm), state };
+    return {
+      ...describeVm(ctl, vm),
+      state,
+      info: { ...vm.info, runState: state, running: state === 'running' },
+    };
   },
 
   snapshot: (ctl, args, ctx) => {
@@ -130,7 +147,7 @@ export const HANDLERS: { [O in OpName]: Handler<O> } = {
     );
   },
 
-  list: async (ctl) => ({ store: ctl.store.dir, snapshots: await listSnapshots(ctl.store) }),
+  list: async (ctl) => ({ store: ctl.store.dir, snapshots: await ctl.listSnapshots() }),
 
   inspect: async (ctl, args) => {
     const entry = findSnapshot(await ctl.store.read(), checkName(args.name));

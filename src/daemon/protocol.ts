@@ -28,7 +28,8 @@ export const OpArgs = {
   attach: z.strictObject({ qmp: z.string().min(1).max(107), name: SnapshotName.optional() }),
   detach: z.strictObject({ vm: DaemonId }),
   launch: z.strictObject({ argv: QemuArgv, name: SnapshotName.optional() }),
-  vms: z.strictObject({}),
+  /** resetStats: start the daemon's event-loop delay figures afresh (after this answer). */
+  vms: z.strictObject({ resetStats: z.boolean().optional() }),
   status: z.strictObject({ vm: DaemonId }),
   snapshot: z.strictObject({
     vm: DaemonId,

@@ -4,6 +4,7 @@ import { dirname, isAbsolute, join } from 'node:path';
 import PQueue from 'p-queue';
 import { z } from 'zod';
 import { connectVm } from '../engine/connect.js';
+import { probeVm, type VmInfo } from '../engine/probe.js';
 import { QmpClient } from '../qmp/index.js';
 import { findQmpPeer } from '../vm/peer.js';
 import { isRunning, type ProcessIdentity } from '../vm/process.js';
@@ -18,10 +19,14 @@ export interface AttachedVm {
   qemu: ProcessIdentity | undefined;
   /** Its run state as last seen (query-status), or `gone` when its QEMU exited. */
   state: string;
+  /** What the VM is (QEMU, machine, RAM, disks) as probed when it was attached. */
+  info: VmInfo;
   /** Concurrency 1: a VM never has two operations at once. */
   queue: PQueue;
   /** A status query in flight: others share it (QEMU serves one QMP client at a time). */
   probe: Promise<string> | undefined;
+  /** When the run state was last read from QEMU (performance.now()). */
+  stateAt: number;
   attachedAt: string;
 }
 
@@ -62,15 +67,17 @@ export async function attachVm(
   const peer = await findQmpPeer(qmpPath);
   const { qmp, recovery } = await connectVm(qmpPath, { stateDir });
   try {
-    const status = await qmp.execute('query-status');
+    const info = await probeVm(qmp);
     const vm: AttachedVm = {
       id,
       qmp: qmpPath,
       name,
       qemu: peer.found ? { pid: peer.pid, startTime: peer.startTime } : undefined,
-      state: status.status,
+      state: info.runState,
+      info,
       queue: new PQueue({ concurrency: 1 }),
       probe: undefined,
+      stateAt: performance.now(),
       attachedAt: new Date().toISOString(),
     };
     return { vm, recovered: recovery.recovered ? recovery.actions : [] };
@@ -95,6 +102,7 @@ export function queryState(vm: AttachedVm): Promise<string> {
     }
   })().finally(() => {
     vm.probe = undefined;
+    vm.stateAt = performance.now();
   });
   return vm.probe;
 }

@@ -72,7 +72,7 @@ export function runInWorker(
  * the worker threads buy (scripts/bench-daemon.mjs --inline).
  */
 function runInline(task: WorkerTask, onEvent: (event: OperationEvent) => void): WorkerRun {
-  let cancel = () => undefined as void;
+  let cancel: () => void = () => undefined;
   const result = import('./tasks.js').then(async ({ startTask }) => {
     const op = await startTask(task);
     cancel = () => op.cancel();

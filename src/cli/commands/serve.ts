@@ -54,8 +54,7 @@ export async function serveCommand(argv: string[], env: CliEnv): Promise<number>
     listen,
     maxStreams,
     faults: env.faults,
-    // QSNAP_DAEMON_INLINE=1: stream work on the event loop (scripts/bench-daemon.mjs --inline).
-    inlineStreams: process.env['QSNAP_DAEMON_INLINE'] === '1',
+    inlineStreams: env.daemonInline,
     log,
   });
   for (const line of daemon.startup) log(line);
