@@ -6,7 +6,7 @@
  */
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { OperationEvent } from '../../src/index.js';
 import { type StoreRestoreResult, storeRestore } from '../../src/store/restore.js';
 import { storeSnapshot } from '../../src/store/snapshot.js';
@@ -51,6 +51,8 @@ describe.skipIf(!canRun || !isRoot)('restore: every phase × every fault', () =>
     for (const pid of restoredQemus()) await killPid(pid);
     await world?.close();
   });
+
+  afterEach(() => world?.scrub());
 
   for (const cell of [
     ...cellsOf(RESTORE_PHASES, PHASE_FAULTS),

@@ -13,10 +13,14 @@ const GROUPS = ['snapshot', 'restore', 'delete'];
 const TABLE = join(ROOT, 'docs', 'faults.md');
 
 describe('docs/faults.md', () => {
-  it('is the table rendered from the last full run’s results', () => {
-    for (const g of GROUPS) expect(existsSync(join(ROOT, 'docs', 'faults', `${g}.json`)), g).toBe(true);
-    const table = renderTable(GROUPS);
-    if (process.env['QSNAP_FAULTS'] === 'render') writeFileSync(TABLE, table);
-    expect(readFileSync(TABLE, 'utf8'), 'run `make test-faults` to regenerate docs/faults.md').toBe(table);
-  });
+  // A full run saves the results as each file ends; the render step after it writes the table.
+  it.skipIf(process.env['QSNAP_FAULTS'] === 'full')(
+    'is the table rendered from the last full run’s results',
+    () => {
+      for (const g of GROUPS) expect(existsSync(join(ROOT, 'docs', 'faults', `${g}.json`)), g).toBe(true);
+      const table = renderTable(GROUPS);
+      if (process.env['QSNAP_FAULTS'] === 'render') writeFileSync(TABLE, table);
+      expect(readFileSync(TABLE, 'utf8'), 'run `make test-faults` to regenerate docs/faults.md').toBe(table);
+    },
+  );
 });

@@ -3,7 +3,7 @@
  * the `qmp-closed` fault), a store on a tmpfs of its own (for `fs-full`), the commands a user
  * runs next (`status` recovers the VM, `gc` the store), and the checks after every cell.
  */
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import { recoverStore } from '../../src/store/recover.js';
@@ -102,6 +102,18 @@ export class FaultWorld {
       files.filter((f) => !known.has(f)),
       'snapshot files without a catalog entry',
     ).toEqual([]);
+  }
+
+  /**
+   * After a cell (its checks done, passed or not): what a failed cell left goes, so that the
+   * next cell starts clean and fails only for what it does itself.
+   */
+  scrub(): void {
+    const { tmp, state } = this.sandbox;
+    for (const f of readdirSync(tmp))
+      if (f.startsWith('qsnap-stream-') || f.startsWith('qsnap-vm-'))
+        rmSync(join(tmp, f), { recursive: true, force: true });
+    rmSync(join(state, 'intents'), { recursive: true, force: true });
   }
 
   /** The guest runs and passes its check, or — QEMU killed — a new one is booted. */
