@@ -23,7 +23,12 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { encodeTrailer, openSnapshot, TRAILER_SIZE } from '../../src/format/index.js';
 import { importBundle } from '../../src/store/bundle.js';
-import { encodeTrailer as encodeBundleTrailer, encodeHeader } from '../../src/store/bundle-format.js';
+import {
+  BundleFormatError,
+  decodeIndex,
+  encodeTrailer as encodeBundleTrailer,
+  encodeHeader,
+} from '../../src/store/bundle-format.js';
 import { Store } from '../../src/store/store.js';
 import {
   encodePrologue,
@@ -274,5 +279,34 @@ describe('a bundle from elsewhere, into a store without room for it', () => {
     expect(err.details['needed']).toBeGreaterThan(err.details['free']);
     expect(readdirSync(store.snapshotsDir)).toEqual([]);
     expect(existsSync(join(store.dir, 'disks'))).toBe(false);
+  });
+});
+
+describe("a bundle's command line, shown for the user to trust", () => {
+  const index = (cmdline: string[]) =>
+    Buffer.from(
+      JSON.stringify({
+        format: 'qsnap-bundle',
+        version: 1,
+        name: 'x',
+        snapshotId: '8a6f1d2e-3b4c-4d5e-8f60-718293a4b5c6',
+        createdAt: new Date(0).toISOString(),
+        cmdline,
+        snapshot: { offset: 16, length: 10, sha256: '0'.repeat(64) },
+        disks: [],
+      }),
+    );
+
+  it.each([
+    ['an escape that erases the line', ['qemu-system-x86_64', '-m', '1G\u001b[2K\rqemu-system-x86_64 -m 1G']],
+    ['a C1 control', ['qemu-system-x86_64', '\u009b2K']],
+    ['a right-to-left override', ['qemu-system-x86_64', '-drive', 'file=\u202eexe.2woqc']],
+  ])('is refused when it hides %s', (_what, cmdline) => {
+    expect(() => decodeIndex(index(cmdline), 1024)).toThrow(BundleFormatError);
+  });
+
+  it('is accepted as QEMU writes it (the control)', () => {
+    const argv = ['qemu-system-x86_64', '-m', '1G', '-drive', 'file=/var/lib/vm/disk é.qcow2,if=virtio'];
+    expect(decodeIndex(index(argv), 1024).cmdline).toEqual(argv);
   });
 });
