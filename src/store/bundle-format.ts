@@ -30,7 +30,7 @@ const UInt = z.int().nonnegative();
  */
 const Shown = z
   .string()
-  .regex(/^[^\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]*$/, 'control or bidirectional characters');
+  .regex(/^[^\p{Cc}\u202a-\u202e\u2066-\u2069]*$/u, 'control or bidirectional characters');
 
 export const BundleIndexSchema = z.object({
   format: z.literal('qsnap-bundle'),
