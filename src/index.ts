@@ -3,6 +3,9 @@
  * progress as events and return data.
  */
 
+export { type ConnectOptions as DaemonConnectOptions, connect, type DaemonClient } from './client/client.js';
+export { DaemonError } from './daemon/errors.js';
+export { type Event as DaemonEvent, PROTOCOL_VERSION } from './daemon/protocol.js';
 export { type ConnectOptions, connectVm } from './engine/connect.js';
 export { ExportError, RestoreError, SnapshotError, VerifyError } from './engine/errors.js';
 export { Operation, type OperationEvent } from './engine/operation.js';
@@ -29,7 +32,18 @@ export { asQsnapError, QsnapError, type QsnapErrorJson } from './errors.js';
 export { type Manifest, openSnapshot, SnapshotFileError, type SnapshotReader } from './format/index.js';
 export { GuestConsole } from './guest/console.js';
 export { bootTestGuest, type TestGuest, type TestGuestOptions, testGuestSpec } from './guest/test-guest.js';
-export { type Checkpoint, Machine, type MachineOptions, type RevertResult } from './harness/machine.js';
+export { MachineError, type MachineErrorCode } from './harness/errors.js';
+export { sweepMachines } from './harness/leftovers.js';
+export {
+  type CallOptions,
+  type Checkpoint,
+  Machine,
+  type MachineExit,
+  type MachineOptions,
+  type MachineState,
+  type RevertResult,
+} from './harness/machine.js';
+export { launchTestGuest, type TestGuestCommandLine, testGuestArgv } from './harness/test-guest.js';
 export { QmpClient } from './qmp/index.js';
 export { type AccelDecision, resolveAccel } from './vm/accel.js';
 export { VmError } from './vm/errors.js';

@@ -200,6 +200,11 @@ export class QmpClient {
   }
 
   /** Ends the session: pending commands reject with QmpDisconnectedError. Idempotent. */
+  /** Let the process exit while this session is open (a harness's monitor; see Vm.unref). */
+  unref(): void {
+    this.#socket?.unref();
+  }
+
   async close(): Promise<void> {
     if (this.#state === 'running') this.#disconnect('closed-by-client');
     await this.#closed;
