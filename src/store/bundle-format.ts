@@ -23,6 +23,14 @@ const MAX_DISKS = 64;
 
 const Sha256 = z.string().regex(/^[0-9a-f]{64}$/);
 const UInt = z.int().nonnegative();
+/**
+ * Text qsnap prints for the user to judge (the command line above all): no control characters
+ * (C0, DEL, C1: terminal escapes could rewrite what is shown) and no bidirectional overrides
+ * (which reorder what is read), so what the user reads is what would run.
+ */
+const Shown = z
+  .string()
+  .regex(/^[^\p{Cc}\u202a-\u202e\u2066-\u2069]*$/u, 'control or bidirectional characters');
 
 export const BundleIndexSchema = z.object({
   format: z.literal('qsnap-bundle'),
@@ -31,12 +39,12 @@ export const BundleIndexSchema = z.object({
   snapshotId: z.uuid(),
   createdAt: z.string(),
   /** The command line recorded where the bundle was made: shown, never run without --trust-cmdline. */
-  cmdline: z.array(z.string().max(65536)).max(4096).optional(),
+  cmdline: z.array(Shown.max(65536)).max(4096).optional(),
   snapshot: z.object({ offset: UInt, length: UInt, sha256: Sha256 }),
   disks: z
     .array(
       z.object({
-        device: z.string().min(1).max(128),
+        device: Shown.min(1).max(128),
         offset: UInt,
         length: UInt,
         sha256: Sha256,

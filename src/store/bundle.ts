@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { type FileHandle, mkdir, open, rename, rm, stat } from 'node:fs/promises';
+import { type FileHandle, mkdir, open, rename, rm, stat, statfs } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { Operation, type OperationContext } from '../engine/operation.js';
@@ -202,6 +202,7 @@ export function importBundle(
       const index = await readIndex(source, options.file);
       const name = checkName(options.name ?? index.name);
       await refuseDuplicate(store, name, index.snapshotId);
+      await checkRoom(store.dir, [index.snapshot, ...index.disks]);
       op.phase('verify', options.file);
       const file = `${randomUUID()}.qsnap`;
       const snapshotPath = store.snapshotPath({ file });
@@ -276,11 +277,13 @@ async function extract(
       if (bytesRead !== want)
         throw bundleError(path, `an entry is cut short at byte ${entry.offset + done + bytesRead}`);
       hash.update(buffer.subarray(0, bytesRead));
-      await target.write(buffer, 0, bytesRead, done);
+      await target
+        .write(buffer, 0, bytesRead, done)
+        .catch((err: unknown) => Promise.reject(writeError(path, err)));
       done += bytesRead;
       op.progress(done, entry.length, basename(path));
     }
-    await target.sync();
+    await target.sync().catch((err: unknown) => Promise.reject(writeError(path, err)));
   } finally {
     await target.close();
   }
@@ -374,6 +377,35 @@ async function catalogue(
         ...(identity ? { identity } : {}),
       };
     }
+  });
+}
+
+/**
+ * The entries are written out whole (a sparse entry becomes dense): refused up front when the
+ * store's file system has not that much room, so a bundle cannot fill the disk half way.
+ */
+async function checkRoom(dir: string, entries: readonly BundleEntry[]): Promise<void> {
+  const needed = entries.reduce((n, e) => n + e.length, 0);
+  const fs = await statfs(dir).catch(() => undefined);
+  if (!fs) return; // cannot tell: the writes say it if there is no room
+  const free = fs.bavail * fs.bsize;
+  if (needed > free)
+    throw new StoreError(
+      'QSNAP_STORE_ACCESS',
+      `the bundle needs ${needed} bytes in ${dir}, which has ${free} free`,
+      { hint: 'free space in the store or import into another store (--store)', details: { needed, free } },
+    );
+}
+
+function writeError(path: string, err: unknown): StoreError {
+  const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
+  return new StoreError('QSNAP_STORE_ACCESS', `cannot write ${path} (${code}); nothing was imported`, {
+    hint:
+      code === 'ENOSPC'
+        ? 'free space in the store or import into another store (--store)'
+        : 'check the store directory',
+    cause: err,
+    details: { file: path, errno: code },
   });
 }
 

@@ -4,10 +4,32 @@
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  ftruncateSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { encodeTrailer, openSnapshot, TRAILER_SIZE } from '../../src/format/index.js';
+import { importBundle } from '../../src/store/bundle.js';
+import {
+  BundleFormatError,
+  decodeIndex,
+  encodeTrailer as encodeBundleTrailer,
+  encodeHeader,
+} from '../../src/store/bundle-format.js';
+import { Store } from '../../src/store/store.js';
 import {
   encodePrologue,
   encodeRamSetupSection,
@@ -15,7 +37,7 @@ import {
   type RamSetupEvent,
   type StreamSink,
 } from '../../src/stream/index.js';
-import { rewriteManifest } from '../format/helpers.js';
+import { DEVICE_TAIL, PROLOGUE, rewriteManifest, sampleInfo, writeSample } from '../format/helpers.js';
 import { failure } from '../support/errors.js';
 import { type SnapshotFixture, snapshotFixture } from './fixtures.js';
 
@@ -181,5 +203,110 @@ describe('a snapshot file from elsewhere', () => {
   it('is written 0600: it holds guest RAM', () => {
     const mode = Number.parseInt(execFileSync('stat', ['-c', '%a', fixture.file]).toString().trim(), 8);
     expect(mode).toBe(0o600);
+  });
+});
+
+describe('a bundle from elsewhere, into a store without room for it', () => {
+  const root = process.getuid?.() === 0;
+  let dir: string;
+  let bundle: string;
+  let small: string;
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'qsnap-hostile-bundle-'));
+    bundle = join(dir, 'b.qsnapb');
+    // A sound bundle: a small snapshot file and an 8 MiB fully allocated standalone qcow2.
+    const snap = join(dir, 'snap.qsnap');
+    const w = await writeSample(snap, {
+      blocks: [
+        { name: 'pc.ram', usedLength: 64 * 1024 },
+        { name: 'vga.vram', usedLength: 16 * 1024 },
+      ],
+    });
+    const m = await w.writer.finish({ prologue: PROLOGUE, deviceTail: DEVICE_TAIL, info: sampleInfo() });
+    const disk = join(dir, 'disk.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=full', disk, '8M']);
+    const parts = [encodeHeader()];
+    let at = parts[0]!.length;
+    const entry = (file: string) => {
+      const bytes = readFileSync(file);
+      parts.push(bytes);
+      const e = {
+        offset: at,
+        length: bytes.length,
+        sha256: createHash('sha256').update(bytes).digest('hex'),
+      };
+      at += bytes.length;
+      return e;
+    };
+    const snapshot = entry(snap);
+    const diskEntry = { device: 'virtio0', ...entry(disk), virtualSize: 8 * 2 ** 20 };
+    const index = Buffer.from(
+      JSON.stringify({
+        format: 'qsnap-bundle',
+        version: 1,
+        name: 'elsewhere',
+        snapshotId: m.id,
+        createdAt: m.createdAt,
+        snapshot,
+        disks: [diskEntry],
+      }),
+    );
+    writeFileSync(bundle, Buffer.concat([...parts, index, encodeBundleTrailer(at, index.length)]));
+    if (root) {
+      small = join(dir, 'small');
+      mkdirSync(small);
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', small]);
+    }
+  });
+
+  afterAll(() => {
+    if (small) execFileSync('umount', [small]);
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('imports into a store with room (the bundle is sound: the control)', async () => {
+    const store = await Store.open({ dir: join(dir, 'roomy'), stateDir: join(dir, 'state') });
+    const r = await importBundle(store, { file: bundle }).result;
+    expect(r.name).toBe('elsewhere');
+    expect(statSync(r.disks[0]!.file).size).toBeGreaterThan(8 * 2 ** 20);
+  });
+
+  it.skipIf(!root)('is refused up front when the store cannot hold it, and nothing lands', async () => {
+    const store = await Store.open({ dir: join(small, 'store'), stateDir: join(dir, 'state') });
+    const err = await failure(importBundle(store, { file: bundle }).result);
+    expect(err).toMatchObject({ code: 'QSNAP_STORE_ACCESS' });
+    expect(err.details['needed']).toBeGreaterThan(err.details['free']);
+    expect(readdirSync(store.snapshotsDir)).toEqual([]);
+    expect(existsSync(join(store.dir, 'disks'))).toBe(false);
+  });
+});
+
+describe("a bundle's command line, shown for the user to trust", () => {
+  const index = (cmdline: string[]) =>
+    Buffer.from(
+      JSON.stringify({
+        format: 'qsnap-bundle',
+        version: 1,
+        name: 'x',
+        snapshotId: '8a6f1d2e-3b4c-4d5e-8f60-718293a4b5c6',
+        createdAt: new Date(0).toISOString(),
+        cmdline,
+        snapshot: { offset: 16, length: 10, sha256: '0'.repeat(64) },
+        disks: [],
+      }),
+    );
+
+  it.each([
+    ['an escape that erases the line', ['qemu-system-x86_64', '-m', '1G\u001b[2K\rqemu-system-x86_64 -m 1G']],
+    ['a C1 control', ['qemu-system-x86_64', '\u009b2K']],
+    ['a right-to-left override', ['qemu-system-x86_64', '-drive', 'file=\u202eexe.2woqc']],
+  ])('is refused when it hides %s', (_what, cmdline) => {
+    expect(() => decodeIndex(index(cmdline), 1024)).toThrow(BundleFormatError);
+  });
+
+  it('is accepted as QEMU writes it (the control)', () => {
+    const argv = ['qemu-system-x86_64', '-m', '1G', '-drive', 'file=/var/lib/vm/disk é.qcow2,if=virtio'];
+    expect(decodeIndex(index(argv), 1024).cmdline).toEqual(argv);
   });
 });

@@ -247,7 +247,8 @@ export function fileTarget(f: SnapshotFixture): FuzzTarget<FileInput> {
   const paths = leafPaths(f.manifest);
   const manifestAt = f.metaAnchors[3]!;
   const ramAnchors = f.dataPages.flatMap((at) => [at, at + 2048]);
-  const verify = fc.boolean();
+  // verify() reads all 128 MiB: one run in ten (the others read what a restore reads)
+  const verify = fc.integer({ min: 0, max: 9 }).map((n) => n === 0);
   return {
     name: 'snapshot-file',
     input: fc.oneof(
@@ -298,7 +299,7 @@ export function fileTarget(f: SnapshotFixture): FuzzTarget<FileInput> {
               : sealManifest(f.meta, manifestAt, f.ramEnd, editManifest(f.manifest, paths, input.edits));
           await writeMeta(f, meta);
         }
-        return await readWhole(f.file, input.verify || input.kind === 'ram');
+        return await readWhole(f.file, input.verify);
       } finally {
         if (input.kind === 'ram') {
           const fd = await open(f.file, 'r+');
