@@ -387,7 +387,11 @@ export class Controller {
     return result;
   }
 
-  fail(op: OpRecord, error: QsnapError): Promise<never> {
+  fail(op: OpRecord, failure: QsnapError): Promise<never> {
+    const vm = op.vm ? this.vms.get(op.vm) : undefined;
+    // An operation that could not reach its VM because its QEMU exited says so.
+    const lost = ['QSNAP_QMP_CONNECT', 'QSNAP_QMP_DISCONNECTED'].includes(failure.code);
+    const error = vm && lost && !qemuAlive(vm) ? vmGone(vm, failure) : failure;
     op.state = 'failed';
     op.endedAt = performance.now();
     op.error = error;
@@ -399,8 +403,7 @@ export class Controller {
       ok: false,
       error: error.toJSON(),
     });
-    const vm = op.vm ? this.vms.get(op.vm) : undefined;
-    if (vm && error.code !== 'QSNAP_DAEMON_VM_GONE' && !qemuAlive(vm)) this.markGone(vm);
+    if (vm && !qemuAlive(vm)) this.markGone(vm);
     this.reposition(vm);
     this.expire();
     return Promise.reject(error);

@@ -107,10 +107,11 @@ export function queryState(vm: AttachedVm): Promise<string> {
   return vm.probe;
 }
 
-export function vmGone(vm: AttachedVm): DaemonError {
+export function vmGone(vm: AttachedVm, cause?: unknown): DaemonError {
   return new DaemonError('QSNAP_DAEMON_VM_GONE', `the QEMU of VM ${vm.id} (${vm.qmp}) has exited`, {
     hint: 'detach it (qsnap keeps its snapshots), or restore one of them',
     details: { vm: vm.id },
+    ...(cause === undefined ? {} : { cause }),
   });
 }
 
