@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { setTimeout as sleep } from 'node:timers/promises';
 import PQueue from 'p-queue';
 import type { Faults } from '../engine/faults.js';
 import type { OperationEvent } from '../engine/operation.js';
@@ -274,7 +275,13 @@ export class Controller {
     job.catch(() => undefined);
     return Promise.race([job, whileQueued]).then(
       (result) => this.succeed(op, result),
-      (err: unknown) => this.fail(op, asQsnapError(err)),
+      async (err: unknown) => {
+        const error = asQsnapError(err);
+        // A QEMU that was killed closes its sockets a moment before it leaves the process table.
+        if (vm && ['QSNAP_QMP_CONNECT', 'QSNAP_QMP_DISCONNECTED'].includes(error.code) && qemuAlive(vm))
+          await sleep(300);
+        return this.fail(op, error);
+      },
     );
   }
 

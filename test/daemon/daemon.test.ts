@@ -13,6 +13,7 @@ import { connect, type DaemonClient } from '../../src/client/client.js';
 import type { Event } from '../../src/daemon/protocol.js';
 import { Store } from '../../src/store/store.js';
 import { ensureBuilt } from '../support/build.js';
+import { runCli } from '../support/cli.js';
 import { canRun } from '../support/env.js';
 import {
   bootGuest,
@@ -172,6 +173,17 @@ describe.skipIf(!canRun)('qsnap serve', () => {
     for (const g of [a, b])
       expect((await g.console.nextHeartbeat({ timeoutMs: 10_000 })).latchedFailures).toBe(0);
   }, 180_000);
+
+  it('runs the CLI with --daemon: list and status print what a local run prints', async () => {
+    const local = await runCli(['list'], env);
+    const remote = await runCli(['list', '--daemon', serve.url], env);
+    expect(remote.code, remote.stderr).toBe(0);
+    expect(remote.stdout).toBe(local.stdout);
+    expect(remote.stdout).toContain('a-clean');
+    const status = await runCli(['status', '--qmp', a.vm.qmpPath], { ...env, QSNAP_DAEMON: serve.url });
+    expect(status.code, status.stderr).toBe(0);
+    expect(status.stdout).toMatch(/^state {5}running$/m);
+  });
 
   it('restores both snapshots (the recorded command line, lazy) and their workloads pass the check', async () => {
     for (const name of ['a-clean', 'b-clean']) {
