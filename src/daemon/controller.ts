@@ -455,6 +455,19 @@ export class Controller {
     this.#loopDelay.enable();
   }
 
+  /** Every operation ended: the VMs' queues, the streams and the store's queue are empty. */
+  async idle(): Promise<void> {
+    await Promise.all([
+      ...[...this.vms.values()].map((v) => v.queue.onIdle()),
+      this.streams.onIdle(),
+      this.storeQueue.onIdle(),
+    ]);
+  }
+
+  running(): number {
+    return [...this.ops.values()].filter((o) => o.state === 'queued' || o.state === 'running').length;
+  }
+
   async close(): Promise<void> {
     if (this.#watch) clearInterval(this.#watch);
     this.#loopDelay.disable();

@@ -318,6 +318,15 @@ describe.skipIf(!canRun)('qsnap serve', () => {
       10_000,
       'three operations on the VM',
     );
+    // The queue is visible: the running one, then the two waiting with their place and time.
+    const ops = (await client.status({ vm: id }))['operations'] as {
+      state: string;
+      position?: number;
+      waitingMs: number;
+    }[];
+    expect(ops.map((o) => o.state)).toEqual(['running', 'queued', 'queued']);
+    expect(ops.slice(1).map((o) => o.position)).toEqual([1, 2]);
+    expect(ops[1]!.waitingMs).toBeGreaterThanOrEqual(0);
     a.vm.kill();
     const failed = await first;
     console.log(
