@@ -19,6 +19,7 @@
  *   ├── ExportError                  src/engine/errors.ts    QSNAP_EXPORT_*
  *   ├── VerifyError                  src/engine/errors.ts    QSNAP_VERIFY_*
  *   ├── StoreError                   src/store/errors.ts     QSNAP_STORE_*
+ *   ├── MachineError                 src/harness/errors.ts   QSNAP_MACHINE_*
  *   └── UsageError                   src/cli/args.ts         QSNAP_USAGE
  */
 export interface QsnapErrorOptions {

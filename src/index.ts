@@ -32,7 +32,18 @@ export { asQsnapError, QsnapError, type QsnapErrorJson } from './errors.js';
 export { type Manifest, openSnapshot, SnapshotFileError, type SnapshotReader } from './format/index.js';
 export { GuestConsole } from './guest/console.js';
 export { bootTestGuest, type TestGuest, type TestGuestOptions, testGuestSpec } from './guest/test-guest.js';
-export { type Checkpoint, Machine, type MachineOptions, type RevertResult } from './harness/machine.js';
+export { MachineError, type MachineErrorCode } from './harness/errors.js';
+export { sweepMachines } from './harness/leftovers.js';
+export {
+  type CallOptions,
+  type Checkpoint,
+  Machine,
+  type MachineExit,
+  type MachineOptions,
+  type MachineState,
+  type RevertResult,
+} from './harness/machine.js';
+export { launchTestGuest, type TestGuestCommandLine, testGuestArgv } from './harness/test-guest.js';
 export { QmpClient } from './qmp/index.js';
 export { type AccelDecision, resolveAccel } from './vm/accel.js';
 export { VmError } from './vm/errors.js';

@@ -14,7 +14,10 @@ export abstract class GuestError extends QsnapError {}
 
 export class GuestImageError extends GuestError {
   constructor(imageDir: string) {
-    super('QSNAP_GUEST_IMAGE', `the test guest is not built (${imageDir})`, { hint: 'run make image' });
+    super('QSNAP_GUEST_IMAGE', `the test guest is not built (${imageDir})`, {
+      // The package ships the recipe, not Debian's kernel: it is built once where it is used.
+      hint: `run make image in a checkout, or bash ${imageDir}/../../scripts/build-image.sh where qsnap is installed`,
+    });
   }
 }
 

@@ -1,175 +1,575 @@
-import { mkdtemp, rm, statfs } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { EventEmitter } from 'node:events';
+import { mkdir, rm, statfs } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
+import type { OperationEvent } from '../engine/operation.js';
+import { readMachineType, readRamBytes } from '../engine/probe.js';
 import { TMPFS_MAGIC } from '../engine/ram-protection.js';
-import { type RestoreMode, restore } from '../engine/restore/restore.js';
-import { type SnapshotResult, snapshot } from '../engine/snapshot/snapshot.js';
-import { parseCommandLine } from '../vm/cmdline.js';
-import { plainFilename } from '../vm/image-chain.js';
-import { Vm } from '../vm/launcher.js';
+import {
+  type RestoreMode,
+  type RestoreOptions,
+  type RestoreResult,
+  restore,
+} from '../engine/restore/restore.js';
+import { snapshot } from '../engine/snapshot/snapshot.js';
+import type { QmpClient } from '../qmp/index.js';
+import { checkName } from '../store/names.js';
+import { type ParsedCommandLine, parseCommandLine } from '../vm/cmdline.js';
+import { relocateSockets } from '../vm/cmdline-rewrite.js';
+import { type ExitInfo, Vm } from '../vm/launcher.js';
+import { processIdentity } from '../vm/process.js';
+import { getOpt, joinArgv, parseQemuOpts } from '../vm/qemu-opts.js';
+import { type Checkpoint, CheckpointCatalog } from './checkpoints.js';
+import { type CallOptions, runOperation, throwIfAborted, throwTimedOut, withDeadline } from './deadline.js';
+import { MachineError } from './errors.js';
+import {
+  killSync,
+  makeMachineDir,
+  ownerIdentity,
+  register,
+  removeSync,
+  sweepMachines,
+  type Teardown,
+  unregister,
+  writeLedger,
+} from './leftovers.js';
+import { checkCheckpoint } from './preflight.js';
 
-export interface Checkpoint {
-  file: string;
-  id: string;
-  createdAt: string;
-  downtimeMs: number;
-  /** Disk layers this checkpoint needs; never deleted while the checkpoint exists. */
-  frozenFiles: string[];
-}
+export type { Checkpoint } from './checkpoints.js';
+export type { CallOptions } from './deadline.js';
 
-export interface MachineOptions {
+export interface MachineOptions extends CallOptions {
   /** The QEMU command line (binary first, or options only). A QMP socket is added if it has none. */
   argv: string[];
-  /**
-   * Where checkpoint files go (default: a temp directory removed by close(), on /dev/shm when it
-   * has room: a lazily reverted VM maps RAM from the checkpoint file, and only on tmpfs (or
-   * hugetlbfs) can such RAM be write-protected for a later checkpoint).
-   */
-  checkpointDir?: string;
-  /** Directory for QEMU's sockets and log (default: a temp directory removed by close()). */
-  runDir?: string;
   /** How revert loads RAM (default 'lazy': constant time whatever the RAM size). */
   revertMode?: RestoreMode;
 }
 
-async function checkpointBase(): Promise<string> {
+export type MachineState = 'running' | 'dead' | 'closed';
+
+/** The `exit` event: QEMU ended without qsnap stopping it (a guest panic with -no-reboot, a kill). */
+export interface MachineExit extends ExitInfo {
+  pid: number;
+  /** The last lines QEMU printed. */
+  logTail: string;
+}
+
+export interface RevertResult {
+  /** Restoring the checkpoint into the new QEMU. */
+  restoreMs: number;
+  /** The whole revert: checks, stopping the old QEMU, restoring, removing what is no longer needed. */
+  revertMs: number;
+  pid: number;
+  /** What happened to the QEMU that ran before: stopped by the revert, or found dead. */
+  previous: { pid: number; was: 'stopped' | 'dead' };
+  /** Disk overlays removed because nothing needs them any more. */
+  removed: string[];
+}
+
+/** RAM files of a lazily reverted VM must be on tmpfs: only there can QEMU write-protect that RAM. */
+async function checkpointBase(): Promise<string | undefined> {
   try {
     const fs = await statfs('/dev/shm');
     if (fs.type === TMPFS_MAGIC && fs.bavail * fs.bsize >= 2 * 2 ** 30) return '/dev/shm';
   } catch {
     // no /dev/shm
   }
-  return tmpdir();
+  return undefined;
 }
 
-export interface RevertResult {
-  restoreMs: number;
-  /** Whole revert: stopping the old QEMU, restoring, removing its overlays. */
-  revertMs: number;
-  pid: number;
+/** qsnap's own QMP monitor for checkpoints, so the user's -qmp socket stays free for the harness. */
+const OPS_CHARDEV_ID = 'qsnap-ops';
+
+function opsMonitorArgs(path: string): string[] {
+  return [
+    '-chardev',
+    `socket,id=${OPS_CHARDEV_ID},path=${path.replaceAll(',', ',,')},server=on,wait=off`,
+    '-mon',
+    `chardev=${OPS_CHARDEV_ID},mode=control`,
+  ];
+}
+
+/** The ops monitor's socket in a (possibly relocated) command line. */
+function opsPath(parsed: ParsedCommandLine): string {
+  for (const entry of parsed.entries) {
+    if (entry.option !== '-chardev' || entry.value === undefined) continue;
+    const o = parseQemuOpts(entry.value, 'backend');
+    if (getOpt(o, 'id') === OPS_CHARDEV_ID) return getOpt(o, 'path')!;
+  }
+  throw new Error('the command line has no qsnap ops monitor');
 }
 
 /**
- * A VM for test harnesses: checkpoint once, revert before each test. Reverting replaces
- * the running QEMU in place — same command line, same QMP socket path — from the
- * checkpoint's file, and removes the disk overlays the replaced QEMU wrote to.
+ * A restore under a call's signal and timeout. Restore cannot be cancelled while QEMU loads,
+ * so giving up takes effect at the first point where it can undo everything: when the new
+ * QEMU answers (restore then stops it and removes its overlays).
  */
-export class Machine {
+async function restoreWithin(
+  what: string,
+  options: CallOptions,
+  restoreOptions: RestoreOptions,
+  onEvent?: (event: OperationEvent) => void,
+): Promise<RestoreResult> {
+  let gaveUp: 'aborted' | 'timeout' | undefined;
+  const onAbort = () => {
+    gaveUp ??= 'aborted';
+  };
+  options.signal?.addEventListener('abort', onAbort, { once: true });
+  const timer =
+    options.timeoutMs === undefined ? undefined : setTimeout(() => (gaveUp ??= 'timeout'), options.timeoutMs);
+  try {
+    const op = restore({
+      ...restoreOptions,
+      onLaunched: async () => {
+        if (gaveUp === 'aborted') throwIfAborted(what, { signal: AbortSignal.abort(options.signal?.reason) });
+        if (gaveUp === 'timeout') throwTimedOut(what, options.timeoutMs!);
+      },
+    });
+    if (onEvent) op.on(onEvent);
+    return await runOperation(what, op, options.onProgress ? { onProgress: options.onProgress } : {});
+  } finally {
+    clearTimeout(timer);
+    options.signal?.removeEventListener('abort', onAbort);
+  }
+}
+
+interface Layout {
+  machineDir: string;
+  runDir: string;
+  checkpointDir: string;
+  stateDir: string;
+}
+
+async function makeLayout(): Promise<Layout> {
+  const machineDir = await makeMachineDir();
+  const shm = await checkpointBase();
+  const checkpointDir = shm ? join(shm, basename(machineDir)) : join(machineDir, 'checkpoints');
+  const layout = {
+    machineDir,
+    runDir: join(machineDir, 'run'),
+    checkpointDir,
+    stateDir: join(machineDir, 'state'),
+  };
+  await writeLedger(machineDir, { owner: ownerIdentity(), checkpointDir, qemus: [], files: [] });
+  await Promise.all([mkdir(layout.runDir), mkdir(checkpointDir), mkdir(layout.stateDir)]);
+  return layout;
+}
+
+async function removeLayout(layout: Layout): Promise<void> {
+  await rm(layout.checkpointDir, { recursive: true, force: true });
+  await rm(layout.machineDir, { recursive: true, force: true });
+}
+
+/**
+ * A VM for test harnesses: checkpoint it, revert to any checkpoint before each test, clone a
+ * checkpoint for parallel workers. Reverting replaces the running QEMU in place — same command
+ * line, same QMP and serial socket paths — after checking the checkpoint fits; it works when
+ * the QEMU died. close() (or `await using`, or the process ending by SIGINT, SIGTERM or exit)
+ * removes everything qsnap created for the machine.
+ *
+ * Events: `exit` (MachineExit) when QEMU ends on its own; `progress` (OperationEvent) for
+ * every checkpoint and revert.
+ */
+export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   private vm: Vm;
-  private readonly argv: string[];
-  private readonly binary: string;
-  private readonly checkpoints: Checkpoint[] = [];
-  private readonly ownsCheckpointDir: boolean;
-  private readonly ownsRunDir: boolean;
-  /** Overlays created for the current QEMU (by checkpoints or reverts): removed when it is replaced. */
-  private activeOverlays = new Set<string>();
+  private closed = false;
+  private readonly catalog = new CheckpointCatalog();
+  /** Every overlay qsnap created for this machine: removed once nothing needs it. */
+  private readonly created = new Set<string>();
+  /** The images the current QEMU writes to. */
+  private inUse: string[];
+  private queue: Promise<unknown> = Promise.resolve();
+  private sequence = 0;
+  /** A clone's sockets and pidfile: original path → its own. */
+  private moved = new Map<string, string>();
 
   private constructor(
     vm: Vm,
-    argv: string[],
-    binary: string,
-    readonly qmpPath: string,
-    readonly checkpointDir: string,
-    readonly runDir: string,
-    private readonly options: MachineOptions,
-    owns: { checkpointDir: boolean; runDir: boolean },
+    private readonly binary: string,
+    /** The command line every revert starts (the user's, plus qsnap's ops monitor). */
+    private readonly argv: string[],
+    private readonly parsed: ParsedCommandLine,
+    private readonly layout: Layout,
+    private readonly ramBytes: number,
+    private readonly machineType: string,
+    private readonly revertMode: RestoreMode,
   ) {
+    super();
     this.vm = vm;
-    this.argv = argv;
-    this.binary = binary;
-    this.ownsCheckpointDir = owns.checkpointDir;
-    this.ownsRunDir = owns.runDir;
+    this.inUse = parsed.disks.filter((d) => !d.readOnly).map((d) => d.file);
+    this.watch(vm);
   }
 
   /** Start QEMU from a command line and wait until it answers QMP. */
   static async launch(options: MachineOptions): Promise<Machine> {
+    throwIfAborted('Machine.launch', options);
+    await sweepMachines().catch(() => undefined);
+    const layout = await makeLayout();
     const parsed = parseCommandLine(options.argv);
-    const runDir = options.runDir ? resolve(options.runDir) : await mkdtemp(join(tmpdir(), 'qsnap-machine-'));
-    const checkpointDir = options.checkpointDir
-      ? resolve(options.checkpointDir)
-      : await mkdtemp(join(await checkpointBase(), 'qsnap-checkpoints-'));
-    const qmpPath = parsed.qmpSocket ?? join(runDir, 'qmp.sock');
-    const options_ = parsed.binary ? options.argv.slice(1) : [...options.argv];
-    const argv = parsed.qmpSocket ? options_ : [...options_, '-qmp', `unix:${qmpPath},server=on,wait=off`];
     const binary = parsed.binary ?? 'qemu-system-x86_64';
-    const vm = await Vm.launchArgv(argv, { qemuBinary: binary, qmpPath, runDir });
-    return new Machine(vm, argv, binary, qmpPath, checkpointDir, runDir, options, {
-      checkpointDir: options.checkpointDir === undefined,
-      runDir: options.runDir === undefined,
-    });
+    const qmpPath = parsed.qmpSocket ?? join(layout.runDir, 'qmp.sock');
+    const argv = [
+      ...(parsed.binary ? options.argv.slice(1) : options.argv),
+      ...(parsed.qmpSocket ? [] : ['-qmp', `unix:${qmpPath},server=on,wait=off`]),
+      ...opsMonitorArgs(join(layout.runDir, 'ops.sock')),
+    ];
+    return Machine.start(layout, options, binary, argv, (l) =>
+      Vm.launchArgv(argv, {
+        qemuBinary: binary,
+        qmpPath,
+        runDir: l.runDir,
+        ...(options.timeoutMs === undefined ? {} : { startTimeoutMs: options.timeoutMs }),
+      }),
+    );
   }
 
+  /**
+   * Start an independent copy of a checkpointed VM: its own QMP, serial and other unix
+   * sockets and pidfile (moved into its run directory: `machine.socketPath(original)`), its own
+   * disk overlays on the checkpoint's frozen layers. Any number of clones of one checkpoint
+   * run at once; keep the machine that took the checkpoint open while they run (it owns the
+   * checkpoint's files).
+   */
+  static async fromCheckpoint(
+    checkpoint: Checkpoint,
+    options: CallOptions & { revertMode?: RestoreMode } = {},
+  ): Promise<Machine> {
+    throwIfAborted('Machine.fromCheckpoint', options);
+    await sweepMachines().catch(() => undefined);
+    const layout = await makeLayout();
+    const relocated = relocateSockets(parseCommandLine(checkpoint.argv), layout.runDir);
+    const argv = joinArgv(relocated.parsed.entries);
+    const lazy = (options.revertMode ?? 'lazy') === 'lazy';
+    const machine = await Machine.start(layout, options, checkpoint.binary, argv, async (l, record) => {
+      const restored = await restoreWithin('Machine.fromCheckpoint', options, {
+        file: checkpoint.file,
+        argv: [checkpoint.binary, ...argv],
+        lazy,
+        runDir: l.runDir,
+        attached: true,
+        onPrepared: async (made) => record(made.overlays),
+      });
+      return { vm: restored.vm!, overlays: restored.disks.map((d) => d.overlayFile) };
+    });
+    machine.moved = relocated.moved;
+    return machine;
+  }
+
+  private static async start(
+    layout: Layout,
+    options: CallOptions & { revertMode?: RestoreMode },
+    binary: string,
+    argv: string[],
+    boot: (
+      layout: Layout,
+      record: (files: string[]) => Promise<void>,
+    ) => Promise<Vm | { vm: Vm; overlays: string[] }>,
+  ): Promise<Machine> {
+    const made: string[] = [];
+    const record = async (files: string[]) => {
+      made.push(...files);
+      await writeLedger(layout.machineDir, {
+        owner: ownerIdentity(),
+        checkpointDir: layout.checkpointDir,
+        qemus: [],
+        files: made,
+      });
+    };
+    let vm: Vm | undefined;
+    try {
+      const booted = await withDeadline('Machine.launch', boot(layout, record), options, async (late) =>
+        (late instanceof Vm ? late : late.vm).stop().then(() => undefined),
+      );
+      vm = booted instanceof Vm ? booted : booted.vm;
+      const [ramBytes, machineType] = await Promise.all([readRamBytes(vm.qmp), readMachineType(vm.qmp)]);
+      const machine = new Machine(
+        vm,
+        binary,
+        argv,
+        parseCommandLine(argv),
+        layout,
+        ramBytes,
+        machineType,
+        options.revertMode ?? 'lazy',
+      );
+      for (const file of made) machine.created.add(file);
+      if (!(booted instanceof Vm)) machine.inUse = booted.overlays;
+      register(machine);
+      await machine.saveLedger();
+      return machine;
+    } catch (err) {
+      await vm?.stop().catch(() => undefined);
+      for (const file of made) await rm(file, { force: true });
+      await removeLayout(layout);
+      throw err;
+    }
+  }
+
+  get state(): MachineState {
+    if (this.closed) return 'closed';
+    return this.vm.running ? 'running' : 'dead';
+  }
+
+  /** The current QEMU's pid (a revert replaces it). */
   get pid(): number {
     return this.vm.pid;
   }
 
-  /** The current QEMU (replaced by every revert). */
-  get current(): Vm {
-    return this.vm;
+  /** The public QMP socket of the command line (or the one qsnap added): free for the harness's own client. */
+  get qmpPath(): string {
+    return this.vm.qmpPath;
   }
 
-  /** Take a live snapshot of the running VM. */
-  async checkpoint(name = `checkpoint-${this.checkpoints.length + 1}`): Promise<Checkpoint> {
-    const result: SnapshotResult = await snapshot({
-      qmp: this.qmpPath,
-      out: join(this.checkpointDir, `${name}.qsnap`),
-      overwrite: true,
-      commandLine: [this.binary, ...this.argv],
-    }).result;
-    for (const disk of result.disks) this.activeOverlays.add(disk.overlayFile);
-    const checkpoint: Checkpoint = {
-      file: result.file,
-      id: result.id,
-      createdAt: result.pointInTime,
-      downtimeMs: result.downtimeMs,
-      frozenFiles: result.disks.map((d) => d.frozenFile),
-    };
-    this.checkpoints.push(checkpoint);
-    return checkpoint;
+  /**
+   * A QMP client on qsnap's private monitor of the current QEMU (typed `execute`, `on` /
+   * `waitFor` for events). A revert replaces it: read it again after each revert.
+   */
+  get qmp(): QmpClient {
+    this.assertRunning('machine.qmp');
+    return this.vm.qmp;
   }
 
-  /** Replace the running QEMU by a fresh one restored from `checkpoint`. */
-  async revert(checkpoint: Checkpoint, options: { mode?: RestoreMode } = {}): Promise<RevertResult> {
-    const started = performance.now();
-    const replaced = await this.overlaysInUse();
-    await this.vm.stop();
-    const result = await restore({
-      file: checkpoint.file,
-      argv: [this.binary, ...this.argv],
-      lazy: (options.mode ?? this.options.revertMode ?? 'lazy') === 'lazy',
-      runDir: this.runDir,
-      attached: true,
-    }).result;
-    this.vm = result.vm!;
-    await this.removeOverlays(replaced);
-    this.activeOverlays = new Set(result.disks.map((d) => d.overlayFile));
-    return { restoreMs: result.restoreMs, revertMs: performance.now() - started, pid: result.pid };
+  /** Run an HMP command (e.g. `info registers`, `o /b 0x70 0x40`) and return its output. */
+  async hmp(command: string): Promise<string> {
+    this.assertRunning('machine.hmp');
+    return this.vm.qmp.execute('human-monitor-command', { 'command-line': command });
   }
 
-  /** Stop QEMU and remove what this machine created (overlays, checkpoints, run directory). */
-  async close(options: { keepCheckpoints?: boolean } = {}): Promise<void> {
-    const overlays = await this.overlaysInUse().catch(() => [...this.activeOverlays]);
-    await this.vm.stop();
-    await this.removeOverlays(overlays);
-    if (!options.keepCheckpoints) {
-      for (const cp of this.checkpoints) await rm(cp.file, { force: true });
-      // Checkpoint overlays the VM stopped writing to are garbage once the checkpoints are gone.
-      if (this.ownsCheckpointDir) await rm(this.checkpointDir, { recursive: true, force: true });
+  /** The directories qsnap made for this machine (all removed by close()). */
+  get runDir(): string {
+    return this.layout.runDir;
+  }
+
+  get checkpointDir(): string {
+    return this.layout.checkpointDir;
+  }
+
+  /** Where a unix socket (or pidfile) of the original command line is for this machine (moved for a clone). */
+  socketPath(original: string): string {
+    return this.moved.get(resolve(original)) ?? original;
+  }
+
+  /** The current QEMU's log, last lines. */
+  logTail(lines = 10): string {
+    return this.vm.logTail(lines);
+  }
+
+  checkpoints(): Checkpoint[] {
+    return this.catalog.list();
+  }
+
+  /**
+   * Take a live snapshot of the running VM (the guest pauses for milliseconds). Names are
+   * unique: an existing name is an error unless `overwrite` (the old checkpoint is deleted).
+   */
+  async checkpoint(
+    name: string = `checkpoint-${this.sequence + 1}`,
+    options: CallOptions & { overwrite?: boolean } = {},
+  ): Promise<Checkpoint> {
+    return this.serialized(async () => {
+      this.assertRunning('checkpoint');
+      checkName(name);
+      if (this.catalog.get(name) && !options.overwrite) {
+        throw new MachineError('QSNAP_MACHINE_CHECKPOINT_EXISTS', `a checkpoint named "${name}" exists`, {
+          hint: 'pass { overwrite: true } to replace it, or choose another name',
+        });
+      }
+      throwIfAborted('checkpoint', options);
+      const out = join(this.layout.checkpointDir, `cp-${++this.sequence}.qsnap`);
+      const op = snapshot({
+        qmp: opsPath(this.parsed),
+        out,
+        commandLine: [this.binary, ...this.argv],
+        stateDir: this.layout.stateDir,
+      });
+      op.on((event) => this.emit('progress', event));
+      const result = await runOperation('checkpoint', op, options);
+      for (const disk of result.disks) this.created.add(disk.overlayFile);
+      this.inUse = result.disks.map((d) => d.overlayFile);
+      const checkpoint: Checkpoint = {
+        name,
+        file: result.file,
+        id: result.id,
+        createdAt: result.pointInTime,
+        downtimeMs: result.downtimeMs,
+        frozenFiles: result.disks.map((d) => d.frozenFile),
+        argv: [...this.argv],
+        binary: this.binary,
+        ramBytes: result.ramBytes,
+        machineType: result.machine,
+      };
+      const replaced = this.catalog.put(checkpoint);
+      if (replaced) await rm(replaced.file, { force: true });
+      await this.collect();
+      return checkpoint;
+    });
+  }
+
+  /** Delete a checkpoint: its RAM file and every disk overlay no other checkpoint and not the running VM needs. */
+  async deleteCheckpoint(checkpoint: Checkpoint | string): Promise<{ removed: string[] }> {
+    return this.serialized(async () => {
+      this.assertOpen('deleteCheckpoint');
+      const found = this.catalog.get(typeof checkpoint === 'string' ? checkpoint : checkpoint.name);
+      if (!found || (typeof checkpoint !== 'string' && found.id !== checkpoint.id)) {
+        throw this.unknown(typeof checkpoint === 'string' ? checkpoint : checkpoint.name);
+      }
+      this.catalog.remove(found);
+      await rm(found.file, { force: true });
+      return { removed: [found.file, ...(await this.collect())] };
+    });
+  }
+
+  /**
+   * Replace the QEMU by a new one restored from `checkpoint`. The checkpoint is checked first
+   * (file, id, RAM size, machine type, disks): a failed check leaves the running guest
+   * untouched. Works when the QEMU died; a revert that fails after the old QEMU was stopped
+   * leaves the machine `dead`, and the next revert recovers.
+   */
+  async revert(
+    checkpoint: Checkpoint,
+    options: CallOptions & { mode?: RestoreMode } = {},
+  ): Promise<RevertResult> {
+    return this.serialized(async () => {
+      const started = performance.now();
+      this.assertOpen('revert');
+      if (this.catalog.wasDeleted(checkpoint.id)) throw this.unknown(checkpoint.name);
+      const lazy = (options.mode ?? this.revertMode) === 'lazy';
+      await checkCheckpoint(checkpoint, {
+        parsed: this.parsed,
+        ramBytes: this.ramBytes,
+        machineType: this.machineType,
+        lazy,
+      });
+      throwIfAborted('revert', options);
+      const previous = { pid: this.vm.pid, was: this.vm.running ? ('stopped' as const) : ('dead' as const) };
+      this.unwatch();
+      await this.vm.stop();
+      const result = await restoreWithin(
+        'revert',
+        options,
+        {
+          file: checkpoint.file,
+          argv: [this.binary, ...this.argv],
+          lazy,
+          runDir: this.layout.runDir,
+          attached: true,
+          onPrepared: async (made) => {
+            for (const file of made.overlays) this.created.add(file);
+            await this.saveLedger();
+          },
+        },
+        (event) => this.emit('progress', event),
+      );
+      this.vm = result.vm!;
+      this.inUse = result.disks.map((d) => d.overlayFile);
+      this.watch(this.vm);
+      await this.saveLedger();
+      const removed = await this.collect();
+      return {
+        restoreMs: result.restoreMs,
+        revertMs: performance.now() - started,
+        pid: result.pid,
+        previous,
+        removed,
+      };
+    });
+  }
+
+  /** Stop QEMU and remove everything qsnap created for this machine. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.queue.catch(() => undefined);
+    this.closed = true;
+    this.unwatch();
+    await this.vm.stop().catch(() => undefined);
+    for (const file of this.created) await rm(file, { force: true });
+    await removeLayout(this.layout);
+    unregister(this);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  /** Process ending (signal or exit): kill QEMU, remove the files, without awaiting. */
+  teardownSync(): void {
+    if (this.closed) return;
+    this.closed = true;
+    killSync([this.vm.pid]);
+    removeSync([...this.created, this.layout.checkpointDir, this.layout.machineDir]);
+  }
+
+  /** Remove the overlays nothing needs any more; returns them. */
+  private async collect(): Promise<string[]> {
+    const garbage = await this.catalog.garbage(this.created, this.vm.running ? this.inUse : []);
+    for (const file of garbage) {
+      await rm(file, { force: true });
+      this.created.delete(file);
     }
-    if (this.ownsRunDir) await rm(this.runDir, { recursive: true, force: true });
+    await this.saveLedger();
+    return garbage;
   }
 
-  /** Image files the current QEMU writes to that qsnap created. */
-  private async overlaysInUse(): Promise<string[]> {
-    const blocks = await this.vm.qmp.execute('query-block');
-    const files = blocks.flatMap((b) =>
-      b.inserted ? [plainFilename(b.inserted.image.filename) ?? b.inserted.image.filename] : [],
-    );
-    return files.filter((f) => this.activeOverlays.has(f));
+  private async saveLedger(): Promise<void> {
+    const qemu = processIdentity(this.vm.pid);
+    await writeLedger(this.layout.machineDir, {
+      owner: ownerIdentity(),
+      checkpointDir: this.layout.checkpointDir,
+      qemus: qemu ? [qemu] : [],
+      files: [...this.created],
+    });
   }
 
-  private async removeOverlays(files: string[]): Promise<void> {
-    const needed = new Set(this.checkpoints.flatMap((c) => c.frozenFiles));
-    for (const file of files) if (!needed.has(file)) await rm(file, { force: true });
+  private onExit = (vm: Vm, info: ExitInfo) => {
+    if (vm !== this.vm || this.closed) return;
+    const exit: MachineExit = { ...info, pid: vm.pid, logTail: vm.logTail(10) };
+    this.emit('exit', exit);
+  };
+
+  private watching: Vm | undefined;
+
+  private watch(vm: Vm): void {
+    vm.unref();
+    this.watching = vm;
+    vm.exited.then((info) => {
+      if (this.watching === vm) this.onExit(vm, info);
+    });
+  }
+
+  private unwatch(): void {
+    this.watching = undefined;
+  }
+
+  private serialized<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(work, work);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private assertOpen(what: string): void {
+    if (this.closed) {
+      throw new MachineError('QSNAP_MACHINE_CLOSED', `${what}: the machine was closed`, {
+        hint: 'launch a new Machine',
+      });
+    }
+  }
+
+  private assertRunning(what: string): void {
+    this.assertOpen(what);
+    if (!this.vm.running) {
+      throw new MachineError(
+        'QSNAP_MACHINE_DEAD',
+        `${what}: the machine's QEMU (pid ${this.vm.pid}) exited`,
+        {
+          hint: 'revert to a checkpoint to start it again, or close the machine',
+          details: { pid: this.vm.pid, logTail: this.vm.logTail(10) },
+        },
+      );
+    }
+  }
+
+  private unknown(name: string): MachineError {
+    return new MachineError('QSNAP_MACHINE_CHECKPOINT_UNKNOWN', `no checkpoint "${name}" on this machine`, {
+      hint: 'it was deleted or replaced; machine.checkpoints() lists those there are',
+    });
   }
 }

@@ -125,6 +125,7 @@ export class Vm {
 
   private exitInfo: ExitInfo | undefined;
   private readonly ownsRunDir: boolean;
+  private readonly child: ChildProcess;
 
   private constructor(
     child: ChildProcess,
@@ -135,6 +136,7 @@ export class Vm {
   ) {
     if (child.pid === undefined) throw new VmError('QSNAP_VM_LAUNCH', 'QEMU could not be started');
     this.pid = child.pid;
+    this.child = child;
     this.argv = argv;
     this.fullArgv = fullArgv;
     this.qmpPath = options.qmpPath;
@@ -211,6 +213,15 @@ export class Vm {
       throw err;
     }
     return vm;
+  }
+
+  /**
+   * Let this process exit while QEMU runs (a harness that forgot close()): QEMU stays attached
+   * and is still killed by the exit hook; only the event loop stops waiting for it.
+   */
+  unref(): void {
+    this.child.unref();
+    this.qmp?.unref();
   }
 
   get running(): boolean {

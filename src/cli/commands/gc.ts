@@ -1,3 +1,4 @@
+import { sweepMachines } from '../../harness/leftovers.js';
 import { type CollectResult, collect } from '../../store/collect.js';
 import { who } from '../../store/plan.js';
 import { type Catalog, emptyCatalog } from '../../store/schema.js';
@@ -44,7 +45,10 @@ export async function gcCommand(argv: string[], env: CliEnv): Promise<number> {
     sweepRunDirs: true,
     faults: env.faults,
   });
-  return printCollection((await runOperation(op, out, env)).result, catalog, out);
+  const collected = (await runOperation(op, out, env)).result;
+  // Test harnesses (Machine) killed by SIGKILL leave a QEMU, overlays and checkpoints behind.
+  const sweptMachines = await sweepMachines(undefined, { dryRun: collected.dryRun });
+  return printCollection({ ...collected, sweptMachines }, catalog, out);
 }
 
 function intentLine(line: string, will: string): string {
@@ -54,7 +58,11 @@ function intentLine(line: string, will: string): string {
 }
 
 /** The plan, then what was done (or, with --dry-run, what would be). */
-export function printCollection(r: CollectResult, catalog: Catalog, out: Output): number {
+export function printCollection(
+  r: CollectResult & { sweptMachines?: Awaited<ReturnType<typeof sweepMachines>> },
+  catalog: Catalog,
+  out: Output,
+): number {
   const names = r.plan.snapshots.map((id) => catalog.snapshots[id]?.name ?? id);
   out.result({ ok: true, ...r, plan: { ...r.plan, snapshots: names } });
   const will = r.dryRun ? 'would ' : '';
@@ -77,12 +85,17 @@ export function printCollection(r: CollectResult, catalog: Catalog, out: Output)
     out.text(`keep    ${f.path} (its merge did not happen; a later delete or gc merges it)`);
   for (const d of r.sweptRunDirs ?? []) out.text(`${will}remove  ${d} (run directory of a QEMU that exited)`);
   for (const d of r.sweptIntents ?? []) out.text(intentLine(d, will));
+  const machines = r.sweptMachines;
+  for (const d of machines?.dirs ?? []) out.text(`${will}remove  ${d} (a test harness that is gone)`);
+  for (const pid of machines?.qemus ?? []) out.text(`${will}stop    QEMU pid ${pid} (its harness is gone)`);
+  for (const f of machines?.files ?? []) out.text(`${will}remove  ${f} (an overlay of that harness)`);
   if (
     names.length +
       r.plan.merges.length +
       r.plan.remove.length +
       (r.sweptRunDirs?.length ?? 0) +
-      (r.sweptIntents?.length ?? 0) ===
+      (r.sweptIntents?.length ?? 0) +
+      (machines?.dirs.length ?? 0) ===
     0
   )
     out.text('nothing to do');
