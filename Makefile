@@ -132,9 +132,11 @@ bench-precopy: setup
 serve: build
 	$(QSNAP) serve $(SERVE_FLAGS)
 
-# The longer runs of the daemon's proof: the full load (20 clients x 50 requests), 1000
-# malformed frames with the memory figure, and the status latency while a 1 GiB snapshot streams.
+# The daemon's longer runs: its other operations (launch, inspect, verify, cancel, delete, gc,
+# revert, the CLI with --daemon), then the full load (20 clients x 50 requests), 1000 malformed
+# frames with the memory figure, and the status latency while a 1 GiB snapshot streams.
 test-daemon: setup
+	QSNAP_DAEMON_LONG=1 $(BIN)/vitest run test/daemon/ops.test.ts
 	node scripts/bench-daemon.mjs --check
 
 bench-daemon: setup

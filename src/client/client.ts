@@ -57,7 +57,38 @@ export async function connect(url: string, options: ConnectOptions = {}): Promis
     handshakeTimeout: options.timeoutMs ?? 5000,
     perMessageDeflate: false,
   });
-  await new Promise<void>((resolve, reject) => {
+  await opened(ws, url);
+  const conn = new Connection(ws, options.onEvent);
+  const typed =
+    <T>(op: OpName) =>
+    (args: never, onEvent?: (e: Event) => void) =>
+      conn.request(op, (args ?? {}) as never, onEvent) as Promise<T>;
+  return {
+    request: (op, args, onEvent) => conn.request(op, args, onEvent),
+    attach: typed('attach'),
+    detach: typed('detach'),
+    launch: typed('launch'),
+    vms: (args = {}) => conn.request('vms', args) as Promise<{ vms: Result[]; daemon: Result }>,
+    status: typed('status'),
+    snapshot: typed('snapshot'),
+    restore: typed('restore'),
+    revert: typed('revert'),
+    list: () => conn.request('list', {}) as Promise<{ snapshots: (Result & { name: string })[] }>,
+    inspect: typed('inspect'),
+    verify: typed('verify'),
+    delete: typed('delete'),
+    gc: typed('gc'),
+    cancel: typed('cancel'),
+    subscribe: typed('subscribe'),
+    result: typed('result'),
+    events: () => conn.events(),
+    close: () => conn.close(),
+  };
+}
+
+/** The upgrade: open, or refused (401, 403, 503), or unreachable — each a QsnapError. */
+function opened(ws: WebSocket, url: string): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
     ws.once('open', resolve);
     ws.once('unexpected-response', (_req, res) => {
       reject(
@@ -84,61 +115,82 @@ export async function connect(url: string, options: ConnectOptions = {}): Promis
       ),
     );
   });
-  let seq = 0;
-  const pending = new Map<
-    string,
-    { resolve(r: Result): void; reject(e: QsnapError): void; onEvent?: (e: Event) => void }
-  >();
-  const listeners = new Set<(e: Event | undefined) => void>();
-  ws.on('message', (data) => {
-    const frame = ServerFrame.safeParse(JSON.parse(data.toString()));
+}
+
+interface Pending {
+  resolve(r: Result): void;
+  reject(e: QsnapError): void;
+  onEvent?: (e: Event) => void;
+}
+
+/** One place routes every frame: replies to their pending id, events to their listeners. */
+class Connection {
+  #seq = 0;
+  readonly #pending = new Map<string, Pending>();
+  readonly #listeners = new Set<(e: Event | undefined) => void>();
+
+  constructor(
+    readonly ws: WebSocket,
+    readonly onEvent: ((e: Event) => void) | undefined,
+  ) {
+    ws.on('message', (data) => this.#onFrame(data.toString()));
+    ws.on('close', (code, reason) => this.#onClose(code, reason.toString()));
+  }
+
+  request<O extends OpName>(op: O, args: ArgsOf<O>, onEvent?: (e: Event) => void): Promise<Result> {
+    return new Promise<Result>((resolve, reject) => {
+      const id = String(++this.#seq);
+      this.#pending.set(id, { resolve, reject, ...(onEvent ? { onEvent } : {}) });
+      this.ws.send(JSON.stringify({ v: PROTOCOL_VERSION, id, op, args }), (err) => {
+        if (!err) return;
+        this.#pending.delete(id);
+        reject(new DaemonError('QSNAP_DAEMON_DISCONNECTED', `cannot send to the daemon: ${err.message}`));
+      });
+    });
+  }
+
+  #onFrame(text: string): void {
+    let json: unknown;
+    try {
+      json = JSON.parse(text);
+    } catch {
+      return;
+    }
+    const frame = ServerFrame.safeParse(json);
     if (!frame.success) return;
     const f = frame.data;
     if ('event' in f) {
-      if (f.id !== undefined) pending.get(f.id)?.onEvent?.(f);
-      options.onEvent?.(f);
-      for (const l of listeners) l(f);
+      if (f.id !== undefined) this.#pending.get(f.id)?.onEvent?.(f);
+      this.onEvent?.(f);
+      for (const l of this.#listeners) l(f);
       return;
     }
-    const p = f.id === null ? undefined : pending.get(f.id);
-    if (!p) return;
-    pending.delete(f.id!);
+    const p = f.id === null ? undefined : this.#pending.get(f.id);
+    if (!p || f.id === null) return;
+    this.#pending.delete(f.id);
     if (f.ok) p.resolve(f.result);
     else p.reject(errorFromJson(f.error));
-  });
-  ws.on('close', (code, reason) => {
+  }
+
+  #onClose(code: number, reason: string): void {
     const err = new DaemonError(
       'QSNAP_DAEMON_DISCONNECTED',
-      `the connection to the daemon closed (${code} ${reason.toString()})`,
-      {
-        hint: 'the operations go on in the daemon: reconnect and ask for their result by op id',
-      },
+      `the connection to the daemon closed (${code} ${reason})`,
+      { hint: 'the operations go on in the daemon: reconnect and ask for their result by op id' },
     );
-    for (const p of pending.values()) p.reject(err);
-    pending.clear();
-    for (const l of listeners) l(undefined);
-  });
+    for (const p of this.#pending.values()) p.reject(err);
+    this.#pending.clear();
+    for (const l of this.#listeners) l(undefined);
+  }
 
-  const request = <O extends OpName>(op: O, args: ArgsOf<O>, onEvent?: (e: Event) => void): Promise<Result> =>
-    new Promise<Result>((resolve, reject) => {
-      const id = String(++seq);
-      pending.set(id, { resolve, reject, ...(onEvent ? { onEvent } : {}) });
-      ws.send(JSON.stringify({ v: PROTOCOL_VERSION, id, op, args }), (err) => {
-        if (err) {
-          pending.delete(id);
-          reject(new DaemonError('QSNAP_DAEMON_DISCONNECTED', `cannot send to the daemon: ${err.message}`));
-        }
-      });
-    });
-
-  function events(): AsyncIterableIterator<Event> {
+  events(): AsyncIterableIterator<Event> {
     const queue: (Event | undefined)[] = [];
     let wake: (() => void) | undefined;
     const listener = (e: Event | undefined) => {
       queue.push(e);
       wake?.();
     };
-    listeners.add(listener);
+    this.#listeners.add(listener);
     const iterator: AsyncIterableIterator<Event> = {
       [Symbol.asyncIterator]: () => iterator,
       next: async () => {
@@ -147,48 +199,23 @@ export async function connect(url: string, options: ConnectOptions = {}): Promis
             wake = r;
           });
         const e = queue.shift();
-        if (e === undefined) {
-          listeners.delete(listener);
-          return { done: true, value: undefined };
-        }
-        return { done: false, value: e };
+        if (e !== undefined) return { done: false, value: e };
+        this.#listeners.delete(listener);
+        return { done: true, value: undefined };
       },
       return: async () => {
-        listeners.delete(listener);
+        this.#listeners.delete(listener);
         return { done: true, value: undefined };
       },
     };
     return iterator;
   }
 
-  const typed =
-    <T>(op: OpName) =>
-    (args: never, onEvent?: (e: Event) => void) =>
-      request(op, (args ?? {}) as never, onEvent) as Promise<T>;
-  return {
-    request,
-    attach: typed('attach'),
-    detach: typed('detach'),
-    launch: typed('launch'),
-    vms: (args = {}) => request('vms', args) as Promise<{ vms: Result[]; daemon: Result }>,
-    status: typed('status'),
-    snapshot: typed('snapshot'),
-    restore: typed('restore'),
-    revert: typed('revert'),
-    list: () => request('list', {}) as Promise<{ snapshots: (Result & { name: string })[] }>,
-    inspect: typed('inspect'),
-    verify: typed('verify'),
-    delete: typed('delete'),
-    gc: typed('gc'),
-    cancel: typed('cancel'),
-    subscribe: typed('subscribe'),
-    result: typed('result'),
-    events,
-    close: () =>
-      new Promise<void>((resolve) => {
-        if (ws.readyState === ws.CLOSED) return resolve();
-        ws.once('close', () => resolve());
-        ws.close(1000);
-      }),
-  };
+  close(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      if (this.ws.readyState === this.ws.CLOSED) return resolve();
+      this.ws.once('close', () => resolve());
+      this.ws.close(1000);
+    });
+  }
 }

@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { setTimeout as sleep } from 'node:timers/promises';
 import PQueue from 'p-queue';
 import type { Faults } from '../engine/faults.js';
 import type { OperationEvent } from '../engine/operation.js';
@@ -274,7 +275,13 @@ export class Controller {
     job.catch(() => undefined);
     return Promise.race([job, whileQueued]).then(
       (result) => this.succeed(op, result),
-      (err: unknown) => this.fail(op, asQsnapError(err)),
+      async (err: unknown) => {
+        const error = asQsnapError(err);
+        // A QEMU that was killed closes its sockets a moment before it leaves the process table.
+        if (vm && ['QSNAP_QMP_CONNECT', 'QSNAP_QMP_DISCONNECTED'].includes(error.code) && qemuAlive(vm))
+          await sleep(300);
+        return this.fail(op, error);
+      },
     );
   }
 
@@ -387,7 +394,11 @@ export class Controller {
     return result;
   }
 
-  fail(op: OpRecord, error: QsnapError): Promise<never> {
+  fail(op: OpRecord, failure: QsnapError): Promise<never> {
+    const vm = op.vm ? this.vms.get(op.vm) : undefined;
+    // An operation that could not reach its VM because its QEMU exited says so.
+    const lost = ['QSNAP_QMP_CONNECT', 'QSNAP_QMP_DISCONNECTED'].includes(failure.code);
+    const error = vm && lost && !qemuAlive(vm) ? vmGone(vm, failure) : failure;
     op.state = 'failed';
     op.endedAt = performance.now();
     op.error = error;
@@ -399,8 +410,7 @@ export class Controller {
       ok: false,
       error: error.toJSON(),
     });
-    const vm = op.vm ? this.vms.get(op.vm) : undefined;
-    if (vm && error.code !== 'QSNAP_DAEMON_VM_GONE' && !qemuAlive(vm)) this.markGone(vm);
+    if (vm && !qemuAlive(vm)) this.markGone(vm);
     this.reposition(vm);
     this.expire();
     return Promise.reject(error);
@@ -443,6 +453,19 @@ export class Controller {
     }, intervalMs);
     this.#watch.unref();
     this.#loopDelay.enable();
+  }
+
+  /** Every operation ended: the VMs' queues, the streams and the store's queue are empty. */
+  async idle(): Promise<void> {
+    await Promise.all([
+      ...[...this.vms.values()].map((v) => v.queue.onIdle()),
+      this.streams.onIdle(),
+      this.storeQueue.onIdle(),
+    ]);
+  }
+
+  running(): number {
+    return [...this.ops.values()].filter((o) => o.state === 'queued' || o.state === 'running').length;
   }
 
   async close(): Promise<void> {

@@ -22,6 +22,7 @@ export interface RunningDaemon {
   controller: Controller;
   /** What the start found and did: store recoveries, VMs re-attached. */
   startup: string[];
+  /** Stop listening, let the operations in flight end, then stop. */
   close(): Promise<void>;
 }
 
@@ -53,6 +54,10 @@ export async function startDaemon(options: DaemonOptions): Promise<RunningDaemon
     startup,
     close: async () => {
       await server.close();
+      const n = controller.running();
+      if (n)
+        log(`waiting for ${n} operation(s) to end (a second signal stops at once; the next start recovers)`);
+      await controller.idle();
       await controller.close();
     },
   };

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { lstat, mkdir, readFile, realpath, rename, writeFile } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import PQueue from 'p-queue';
@@ -86,9 +87,21 @@ export async function attachVm(
   }
 }
 
-/** Whether the VM's QEMU still runs (a VM not known by pid is checked by connecting). */
+/**
+ * Whether the VM's QEMU still runs: the same process (pid and start time), and not a zombie
+ * (a QEMU killed by another process stays in /proc until its parent reaps it). A VM not known
+ * by pid counts as alive; connecting to it tells.
+ */
 export function qemuAlive(vm: AttachedVm): boolean {
-  return vm.qemu ? isRunning(vm.qemu) : true;
+  if (!vm.qemu) return true;
+  if (!isRunning(vm.qemu)) return false;
+  try {
+    // proc(5): the state follows the parenthesised command name.
+    const stat = readFileSync(`/proc/${vm.qemu.pid}/stat`, 'utf8');
+    return !['Z', 'X'].includes(stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3));
+  } catch {
+    return false;
+  }
 }
 
 /** The run state now, by a short QMP connection; concurrent callers share one. */
@@ -107,10 +120,11 @@ export function queryState(vm: AttachedVm): Promise<string> {
   return vm.probe;
 }
 
-export function vmGone(vm: AttachedVm): DaemonError {
+export function vmGone(vm: AttachedVm, cause?: unknown): DaemonError {
   return new DaemonError('QSNAP_DAEMON_VM_GONE', `the QEMU of VM ${vm.id} (${vm.qmp}) has exited`, {
     hint: 'detach it (qsnap keeps its snapshots), or restore one of them',
     details: { vm: vm.id },
+    ...(cause === undefined ? {} : { cause }),
   });
 }
 

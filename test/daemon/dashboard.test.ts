@@ -4,6 +4,7 @@
  * takes a snapshot by a click (with its confirmation), shows the progress and then the new
  * snapshot in the tree. A page of another origin in the same browser is refused.
  */
+import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { type Browser, chromium } from 'playwright-core';
@@ -83,6 +84,29 @@ describe.skipIf(!canRun || !existsSync(CHROMIUM))('the dashboard in Chromium', (
     if (process.env['QSNAP_SCREENSHOT']) await page.screenshot({ path: process.env['QSNAP_SCREENSHOT'] });
     await expectGuestHealthy(guest);
   }, 180_000);
+
+  it.skipIf(process.getuid?.() !== 0)(
+    'serves the page and its session cookie only to the daemon’s own user',
+    () => {
+      const base = serve.url.replace(/^ws/, 'http').replace(/\/v1$/, '/');
+      const fetchAs = (...prefix: string[]) => {
+        const script = `fetch(${JSON.stringify(base)}).then((r) => console.log(r.status, r.headers.has('set-cookie')))`;
+        const r = spawnSync(
+          prefix[0] ?? process.execPath,
+          [...prefix.slice(1), ...(prefix.length ? [process.execPath] : []), '-e', script],
+          {
+            encoding: 'utf8',
+            timeout: 20_000,
+          },
+        );
+        return r.stdout.trim();
+      };
+      // Another user (nobody) on the same loopback: refused, no cookie.
+      expect(fetchAs('setpriv', '--reuid=65534', '--regid=65534', '--clear-groups')).toBe('403 false');
+      // Negative control: the daemon's own user gets the page and the cookie.
+      expect(fetchAs()).toBe('200 true');
+    },
+  );
 
   it('refuses the WebSocket of a page from another origin (negative control of the Origin check)', async () => {
     const page = await browser.newPage();

@@ -64,6 +64,8 @@ export async function serveCommand(argv: string[], env: CliEnv): Promise<number>
     const stop = (signal: string) => {
       log(`${signal}: stopping (the VMs keep running)`);
       done();
+      // A second signal stops at once: what runs is recovered by the next start.
+      for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => process.exit(1));
     };
     process.once('SIGINT', () => stop('SIGINT'));
     process.once('SIGTERM', () => stop('SIGTERM'));
