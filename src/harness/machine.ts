@@ -1,15 +1,8 @@
 import { EventEmitter } from 'node:events';
-import { mkdir, rm, statfs } from 'node:fs/promises';
-import { basename, join, resolve } from 'node:path';
-import type { OperationEvent } from '../engine/operation.js';
+import { rm } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 import { readMachineType, readRamBytes } from '../engine/probe.js';
-import { TMPFS_MAGIC } from '../engine/ram-protection.js';
-import {
-  type RestoreMode,
-  type RestoreOptions,
-  type RestoreResult,
-  restore,
-} from '../engine/restore/restore.js';
+import type { RestoreMode } from '../engine/restore/restore.js';
 import { snapshot } from '../engine/snapshot/snapshot.js';
 import type { QmpClient } from '../qmp/index.js';
 import { checkName } from '../store/names.js';
@@ -17,13 +10,13 @@ import { type ParsedCommandLine, parseCommandLine } from '../vm/cmdline.js';
 import { relocateSockets } from '../vm/cmdline-rewrite.js';
 import { type ExitInfo, Vm } from '../vm/launcher.js';
 import { processIdentity } from '../vm/process.js';
-import { getOpt, joinArgv, parseQemuOpts } from '../vm/qemu-opts.js';
+import { joinArgv } from '../vm/qemu-opts.js';
 import { type Checkpoint, CheckpointCatalog } from './checkpoints.js';
-import { type CallOptions, runOperation, throwIfAborted, throwTimedOut, withDeadline } from './deadline.js';
+import { type CallOptions, runOperation, throwIfAborted, withDeadline } from './deadline.js';
 import { MachineError } from './errors.js';
+import { type Layout, makeLayout, opsMonitorArgs, opsPath, removeLayout } from './layout.js';
 import {
   killSync,
-  makeMachineDir,
   ownerIdentity,
   register,
   removeSync,
@@ -33,6 +26,7 @@ import {
   writeLedger,
 } from './leftovers.js';
 import { checkCheckpoint } from './preflight.js';
+import { restoreWithin } from './restore-within.js';
 
 export type { Checkpoint } from './checkpoints.js';
 export type { CallOptions } from './deadline.js';
@@ -63,100 +57,6 @@ export interface RevertResult {
   previous: { pid: number; was: 'stopped' | 'dead' };
   /** Disk overlays removed because nothing needs them any more. */
   removed: string[];
-}
-
-/** RAM files of a lazily reverted VM must be on tmpfs: only there can QEMU write-protect that RAM. */
-async function checkpointBase(): Promise<string | undefined> {
-  try {
-    const fs = await statfs('/dev/shm');
-    if (fs.type === TMPFS_MAGIC && fs.bavail * fs.bsize >= 2 * 2 ** 30) return '/dev/shm';
-  } catch {
-    // no /dev/shm
-  }
-  return undefined;
-}
-
-/** qsnap's own QMP monitor for checkpoints, so the user's -qmp socket stays free for the harness. */
-const OPS_CHARDEV_ID = 'qsnap-ops';
-
-function opsMonitorArgs(path: string): string[] {
-  return [
-    '-chardev',
-    `socket,id=${OPS_CHARDEV_ID},path=${path.replaceAll(',', ',,')},server=on,wait=off`,
-    '-mon',
-    `chardev=${OPS_CHARDEV_ID},mode=control`,
-  ];
-}
-
-/** The ops monitor's socket in a (possibly relocated) command line. */
-function opsPath(parsed: ParsedCommandLine): string {
-  for (const entry of parsed.entries) {
-    if (entry.option !== '-chardev' || entry.value === undefined) continue;
-    const o = parseQemuOpts(entry.value, 'backend');
-    if (getOpt(o, 'id') === OPS_CHARDEV_ID) return getOpt(o, 'path')!;
-  }
-  throw new Error('the command line has no qsnap ops monitor');
-}
-
-/**
- * A restore under a call's signal and timeout. Restore cannot be cancelled while QEMU loads,
- * so giving up takes effect at the first point where it can undo everything: when the new
- * QEMU answers (restore then stops it and removes its overlays).
- */
-async function restoreWithin(
-  what: string,
-  options: CallOptions,
-  restoreOptions: RestoreOptions,
-  onEvent?: (event: OperationEvent) => void,
-): Promise<RestoreResult> {
-  let gaveUp: 'aborted' | 'timeout' | undefined;
-  const onAbort = () => {
-    gaveUp ??= 'aborted';
-  };
-  options.signal?.addEventListener('abort', onAbort, { once: true });
-  const timer =
-    options.timeoutMs === undefined ? undefined : setTimeout(() => (gaveUp ??= 'timeout'), options.timeoutMs);
-  try {
-    const op = restore({
-      ...restoreOptions,
-      onLaunched: async () => {
-        if (gaveUp === 'aborted') throwIfAborted(what, { signal: AbortSignal.abort(options.signal?.reason) });
-        if (gaveUp === 'timeout') throwTimedOut(what, options.timeoutMs!);
-      },
-    });
-    if (onEvent) op.on(onEvent);
-    return await runOperation(what, op, options.onProgress ? { onProgress: options.onProgress } : {});
-  } finally {
-    clearTimeout(timer);
-    options.signal?.removeEventListener('abort', onAbort);
-  }
-}
-
-interface Layout {
-  machineDir: string;
-  runDir: string;
-  checkpointDir: string;
-  stateDir: string;
-}
-
-async function makeLayout(): Promise<Layout> {
-  const machineDir = await makeMachineDir();
-  const shm = await checkpointBase();
-  const checkpointDir = shm ? join(shm, basename(machineDir)) : join(machineDir, 'checkpoints');
-  const layout = {
-    machineDir,
-    runDir: join(machineDir, 'run'),
-    checkpointDir,
-    stateDir: join(machineDir, 'state'),
-  };
-  await writeLedger(machineDir, { owner: ownerIdentity(), checkpointDir, qemus: [], files: [] });
-  await Promise.all([mkdir(layout.runDir), mkdir(checkpointDir), mkdir(layout.stateDir)]);
-  return layout;
-}
-
-async function removeLayout(layout: Layout): Promise<void> {
-  await rm(layout.checkpointDir, { recursive: true, force: true });
-  await rm(layout.machineDir, { recursive: true, force: true });
 }
 
 /**
@@ -456,6 +356,8 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
             for (const file of made.overlays) this.created.add(file);
             await this.saveLedger();
           },
+          // A harness SIGKILLed from here on leaves this QEMU: the ledger names it for the sweep.
+          onLaunched: async (qemu) => this.saveLedger(qemu.pid),
         },
         (event) => this.emit('progress', event),
       );
@@ -509,8 +411,8 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
     return garbage;
   }
 
-  private async saveLedger(): Promise<void> {
-    const qemu = processIdentity(this.vm.pid);
+  private async saveLedger(starting?: number): Promise<void> {
+    const qemu = processIdentity(starting ?? this.vm.pid);
     await writeLedger(this.layout.machineDir, {
       owner: ownerIdentity(),
       checkpointDir: this.layout.checkpointDir,
