@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { readMachineType, readRamBytes } from '../engine/probe.js';
-import type { RestoreMode } from '../engine/restore/restore.js';
+import type { RestoreMode, RestoreResult } from '../engine/restore/restore.js';
 import { snapshot } from '../engine/snapshot/snapshot.js';
 import type { QmpClient } from '../qmp/index.js';
 import { checkName } from '../store/names.js';
@@ -79,6 +79,8 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   private inUse: string[];
   private queue: Promise<unknown> = Promise.resolve();
   private sequence = 0;
+  /** The QEMU a revert in flight started (teardownSync kills it too). */
+  private starting: number | undefined;
   /** A clone's sockets and pidfile: original path → its own. */
   private moved = new Map<string, string>();
 
@@ -341,26 +343,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
       });
       throwIfAborted('revert', options);
       const previous = { pid: this.vm.pid, was: this.vm.running ? ('stopped' as const) : ('dead' as const) };
-      this.unwatch();
-      await this.vm.stop();
-      const result = await restoreWithin(
-        'revert',
-        options,
-        {
-          file: checkpoint.file,
-          argv: [this.binary, ...this.argv],
-          lazy,
-          runDir: this.layout.runDir,
-          attached: true,
-          onPrepared: async (made) => {
-            for (const file of made.overlays) this.created.add(file);
-            await this.saveLedger();
-          },
-          // A harness SIGKILLed from here on leaves this QEMU: the ledger names it for the sweep.
-          onLaunched: async (qemu) => this.saveLedger(qemu.pid),
-        },
-        (event) => this.emit('progress', event),
-      );
+      const result = await this.replaceQemu(checkpoint, lazy, options);
       this.vm = result.vm!;
       this.inUse = result.disks.map((d) => d.overlayFile);
       this.watch(this.vm);
@@ -396,8 +379,44 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   teardownSync(): void {
     if (this.closed) return;
     this.closed = true;
-    killSync([this.vm.pid]);
+    killSync(this.starting === undefined ? [this.vm.pid] : [this.vm.pid, this.starting]);
     removeSync([...this.created, this.layout.checkpointDir, this.layout.machineDir]);
+  }
+
+  /** Stop the current QEMU (if it still runs) and restore `checkpoint` into a new one. */
+  private async replaceQemu(
+    checkpoint: Checkpoint,
+    lazy: boolean,
+    options: CallOptions,
+  ): Promise<RestoreResult> {
+    this.unwatch();
+    await this.vm.stop();
+    try {
+      return await restoreWithin(
+        'revert',
+        options,
+        {
+          file: checkpoint.file,
+          argv: [this.binary, ...this.argv],
+          lazy,
+          runDir: this.layout.runDir,
+          attached: true,
+          onPrepared: async (made) => {
+            for (const file of made.overlays) this.created.add(file);
+            await this.saveLedger();
+          },
+          // A harness SIGKILLed from here on leaves this QEMU: the ledger names it for the sweep.
+          onLaunched: async (qemu) => {
+            this.starting = qemu.pid;
+            await this.saveLedger(qemu.pid);
+          },
+        },
+        (event) => this.emit('progress', event),
+      );
+    } finally {
+      // Adopted on success; on failure restore stopped it: either way no longer "starting".
+      this.starting = undefined;
+    }
   }
 
   /** Remove the overlays nothing needs any more; returns them. */
