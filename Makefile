@@ -12,7 +12,8 @@ VM_DIR ?= .qsnap/vm
 export QSNAP_STORE ?= $(CURDIR)/.qsnap/store
 NAME ?= vm-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup qemu deps build image test test-package typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy clean
+PHONY_DAEMON := serve test-daemon bench-daemon chromium
+.PHONY: $(PHONY_DAEMON) help setup qemu deps build image test test-package typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy test-faults test-compat fuzz clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -22,17 +23,26 @@ help:
 	@echo "make snapshots         list the store's snapshots (the parent tree too)"
 	@echo "make restore NAME=x    restore snapshot x (the recorded command line; RESTORE_FLAGS=--lazy)"
 	@echo "make vm-stop   stop it"
+	@echo "make test-faults  every phase x every fault; regenerates docs/faults.md"
+	@echo "make test-compat  every QEMU set-up of the compatibility table; regenerates it in README.md"
 	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
 	@echo "make bench-precopy  snapshots of a lazily restored VM against background snapshots"
+	@echo "make fuzz      fuzz the readers of untrusted input for FUZZ_MINUTES (10; FUZZ_SEED=n replays a run)"
 	@echo "make test-package  npm pack from a clean clone, install it, strict TypeScript, a checkpoint/revert"
-	@echo "make setup     install QEMU, npm packages, build, build the guest image"
+	@echo "make serve     run the daemon in the foreground (ws://127.0.0.1:7325/v1, dashboard http://127.0.0.1:7325/)"
+	@echo "make test-daemon   the daemon's longer load and fault tests"
+	@echo "make bench-daemon  status latency while a 1 GiB snapshot streams, 20x50 load, 1000 malformed frames"
+	@echo "make setup     install QEMU, Chromium, npm packages, build, build the guest image"
 	@echo "make clean     remove build output, the guest image and .qsnap/"
 
-setup: qemu deps build image
+setup: qemu chromium deps build image
 
 qemu:
 	@scripts/ensure-qemu.sh
+
+chromium:
+	@scripts/ensure-chromium.sh
 
 # `npm install --no-save` installs the locked versions without rewriting the lockfile. Not
 # `npm ci`: npm 11 leaves other platforms' optional packages (biome, rollup, esbuild binaries)
@@ -61,6 +71,25 @@ unit: setup
 	QSNAP_QEMU10=$${QSNAP_QEMU10:-$$( [ "$$(id -u)" = 0 ] && echo 1 || echo 0 )} $(BIN)/vitest run
 
 test: setup typecheck lint unit
+
+# The whole phase × fault matrix (make test runs a diagonal of it), then docs/faults.md from
+# what it observed.
+test-faults: setup
+	QSNAP_FAULTS=full $(BIN)/vitest run test/faults
+	QSNAP_FAULTS=render $(BIN)/vitest run test/faults/table.test.ts
+
+# Every set-up of test/compat/setups.ts on QEMU 7.2 (and 10.0 as root), then the README's
+# compatibility table from what they observed (docs/compat.json).
+test-compat: setup
+	QSNAP_COMPAT=full QSNAP_QEMU10=$${QSNAP_QEMU10:-$$( [ "$$(id -u)" = 0 ] && echo 1 || echo 0 )} \
+	  $(BIN)/vitest run test/compat/setups.test.ts
+	QSNAP_COMPAT=render $(BIN)/vitest run test/compat/setups.test.ts -t 'compatibility table'
+
+# The fuzzer of test/fuzz for FUZZ_MINUTES, from a fresh seed (printed; FUZZ_SEED=n repeats a
+# run). A finding is shrunk and written to test/fuzz/regressions/, which make test replays.
+FUZZ_MINUTES ?= 10
+fuzz: deps qemu
+	FUZZ_MINUTES=$(FUZZ_MINUTES) FUZZ_SAVE=1 $(BIN)/vitest run test/fuzz/fuzz.test.ts
 
 # About a minute (two TypeScript builds): the package as a user installs it (test/harness/package.test.ts).
 test-package: deps
@@ -98,6 +127,18 @@ bench-store: setup
 
 bench-precopy: setup
 	node scripts/bench-precopy.mjs
+
+# The daemon in the foreground: QSNAP_STORE as above; SERVE_FLAGS="--max-streams 1" etc.
+serve: build
+	$(QSNAP) serve $(SERVE_FLAGS)
+
+# The longer runs of the daemon's proof: the full load (20 clients x 50 requests), 1000
+# malformed frames with the memory figure, and the status latency while a 1 GiB snapshot streams.
+test-daemon: setup
+	node scripts/bench-daemon.mjs --check
+
+bench-daemon: setup
+	node scripts/bench-daemon.mjs --json
 
 clean: vm-stop
 	rm -rf dist images/build .qsnap

@@ -14,6 +14,9 @@ out=$root/images/build
 cache=$out/cache
 kernel_meta=linux-image-cloud-amd64
 module_targets="virtio_pci virtio_blk"
+# Loaded only with qsnap.extra=1 (the compatibility tests' SCSI and IDE disks): probing them
+# would lengthen every other boot.
+extra_targets="virtio_scsi sd_mod ata_piix"
 
 say() { echo "build-image: $*"; }
 die() {
@@ -199,7 +202,11 @@ visit() {
 for m in $module_targets; do visit "$m"; done
 order=${order# }
 echo "$order" >"$rootfs/lib/modules/order"
-say "kernel $release, modules: $order"
+base=$order order=""
+for m in $extra_targets; do visit "$m"; done
+extra=${order# } order=$base
+echo "$extra" >"$rootfs/lib/modules/extra"
+say "kernel $release, modules: $order; with qsnap.extra=1: $extra"
 
 # ---- workload and initrd -------------------------------------------------------------
 
@@ -223,11 +230,13 @@ bb_version=$("$busybox" 2>&1 | awk 'NR == 1 { print $2 }')
 mv -f "$stage/vmlinuz" "$out/vmlinuz"
 mv -f "$stage/initrd.img" "$out/initrd.img"
 json_modules=$(printf '"%s", ' $order)
+json_extra=$(printf '"%s", ' $extra)
 cat >"$stage/image.json" <<EOF
 {
   "kernel": { "release": "$release", "package": "$kpkg", "version": "$kver" },
   "busybox": { "version": "${bb_version#v}", "package": "busybox-static", "packageVersion": "$bver" },
   "modules": [${json_modules%, }],
+  "extraModules": [${json_extra%, }],
   "builtAt": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
   "inputs": "$inputs",
   "files": {

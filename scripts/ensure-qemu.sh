@@ -2,8 +2,9 @@
 # Makes sure QEMU (qemu-system-x86_64, qemu-img) is installed. As root it installs Debian's
 # packages; otherwise it prints the exact command and fails.
 set -euo pipefail
-packages="qemu-system-x86 qemu-utils"
-if command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null; then
+# ovmf: the compatibility tests boot the test guest with UEFI firmware too.
+packages="qemu-system-x86 qemu-utils ovmf"
+if command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null && [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ]; then
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then

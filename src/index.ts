@@ -3,6 +3,9 @@
  * progress as events and return data.
  */
 
+export { type ConnectOptions as DaemonConnectOptions, connect, type DaemonClient } from './client/client.js';
+export { DaemonError } from './daemon/errors.js';
+export { type Event as DaemonEvent, PROTOCOL_VERSION } from './daemon/protocol.js';
 export { type ConnectOptions, connectVm } from './engine/connect.js';
 export { ExportError, RestoreError, SnapshotError, VerifyError } from './engine/errors.js';
 export { Operation, type OperationEvent } from './engine/operation.js';

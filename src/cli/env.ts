@@ -16,6 +16,10 @@ export interface CliEnv {
   faults: Faults;
   /** Test-only: `QSNAP_FAULT=kill-at:<phase>` SIGKILLs the CLI when an operation enters that phase. */
   killAtPhases: ReadonlySet<string>;
+  /** `--daemon URL`, else `$QSNAP_DAEMON`: the commands run in `qsnap serve`. */
+  daemonUrl: string | undefined;
+  /** `qsnap serve` only: `QSNAP_DAEMON_INLINE=1` runs stream work on the event loop (measurements). */
+  daemonInline: boolean;
 }
 
 export function readCliEnv(env: NodeJS.ProcessEnv = process.env): CliEnv {
@@ -32,5 +36,12 @@ export function readCliEnv(env: NodeJS.ProcessEnv = process.env): CliEnv {
       'unset QSNAP_FAULT (it is for qsnap’s own tests)',
     );
   }
-  return { stateDir: defaultStateDir(env), storeDir: defaultStoreDir(env), faults, killAtPhases };
+  return {
+    stateDir: defaultStateDir(env),
+    storeDir: defaultStoreDir(env),
+    faults,
+    killAtPhases,
+    daemonUrl: env['QSNAP_DAEMON'] || undefined,
+    daemonInline: env['QSNAP_DAEMON_INLINE'] === '1',
+  };
 }

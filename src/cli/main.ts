@@ -6,9 +6,11 @@ import { importCommand } from './commands/import.js';
 import { inspectCommand } from './commands/inspect.js';
 import { listCommand } from './commands/list.js';
 import { restoreCommand } from './commands/restore.js';
+import { serveCommand } from './commands/serve.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { statusCommand } from './commands/status.js';
 import { verifyCommand } from './commands/verify.js';
+import { takeDaemonFlag } from './daemon.js';
 import { type CliEnv, readCliEnv } from './env.js';
 import { reportError } from './output.js';
 
@@ -37,6 +39,10 @@ const COMMANDS: Record<string, Command> = {
     summary: 'export a snapshot: a portable bundle, or a plain QEMU migration stream',
   },
   import: { run: importCommand, summary: 'import a bundle into the store (verified before it lands)' },
+  serve: {
+    run: serveCommand,
+    summary: 'run the daemon: many VMs, a queue per VM, a WebSocket API and a dashboard',
+  },
 };
 
 function usage(): string {
@@ -51,6 +57,8 @@ function usage(): string {
     ...Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(width)}${c.summary}`),
     '',
     'Run `qsnap <command> --help` for the options of a command.',
+    'With --daemon ws://127.0.0.1:PORT/v1 (or QSNAP_DAEMON), status, snapshot --name, list, restore <name>,',
+    'delete and gc run in `qsnap serve` instead, with the same output.',
     '',
   ].join('\n');
 }
@@ -83,7 +91,9 @@ async function main(argv: string[]): Promise<number> {
   const dash = rest.indexOf('--');
   const json = (dash >= 0 ? rest.slice(0, dash) : rest).includes('--json');
   try {
-    return await entry.run(rest, readCliEnv());
+    const { argv: args, url } = takeDaemonFlag(rest);
+    const env = readCliEnv();
+    return await entry.run(args, url ? { ...env, daemonUrl: url } : env);
   } catch (err) {
     return reportError(err, json);
   }

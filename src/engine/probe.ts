@@ -22,6 +22,8 @@ export interface DiskInfo {
   readOnly: boolean;
   removable: boolean;
   inserted: boolean;
+  /** Its top image is the temporary overlay of QEMU's `-snapshot` / `snapshot=on`, deleted when QEMU exits. */
+  temporary: boolean;
 }
 
 export interface VmInfo {
@@ -34,6 +36,8 @@ export interface VmInfo {
   accel: 'kvm' | 'tcg';
   name: string | undefined;
   migrationStatus: string | undefined;
+  /** Why QEMU would refuse any outgoing migration now (`query-migrate`'s blocked-reasons, QEMU ≥ 6.0). */
+  migrationBlockers: string[];
   disks: DiskInfo[];
   /** QOM types of user-created devices (`-device`), e.g. `virtio-blk-pci`, `vfio-pci`. */
   deviceTypes: string[];
@@ -88,6 +92,14 @@ export async function readRamBytes(qmp: QmpClient): Promise<number> {
   return memory['base-memory'] + (memory['plugged-memory'] ?? 0);
 }
 
+/**
+ * QEMU's `-snapshot` puts every drive under a qcow2 overlay it creates as `$TMPDIR/vl.XXXXXX`
+ * (default /var/tmp; block.c get_tmp_filename) and deletes when it closes the drive.
+ */
+function isTemporaryOverlay(filename: string): boolean {
+  return /\/vl\.[A-Za-z0-9]{6}$/.test(plainFilename(filename) ?? '');
+}
+
 async function readDisks(qmp: QmpClient): Promise<DiskInfo[]> {
   return (await qmp.execute('query-block')).map((block) => {
     const inserted = block.inserted;
@@ -103,6 +115,7 @@ async function readDisks(qmp: QmpClient): Promise<DiskInfo[]> {
       chain: imageChain(inserted?.image),
       removable: block.removable,
       inserted: inserted !== undefined,
+      temporary: inserted !== undefined && isTemporaryOverlay(inserted.image.filename),
     };
   });
 }
@@ -134,6 +147,7 @@ export async function probeVm(qmp: QmpClient): Promise<VmInfo> {
     accel: kvm.enabled ? 'kvm' : 'tcg',
     name: name.name,
     migrationStatus: migration.status,
+    migrationBlockers: migration['blocked-reasons'] ?? [],
     deviceTypes,
     disks,
   };

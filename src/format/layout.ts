@@ -49,6 +49,7 @@ export interface FileLayout extends RamLayout {
 export function checkBlocks(blocks: readonly BlockSpec[]): string | undefined {
   if (blocks.length === 0) return 'no RAM blocks';
   const seen = new Set<string>();
+  let total = 0;
   for (const [i, b] of blocks.entries()) {
     const nameBytes = Buffer.byteLength(b.name, 'utf8');
     if (nameBytes < 1 || nameBytes > 255) return `block ${i}: name must be 1..255 bytes`;
@@ -57,6 +58,9 @@ export function checkBlocks(blocks: readonly BlockSpec[]): string | undefined {
     if (!Number.isSafeInteger(b.usedLength) || b.usedLength <= 0) {
       return `block ${i} "${b.name}": usedLength must be a positive integer, got ${b.usedLength}`;
     }
+    // A file from elsewhere may claim blocks whose sum no double holds exactly.
+    total += Math.ceil(b.usedLength / PAGE_SIZE) * PAGE_SIZE;
+    if (!Number.isSafeInteger(total)) return `blocks 0..${i}: more RAM than a file can hold`;
   }
   return undefined;
 }

@@ -49,8 +49,8 @@ export const DiskSchema = z.looseObject({
   device: z.string().min(1),
   /** Node name of the image frozen at the snapshot instant. */
   nodeName: z.string().min(1),
-  /** Image format of the frozen file, e.g. "qcow2". */
-  format: z.string().min(1),
+  /** Image format of the frozen file, e.g. "qcow2": a driver name, never options (it reaches qemu-img -F). */
+  format: z.string().regex(/^[a-z][a-z0-9_-]{0,31}$/, 'expected a QEMU image format name such as "qcow2"'),
   virtualSize: UInt,
   /** The image as it was at the snapshot instant; nothing writes to it any more. */
   frozenFile: AbsolutePath,

@@ -22,6 +22,13 @@ import { type Manifest, type ManifestParse, parseManifest } from './manifest.js'
 
 /** A manifest larger than this is refused before it is read (qsnap writes a few KiB). */
 const MANIFEST_MAX = 64 * 1024 * 1024;
+/**
+ * The largest stream prologue and device tail a file may claim: what qsnap's stream parser
+ * accepts (src/stream/parser.ts: 64 KiB header + 1 MiB RAM START; 256 MiB of device state).
+ * Both are read whole into memory, so a claim past these is refused before anything is allocated.
+ */
+const PROLOGUE_MAX = 64 * 1024 + 1024 * 1024;
+const DEVICE_TAIL_MAX = 256 * 1024 * 1024;
 const MiB = 1024 * 1024;
 const ZERO_RUN = Buffer.alloc(8 * MiB);
 
@@ -104,6 +111,15 @@ async function readHead(file: string, fd: number): Promise<Head> {
   const { manifest, manifestSha256 } = await readManifest(file, fd, trailer, manifestSpan);
   const checked = checkRecordedLayout(manifest, manifestSpan, size);
   if (!checked.ok) throw corrupt(file, 'manifest', `inconsistent layout: ${checked.problem}`);
+  const { prologue, deviceTail } = manifest.stream;
+  if (prologue.length > PROLOGUE_MAX || deviceTail.length > DEVICE_TAIL_MAX) {
+    throw corrupt(
+      file,
+      'manifest',
+      `a stream prologue of ${prologue.length} bytes or a device tail of ${deviceTail.length} bytes is more than qsnap writes`,
+      { prologueBytes: prologue.length, deviceTailBytes: deviceTail.length },
+    );
+  }
   return { trailer, manifest, manifestSha256, layout: checked.layout };
 }
 

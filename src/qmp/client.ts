@@ -35,6 +35,7 @@ import {
 } from './events.js';
 import { DEFAULT_MAX_LINE_BYTES, encodeMessage, JsonLineDecoder } from './framing.js';
 import { parseMessage, type QmpMessage } from './message.js';
+import { isMonitorHeld } from './monitor-held.js';
 import { describeTarget, openTransport, parseTarget, type QmpTarget } from './transport.js';
 
 export interface QmpLogger {
@@ -87,6 +88,8 @@ interface PendingCommand {
 
 /** The id of qmp_capabilities during the handshake; commands count up from 1. */
 const NEGOTIATION_ID = 0;
+/** How often a late greeting makes the client look for another holder of the monitor. */
+const HELD_CHECK_MS = 250;
 /** Bytes of handshake input after which a peer that has not greeted us is not QMP. */
 const MAX_HANDSHAKE_BYTES = 64 * 1024;
 /** How many abandoned (timed-out or aborted) ids are remembered to recognise late replies. */
@@ -221,7 +224,12 @@ export class QmpClient {
       socket = await openTransport(this.#targetSpec, { signal: deadline.signal });
       reader = new HandshakeReader(socket, this.#decoder);
       phase = 'greeting';
-      this.#greeting = await this.#readGreeting(reader, deadline.signal);
+      const watch = this.#watchForHolder(deadline);
+      try {
+        this.#greeting = await this.#readGreeting(reader, deadline.signal);
+      } finally {
+        watch.stop();
+      }
       phase = 'capabilities';
       await this.#negotiate(socket, reader, deadline.signal);
       reader.release();
@@ -238,6 +246,34 @@ export class QmpClient {
       clearTimeout(timer);
     }
     this.#startReadLoop(socket);
+  }
+
+  /**
+   * While the greeting is late, looks whether another client holds a unix monitor (seen twice,
+   * HELD_CHECK_MS apart, so a client that is just leaving is not taken for one that stays):
+   * then the handshake fails at once with reason 'busy' instead of waiting out the deadline.
+   */
+  #watchForHolder(deadline: AbortController): { stop(): void } {
+    const target = this.#targetSpec;
+    if (target.kind !== 'unix') return { stop: () => {} };
+    let seen = 0;
+    let stopped = false;
+    let timer: NodeJS.Timeout | undefined;
+    const check = async (): Promise<void> => {
+      const held = await isMonitorHeld(target.path);
+      if (stopped || deadline.signal.aborted) return; // the greeting came meanwhile: that connection is ours
+      seen = held ? seen + 1 : 0;
+      if (seen >= 2)
+        deadline.abort(new QmpConnectError(this.target, 'busy', { details: { phase: 'greeting' } }));
+      else timer = setTimeout(check, HELD_CHECK_MS);
+    };
+    timer = setTimeout(check, HELD_CHECK_MS);
+    return {
+      stop: () => {
+        stopped = true;
+        clearTimeout(timer);
+      },
+    };
   }
 
   async #readGreeting(reader: HandshakeReader, signal: AbortSignal): Promise<QmpGreeting> {

@@ -126,6 +126,13 @@ export const commands = {
   'qom-get': { args: z.object({ path: z.string(), property: z.string() }), returns: z.unknown() },
   'qom-list': { args: z.object({ path: z.string() }), returns: z.array(objectPropertyInfoSchema) },
 
+  // qapi/qdev.json; a device's properties depend on its driver.
+  device_add: {
+    args: z.looseObject({ driver: z.string(), bus: z.string().optional(), id: z.string().optional() }),
+    returns: nothing,
+  },
+  device_del: { args: z.object({ id: z.string() }), returns: nothing },
+
   // qapi/migration.json
   'query-migrate': { args: none, returns: migrationInfoSchema },
   'query-migrate-capabilities': {

@@ -3,7 +3,7 @@
  *
  *   QsnapError                          src/errors.ts
  *   └── QmpError                        (abstract root of this module)
- *       ├── QmpConnectError             QSNAP_QMP_CONNECT       details.reason: ConnectFailure
+ *       ├── QmpConnectError             QSNAP_QMP_CONNECT       details.reason: ConnectFailure (busy: another client holds the monitor)
  *       ├── QmpCommandError             QSNAP_QMP_COMMAND       QEMU's {class, desc} for one command
  *       ├── QmpProtocolError            QSNAP_QMP_PROTOCOL      details.reason: ProtocolFailure
  *       ├── QmpDisconnectedError        QSNAP_QMP_DISCONNECTED  details.reason: DisconnectReason
@@ -17,7 +17,7 @@ import { QsnapError } from '../errors.js';
 export abstract class QmpError extends QsnapError {}
 
 /** Why a connection could not be established. */
-export type ConnectFailure = 'no-socket' | 'refused' | 'not-qmp' | 'timeout' | 'permission';
+export type ConnectFailure = 'no-socket' | 'refused' | 'not-qmp' | 'busy' | 'timeout' | 'permission';
 
 /** Which step of `QmpClient.connect` was under way. */
 export type ConnectPhase = 'connect' | 'greeting' | 'capabilities';
@@ -34,6 +34,10 @@ const CONNECT_TEXT: Record<ConnectFailure, (target: string) => { message: string
   'not-qmp': (t) => ({
     message: `${t} did not complete a QMP handshake`,
     hint: 'point qsnap at the -qmp socket (not -monitor or a serial port); QEMU serves one QMP client per socket, so check that no other client holds it',
+  }),
+  busy: (t) => ({
+    message: `the QMP monitor at ${t} is in use by another client (libvirt?): QEMU answers one client per monitor`,
+    hint: 'give qsnap a QMP monitor of its own: add -qmp unix:<path>,server=on,wait=off (libvirt: <qemu:commandline>, see the README)',
   }),
   timeout: (t) => ({
     message: `timed out connecting to QMP at ${t}`,

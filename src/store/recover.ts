@@ -1,7 +1,10 @@
-import { access } from 'node:fs/promises';
+import { readlinkSync } from 'node:fs';
+import { access, rm } from 'node:fs/promises';
+import { basename } from 'node:path';
 import { openSnapshot } from '../format/index.js';
 import { QmpClient } from '../qmp/index.js';
-import { isRunning } from '../vm/process.js';
+import { isRunning, pidsMentioning, processIdentity } from '../vm/process.js';
+import { RUN_DIR_PREFIX } from '../vm/run-dir.js';
 import { collect } from './collect.js';
 import { allocatedBytes } from './facts.js';
 import { recordSnapshotLayers } from './layers.js';
@@ -89,8 +92,10 @@ async function adoptOrForget(store: Store, c: Catalog, op: OperationEntry): Prom
  */
 async function settleRestore(c: Catalog, op: OperationEntry): Promise<string> {
   const what = `the interrupted restore of ${op.names.join(', ')}`;
-  if (!op.qemu || !op.vm || !isRunning(op.qemu))
+  if (!op.qemu || !op.vm || !isRunning(op.qemu)) {
+    await clearAbandoned(c, op);
     return `forgot ${what}; its overlays go once nothing holds them`;
+  }
   const status = await runState(op.vm.qmp);
   if (status === 'inmigrate' || status === undefined) {
     process.kill(op.qemu.pid, 'SIGKILL');
@@ -106,6 +111,35 @@ async function settleRestore(c: Catalog, op: OperationEntry): Promise<string> {
   };
   for (const path of op.overlays ?? []) if (c.layers[path]) c.layers[path].vm = op.vm.key;
   return `adopted the VM ${what} had started (pid ${op.qemu.pid}, ${status})`;
+}
+
+/**
+ * What a restore left that got no QEMU of its own, or whose QEMU is gone: a QEMU it started in
+ * the instant before it could record it (waiting in `-incoming defer` for a state that never
+ * comes: killed), the overlays it was about to make or made but did not record as layers, and
+ * its run directory.
+ */
+async function clearAbandoned(c: Catalog, op: OperationEntry): Promise<void> {
+  if (op.runDir && !op.qemu) {
+    for (const pid of pidsMentioning(`${op.runDir}/`)) {
+      const identity = processIdentity(pid);
+      if (!identity || !isQemuBinary(pid)) continue;
+      process.kill(pid, 'SIGKILL');
+      for (let i = 0; i < 100 && isRunning(identity); i++) await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+  for (const path of op.planned ?? []) if (!c.layers[path]) await rm(path, { force: true });
+  // Only a directory qsnap named itself (a caller's own --run-dir is theirs to keep).
+  if (op.runDir && basename(op.runDir).startsWith(RUN_DIR_PREFIX))
+    await rm(op.runDir, { recursive: true, force: true });
+}
+
+function isQemuBinary(pid: number): boolean {
+  try {
+    return basename(readlinkSync(`/proc/${pid}/exe`)).startsWith('qemu-system');
+  } catch {
+    return false;
+  }
 }
 
 async function runState(qmp: string): Promise<string | undefined> {

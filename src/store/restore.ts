@@ -68,6 +68,8 @@ async function runStoreRestore(
         argv,
         relocateSockets: relocate,
         ...importedLayers(catalog, entry),
+        onPlanned: (planned) =>
+          store.transact('restore planned', (c) => recordPlanned(c, pending.id, planned)),
         onPrepared: (made) => store.transact('restore prepared', (c) => recordOverlays(c, pending.id, made)),
         onLaunched: (qemu) => store.transact('restore launched', (c) => recordLaunched(c, pending.id, qemu)),
       }),
@@ -152,6 +154,11 @@ function layerError(entry: SnapshotEntry, device: string, why: string): StoreErr
     hint: 'put the disk layer back where it was (qsnap list shows each snapshot’s state); nothing was started',
     details: { name: entry.name, device },
   });
+}
+
+function recordPlanned(c: Catalog, opId: string, planned: { overlays: string[]; runDir: string }): void {
+  const op = c.operations.find((o) => o.id === opId);
+  if (op) Object.assign(op, { planned: planned.overlays, runDir: planned.runDir });
 }
 
 function recordOverlays(c: Catalog, opId: string, made: { overlays: string[]; runDir: string }): void {

@@ -94,6 +94,8 @@ export const OperationSchema = z.object({
   file: z.string().optional(),
   /** restore: what it made so far, for a recovery to remove or adopt. */
   overlays: z.array(AbsolutePath).optional(),
+  /** restore: the overlays it was about to make (recorded before they exist; not layers yet). */
+  planned: z.array(AbsolutePath).optional(),
   runDir: AbsolutePath.optional(),
   qemu: Owner.optional(),
   vm: VmEntrySchema.optional(),

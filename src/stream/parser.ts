@@ -115,6 +115,13 @@ export class MigrationStreamParser {
   private waitingAt = -1;
   private waitingFor = 0;
   private readonly scratch = Buffer.allocUnsafe(PAGE_SIZE);
+  /**
+   * Bytes to buffer before decoding a variable-size item again (prologue, RAM START, command)
+   * after an attempt found it incomplete: twice what that attempt had, so an item that arrives
+   * in small chunks is decoded O(log n) times, not once per chunk (linear, not quadratic, in
+   * its size). end() tries once more whatever is buffered.
+   */
+  private retryAt = 0;
 
   constructor(sink: StreamSink, options: ParserOptions = {}) {
     this.sink = sink;
@@ -198,12 +205,19 @@ export class MigrationStreamParser {
     }
   }
 
+  /** The attempt just made lacked bytes: the next waits for twice as many, or for the item's limit. */
+  private deferRetry(limit: number): void {
+    this.retryAt = Math.min(this.list.length * 2, limit);
+  }
+
   // --- states --------------------------------------------------------------------------------
 
   private readPrologue(): boolean {
+    if (this.list.length < this.retryAt) return false;
     const buf = this.list.peekUpTo(this.maxPrologueBytes);
     const prologue = tryDecodePrologue(buf, this.list.consumed);
     if (!prologue) {
+      this.deferRetry(this.maxPrologueBytes);
       if (buf.length >= this.maxPrologueBytes) {
         throw limitError(
           'stream header and configuration are too long',
@@ -231,6 +245,7 @@ export class MigrationStreamParser {
         0,
       );
     }
+    this.retryAt = 0;
     this.ignoreShared = prologue.capabilities.includes('x-ignore-shared');
     const { size, ...rest } = prologue;
     const bytes = Buffer.from(buf.subarray(0, size));
@@ -327,15 +342,18 @@ export class MigrationStreamParser {
     if (!head) return false;
     checkRamSectionHeader(head, at);
     if (this.ramSectionId >= 0) throw formatError('a second RAM START section', at);
+    if (list.length < this.retryAt) return false;
 
     const buf = list.peekUpTo(this.maxRamSetupBytes);
     const setup = tryDecodeRamSetupSection(buf, 0, at, { ignoreShared: this.ignoreShared });
     if (!setup) {
+      this.deferRetry(this.maxRamSetupBytes);
       if (buf.length >= this.maxRamSetupBytes) {
         throw limitError('RAM START section is too long', at, this.maxRamSetupBytes, 'maxRamSetupBytes');
       }
       return false;
     }
+    this.retryAt = 0;
     const bytes = Buffer.from(buf.subarray(0, setup.size));
     list.skip(setup.size);
     this.ramSectionId = setup.sectionId;
@@ -360,8 +378,13 @@ export class MigrationStreamParser {
   /** Only SWITCHOVER_START (QEMU ≥ 10.0, no payload, before the final RAM pass) is harmless. */
   private readCommand(): boolean {
     const at = this.list.consumed;
+    if (this.list.length < this.retryAt) return false;
     const command = tryDecodeCommand(this.list.peekUpTo(5 + 0xffff), 0, at);
-    if (!command) return false;
+    if (!command) {
+      this.deferRetry(5 + 0xffff);
+      return false;
+    }
+    this.retryAt = 0;
     if (
       command.command === MigCommand.SWITCHOVER_START &&
       command.data.length === 0 &&
@@ -541,6 +564,11 @@ export class MigrationStreamParser {
   }
 
   private finish(): StreamSummary {
+    if (this.state !== S_TAIL && this.retryAt > 0) {
+      // an item deferred for more bytes gets its last try with what came
+      this.retryAt = 0;
+      this.run();
+    }
     if (this.state !== S_TAIL) throw this.truncatedBeforeTail();
     const tail = this.tailChunks.length === 1 ? this.tailChunks[0]! : Buffer.concat(this.tailChunks);
     this.tailChunks = [];

@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 
 /**
  * A process named so that a reused pid is never mistaken for it: its pid and its start time
@@ -30,6 +30,20 @@ export function processIdentity(pid: number = process.pid): ProcessIdentity | un
 /** True while the very process `identity` names runs: same pid and same start time. */
 export function isRunning(identity: ProcessIdentity): boolean {
   return processStartTime(identity.pid) === identity.startTime;
+}
+
+/** Live processes whose command line contains `text` (e.g. a run directory's path). */
+export function pidsMentioning(text: string): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    try {
+      if (readFileSync(`/proc/${entry}/cmdline`, 'latin1').includes(text)) pids.push(Number(entry));
+    } catch {
+      // exited while we looked
+    }
+  }
+  return pids;
 }
 
 /**

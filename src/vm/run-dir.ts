@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,6 +15,14 @@ const IDENTITY_FILE = 'qemu.json';
 
 export function makeRunDir(base = tmpdir()): Promise<string> {
   return mkdtemp(join(base, RUN_DIR_PREFIX));
+}
+
+/**
+ * A run directory's path, not yet made: a restore names it first (so its record can say where
+ * it will be before anything exists) and makes it (mkdir, mode 0700) when it starts QEMU.
+ */
+export function runDirPath(base = tmpdir()): string {
+  return join(base, `${RUN_DIR_PREFIX}${randomBytes(6).toString('hex')}`);
 }
 
 /** Record which QEMU lives in `runDir`. */

@@ -8,7 +8,7 @@
 import { execFileSync } from 'node:child_process';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { OperationEvent } from '../../src/index.js';
 import { collect } from '../../src/store/collect.js';
 import { storeRestore } from '../../src/store/restore.js';
@@ -45,6 +45,8 @@ describe.skipIf(!canRun || !isRoot)('delete: every phase × every fault', () => 
     results.save();
     await world?.close();
   });
+
+  afterEach(() => world?.scrub());
 
   for (const cell of [
     ...cellsOf(COLLECT_PHASES, PHASE_FAULTS),

@@ -6,7 +6,7 @@
  */
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { OperationEvent } from '../../src/index.js';
 import { type StoreRestoreResult, storeRestore } from '../../src/store/restore.js';
 import { storeSnapshot } from '../../src/store/snapshot.js';
@@ -52,6 +52,8 @@ describe.skipIf(!canRun || !isRoot)('restore: every phase × every fault', () =>
     await world?.close();
   });
 
+  afterEach(() => world?.scrub());
+
   for (const cell of [
     ...cellsOf(RESTORE_PHASES, PHASE_FAULTS),
     { phase: 'all', fault: 'slow-disk' as const },
@@ -67,7 +69,7 @@ describe.skipIf(!canRun || !isRoot)('restore: every phase × every fault', () =>
     const stopsBefore = world.guest.stops;
     if (cell.fault === 'qmp-closed') return na('restore talks to the QEMU it starts over a private socket');
     const ran = cell.fault === 'slow-disk' ? await slowRun() : await strike(cell);
-    const output = ran.restored ? await checkRestored(ran.restored) : 'nothing restored';
+    const output = ran.restored ? await checkRestored(ran.restored, ran.killed) : 'nothing restored';
     let next = await world.nextCommands(undefined);
     // A qsnap killed once the VM ran leaves a restored VM the recovery adopted: a user's now, stopped here.
     if (/adopted/.test(next) || restoredQemus().length) {
@@ -92,6 +94,8 @@ describe.skipIf(!canRun || !isRoot)('restore: every phase × every fault', () =>
   interface Ran {
     result: string;
     restored?: StoreRestoreResult[];
+    /** QEMUs the fault killed (their exit may still be under way on a loaded host). */
+    killed?: number[];
     error?: { code: string; details?: Record<string, unknown> };
   }
 
@@ -128,7 +132,7 @@ describe.skipIf(!canRun || !isRoot)('restore: every phase × every fault', () =>
       restored: StoreRestoreResult[],
       error?: Ran['error'],
     ): Promise<Ran> => {
-      for (const pid of killed) await waitGone(pid);
+      for (const pid of killed) expect(await waitGone(pid, 30_000), `QEMU ${pid} exits`).toBe(true);
       for (const u of undo) u();
       const raced = racer
         ? await racer.then(
@@ -144,7 +148,7 @@ describe.skipIf(!canRun || !isRoot)('restore: every phase × every fault', () =>
         : cell.fault === 'kill-qemu' && killed.length === 0
           ? ' (no QEMU started yet at this phase)'
           : '';
-      return { result: `${result}${note}`, restored, ...(error ? { error } : {}) };
+      return { result: `${result}${note}`, restored, killed, ...(error ? { error } : {}) };
     };
     try {
       return await settle('completed', [await op.result]);
@@ -169,8 +173,8 @@ describe.skipIf(!canRun || !isRoot)('restore: every phase × every fault', () =>
   }
 
   /** Each restored VM runs and passes the workload's check; then it is stopped (gc tidies after it). */
-  async function checkRestored(restored: StoreRestoreResult[]): Promise<string> {
-    const dead = restored.filter((r) => !isAlive(r.pid));
+  async function checkRestored(restored: StoreRestoreResult[], killed: number[] = []): Promise<string> {
+    const dead = restored.filter((r) => killed.includes(r.pid) || !isAlive(r.pid));
     if (dead.length) return `${restored.length} restored; ${dead.length} killed right after`;
     for (const r of restored) {
       const serial = Object.entries(r.relocated).find(([from]) => from.endsWith('serial.sock'))![1];

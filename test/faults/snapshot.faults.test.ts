@@ -6,7 +6,7 @@
  * verifies or not there at all, and a failure carried a code and named its phase.
  */
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { type Operation, type OperationEvent, openSnapshot } from '../../src/index.js';
 import { collect } from '../../src/store/collect.js';
 import { storeSnapshot } from '../../src/store/snapshot.js';
@@ -58,6 +58,8 @@ describe.skipIf(!canRun || !isRoot)('snapshot: every phase × every fault', () =
     results.save();
     await world?.close();
   });
+
+  afterEach(() => world?.scrub());
 
   for (const cell of [
     ...cellsOf(SNAPSHOT_PHASES, PHASE_FAULTS),

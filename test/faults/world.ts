@@ -3,7 +3,7 @@
  * the `qmp-closed` fault), a store on a tmpfs of its own (for `fs-full`), the commands a user
  * runs next (`status` recovers the VM, `gc` the store), and the checks after every cell.
  */
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import { recoverStore } from '../../src/store/recover.js';
@@ -40,7 +40,9 @@ export class FaultWorld {
   /** A (new) guest, and a QMP proxy in front of it. */
   async boot(): Promise<void> {
     if (this.guest) await stopGuest(this.guest);
-    this.guest = await bootGuest(this.sandbox);
+    // Smaller than the default guest (256 MiB, a 64 MiB ring): every phase is there, and the
+    // whole matrix (some 200 cells, each a snapshot, a check and a delete) fits in CI.
+    this.guest = await bootGuest(this.sandbox, { memoryMiB: 160, workloadMiB: 48, slots: 4096 });
     await this.proxy?.stop();
     this.proxy = new QmpProxy(join(this.sandbox.root, `proxy${this.seq++}.sock`), this.guest.vm.qmpPath);
     await this.proxy.start();
@@ -100,6 +102,18 @@ export class FaultWorld {
       files.filter((f) => !known.has(f)),
       'snapshot files without a catalog entry',
     ).toEqual([]);
+  }
+
+  /**
+   * After a cell (its checks done, passed or not): what a failed cell left goes, so that the
+   * next cell starts clean and fails only for what it does itself.
+   */
+  scrub(): void {
+    const { tmp, state } = this.sandbox;
+    for (const f of readdirSync(tmp))
+      if (f.startsWith('qsnap-stream-') || f.startsWith('qsnap-vm-'))
+        rmSync(join(tmp, f), { recursive: true, force: true });
+    rmSync(join(state, 'intents'), { recursive: true, force: true });
   }
 
   /** The guest runs and passes its check, or — QEMU killed — a new one is booted. */

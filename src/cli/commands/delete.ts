@@ -1,6 +1,8 @@
-import { collect } from '../../store/collect.js';
+import { type CollectResult, collect } from '../../store/collect.js';
 import { findSnapshot } from '../../store/restore.js';
+import { emptyCatalog } from '../../store/schema.js';
 import { parseCommand, UsageError } from '../args.js';
+import { remoteOperation } from '../daemon.js';
 import type { CliEnv } from '../env.js';
 import { makeOutput } from '../output.js';
 import { runOperation } from '../run.js';
@@ -32,6 +34,16 @@ export async function deleteCommand(argv: string[], env: CliEnv): Promise<number
   const { values, positionals } = parsed;
   if (positionals.length === 0) throw new UsageError('delete: name at least one snapshot', 'see qsnap list');
   const out = makeOutput(values.json ?? false);
+  if (env.daemonUrl) {
+    const names = [...new Set(positionals)];
+    const op = remoteOperation(
+      env,
+      async (c) =>
+        (await c.delete({ names, dryRun: values['dry-run'] ?? false })) as unknown as CollectResult,
+    );
+    // The daemon's plan already names the snapshots.
+    return printCollection((await runOperation(op, out, env)).result, emptyCatalog(), out);
+  }
   const store = await openStore(env, values.store, out);
   const catalog = await store.read();
   const ids = [...new Set(positionals)].map((name) => findSnapshot(catalog, name).id);

@@ -1,8 +1,9 @@
 import { sweepMachines } from '../../harness/leftovers.js';
 import { type CollectResult, collect } from '../../store/collect.js';
 import { who } from '../../store/plan.js';
-import type { Catalog } from '../../store/schema.js';
+import { type Catalog, emptyCatalog } from '../../store/schema.js';
 import { parseCommand } from '../args.js';
+import { remoteOperation } from '../daemon.js';
 import type { CliEnv } from '../env.js';
 import { formatBytes, formatMs, makeOutput, type Output } from '../output.js';
 import { runOperation } from '../run.js';
@@ -29,6 +30,13 @@ export async function gcCommand(argv: string[], env: CliEnv): Promise<number> {
   if (!parsed) return 0;
   const { values } = parsed;
   const out = makeOutput(values.json ?? false);
+  if (env.daemonUrl) {
+    const op = remoteOperation(
+      env,
+      async (c) => (await c.gc({ dryRun: values['dry-run'] ?? false })) as unknown as CollectResult,
+    );
+    return printCollection((await runOperation(op, out, env)).result, emptyCatalog(), out);
+  }
   const store = await openStore(env, values.store, out);
   const catalog = await store.read();
   const op = collect(store, {

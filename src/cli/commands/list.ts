@@ -1,7 +1,8 @@
-import { drawTree, listSnapshots } from '../../store/list.js';
+import { drawTree, listSnapshots, type SnapshotRow } from '../../store/list.js';
 import { parseCommand } from '../args.js';
+import { withDaemon } from '../daemon.js';
 import type { CliEnv } from '../env.js';
-import { formatBytes, formatMs, makeOutput } from '../output.js';
+import { formatBytes, formatMs, makeOutput, type Output } from '../output.js';
 import { openStore, STORE_HELP, STORE_OPTION } from '../store.js';
 
 const spec = {
@@ -21,11 +22,25 @@ export async function listCommand(argv: string[], env: CliEnv): Promise<number> 
   if (!parsed) return 0;
   const { values } = parsed;
   const out = makeOutput(values.json ?? false);
-  const store = await openStore(env, values.store, out);
-  const rows = await listSnapshots(store);
-  out.result({ ok: true, store: store.dir, snapshots: rows });
-  if (rows.length === 0) out.text(`no snapshots in ${store.dir}`);
-  else if (values.tree) for (const line of drawTree(rows)) out.text(line);
+  let dir: string;
+  let rows: SnapshotRow[];
+  if (env.daemonUrl) {
+    const r = await withDaemon(env, (c) => c.list());
+    dir = String((r as Record<string, unknown>)['store']);
+    rows = r.snapshots as unknown as SnapshotRow[];
+  } else {
+    const store = await openStore(env, values.store, out);
+    dir = store.dir;
+    rows = await listSnapshots(store);
+  }
+  out.result({ ok: true, store: dir, snapshots: rows });
+  printRows(rows, dir, values.tree ?? false, out);
+  return 0;
+}
+
+function printRows(rows: SnapshotRow[], dir: string, tree: boolean, out: Output): void {
+  if (rows.length === 0) out.text(`no snapshots in ${dir}`);
+  else if (tree) for (const line of drawTree(rows)) out.text(line);
   else {
     const header = ['NAME', 'VM', 'TAKEN', 'PARENT', 'RAM', 'ON DISK', 'PAUSE', 'STATE'];
     const table = rows.map((r) => [
@@ -47,5 +62,4 @@ export async function listCommand(argv: string[], env: CliEnv): Promise<number> 
           .trimEnd(),
       );
   }
-  return 0;
 }

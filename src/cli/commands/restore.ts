@@ -5,6 +5,7 @@ import type { RestoreOptions, RestoreResult } from '../../engine/restore/types.j
 import { type StoreRestoreResult, storeRestore } from '../../store/restore.js';
 import { sweepStaleRunDirs } from '../../vm/run-dir.js';
 import { parseCommand, UsageError } from '../args.js';
+import { refuseWithDaemon, remoteOperation } from '../daemon.js';
 import type { CliEnv } from '../env.js';
 import { formatMs, makeOutput, type Output } from '../output.js';
 import { runOperation } from '../run.js';
@@ -61,9 +62,27 @@ export async function restoreCommand(argv: string[], env: CliEnv): Promise<numbe
   const [target, ...extra] = positionals;
   if (!target || extra.length)
     throw new UsageError('restore: give one snapshot name or file', 'see qsnap restore --help');
+  const out = makeOutput(values.json ?? false);
+  if (env.daemonUrl) {
+    refuseWithDaemon('restore', values, ['qmp', 'store', 'overlay-dir', 'run-dir', 'verify-all']);
+    const op = remoteOperation(
+      env,
+      async (c, onEvent) =>
+        (await c.restore(
+          {
+            name: target,
+            lazy: values.lazy ?? false,
+            paused: values.paused ?? false,
+            trustCmdline: values['trust-cmdline'] ?? false,
+            ...(qemuArgv.length ? { argv: qemuArgv } : {}),
+          },
+          onEvent,
+        )) as unknown as StoreRestoreResult,
+    );
+    return report((await runOperation(op, out, env)).result, target, out);
+  }
   // Detached restored QEMUs outlive qsnap; the run directories of those that have exited go now.
   await sweepStaleRunDirs();
-  const out = makeOutput(values.json ?? false);
   const common: Omit<RestoreOptions, 'file' | 'argv'> = {
     lazy: values.lazy ?? false,
     paused: values.paused ?? false,
@@ -103,7 +122,7 @@ async function isFile(target: string): Promise<boolean> {
 }
 
 function report(r: RestoreResult | StoreRestoreResult, target: string, out: Output): number {
-  const { argv: _argv, vm: _vm, ...summary } = r;
+  const { argv: _argv, vm: _vm, ...summary } = r as StoreRestoreResult & { vm?: unknown };
   out.result({ ok: true, ...summary });
   out.text(`restored  ${target} (${r.mode}) in ${formatMs(r.restoreMs)}; guest ${r.runState}`);
   out.text(`QEMU      pid ${r.pid}, QMP ${r.qmp}, log ${r.logFile}`);

@@ -3,6 +3,7 @@ import { snapshot } from '../../engine/snapshot/snapshot.js';
 import type { SnapshotResult } from '../../engine/snapshot/types.js';
 import { type StoreSnapshotResult, storeSnapshot } from '../../store/snapshot.js';
 import { parseCommand, parseSize, splitCommandLine, UsageError } from '../args.js';
+import { refuseWithDaemon, remoteOperation } from '../daemon.js';
 import type { CliEnv } from '../env.js';
 import { formatBytes, formatMs, makeOutput, type Output } from '../output.js';
 import { runOperation } from '../run.js';
@@ -64,6 +65,25 @@ export async function snapshotCommand(argv: string[], env: CliEnv): Promise<numb
       'see qsnap snapshot --help',
     );
   const out = makeOutput(values.json ?? false);
+  if (env.daemonUrl) {
+    refuseWithDaemon('snapshot', values, ['out', 'store', 'cmdline', 'max-chain', 'overlay-dir']);
+    const qmp = resolve(values.qmp);
+    const op = remoteOperation(env, async (c, onEvent) => {
+      const { vm } = await c.attach({ qmp });
+      return (await c.snapshot(
+        {
+          vm,
+          name: values.name!,
+          overwrite: values.overwrite ?? false,
+          ...(values['max-bandwidth']
+            ? { maxBandwidth: parseSize(values['max-bandwidth'], '--max-bandwidth') }
+            : {}),
+        },
+        onEvent,
+      )) as unknown as StoreSnapshotResult;
+    });
+    return report(await runOperation(op, out, env), out);
+  }
   const engine = {
     qmp: values.qmp,
     stateDir: env.stateDir,

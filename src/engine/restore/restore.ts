@@ -6,7 +6,7 @@ import { openSnapshot, type SnapshotReader } from '../../format/index.js';
 import { type ParsedCommandLine, parseCommandLine } from '../../vm/cmdline.js';
 import { relocateSockets, rewriteCommandLine } from '../../vm/cmdline-rewrite.js';
 import { Vm } from '../../vm/launcher.js';
-import { makeRunDir, recordQemu } from '../../vm/run-dir.js';
+import { recordQemu, runDirPath } from '../../vm/run-dir.js';
 import { RestoreError } from '../errors.js';
 import { Operation, type OperationContext } from '../operation.js';
 import { createRestoreOverlay, type PairedDisk, pairDisks } from './disk-pairing.js';
@@ -40,7 +40,7 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
   const reader = await openSnapshot(options.file);
   const made: Made = { files: [], vm: undefined, runDir: undefined };
   try {
-    const runDir = options.runDir ? resolve(options.runDir) : await makeRunDir();
+    const runDir = options.runDir ? resolve(options.runDir) : runDirPath();
     if (!options.runDir) made.runDir = runDir;
     const { parsed, disks, argv, qmpPath, relocated } = await prepare(reader, options, runDir, made, op);
     await options.onPrepared?.({ overlays: [...made.files], runDir });
@@ -96,7 +96,7 @@ async function prepare(
   const parsed = relocation.parsed;
   if (options.lazy) checkLazy(parsed, reader.manifest);
   op.phase('disks');
-  const disks = await makeOverlays(reader, parsed, options, randomBytes(4).toString('hex'), made);
+  const disks = await makeOverlays(reader, parsed, options, randomBytes(4).toString('hex'), made, runDir);
   op.phase('overlays');
   const qmpPath = parsed.qmpSocket ?? options.qmp ?? join(runDir, 'qmp.sock');
   const argv = rewriteCommandLine(parsed, {
@@ -117,12 +117,14 @@ async function makeOverlays(
   options: RestoreOptions,
   tag: string,
   made: Made,
+  runDir: string,
 ): Promise<PairedDisk[]> {
   const disks = await pairDisks(reader.manifest, parsed.disks, {
     overlayDir: options.overlayDir,
     tag,
     frozenLayers: options.frozenLayers,
   });
+  await options.onPlanned?.({ overlays: disks.map((d) => d.overlayFile), runDir });
   for (const disk of disks) {
     await createRestoreOverlay(disk);
     made.files.push(disk.overlayFile);
@@ -143,7 +145,9 @@ async function launch(
   options: RestoreOptions,
   made: Made,
 ): Promise<Vm> {
-  await mkdir(runDir, { recursive: true });
+  // Ours is made only now, after the caller recorded it; a random name that exists is refused.
+  if (made.runDir) await mkdir(runDir, { mode: 0o700 });
+  else await mkdir(runDir, { recursive: true });
   made.vm = await Vm.launchArgv(argv, {
     qemuBinary: parsed.binary ?? 'qemu-system-x86_64',
     qmpPath,

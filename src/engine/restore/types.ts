@@ -34,6 +34,11 @@ export interface RestoreOptions {
    * (a snapshot imported from another machine, its disks flattened into the store).
    */
   frozenLayers?: Record<string, string>;
+  /**
+   * Told the overlays the restore is about to make and where its run directory will be, before
+   * any of them exists: a caller that records them can always tell what an interrupted restore left.
+   */
+  onPlanned?: (planned: { overlays: string[]; runDir: string }) => Promise<void>;
   /** Told what the restore made (overlays, run directory) before QEMU starts, so a caller can record it. */
   onPrepared?: (made: { overlays: string[]; runDir: string }) => Promise<void>;
   /** Told the new QEMU's pid and QMP socket as soon as it answers (before the state is loaded). */

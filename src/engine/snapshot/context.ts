@@ -21,6 +21,8 @@ export interface SnapshotContext {
   strategy: SnapshotStrategy;
   id: string;
   out: string;
+  /** `$TMPDIR/qsnap-stream-<id>`: the migration socket's directory (in the intent from the start). */
+  socketDir: string;
   overlays: PlannedOverlay[];
   skipped: { device: string; reason: string }[];
   intent: IntentHandle;

@@ -30,7 +30,30 @@ export function preflight(vm: VmInfo): SnapshotStrategy {
     throw new SnapshotError(
       'QSNAP_SNAPSHOT_UNSUPPORTED',
       `devices ${blocking.join(', ')} cannot be snapshotted live`,
-      { hint: 'detach passthrough devices before snapshotting' },
+      { hint: 'detach passthrough devices before snapshotting', details: { devices: blocking } },
+    );
+  }
+  if (vm.migrationBlockers.length) {
+    // QEMU would refuse the migration itself (after qsnap paused the guest and froze its disks).
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_UNSUPPORTED',
+      `QEMU cannot migrate this VM: ${vm.migrationBlockers.join('; ')}`,
+      {
+        hint: 'detach or unmount what QEMU names (a non-migratable device, a mounted 9p share…), then retry',
+        details: { blockers: vm.migrationBlockers },
+      },
+    );
+  }
+  const temporary = vm.disks.filter((d) => d.temporary);
+  if (temporary.length) {
+    throw new SnapshotError(
+      'QSNAP_SNAPSHOT_UNSUPPORTED',
+      `disk ${temporary.map((d) => d.device).join(', ')} runs on QEMU's temporary -snapshot overlay, ` +
+        'which QEMU deletes when it exits: a snapshot of it could never be restored',
+      {
+        hint: 'start QEMU without -snapshot / snapshot=on: a qsnap snapshot already keeps the disk as it was',
+        details: { disks: temporary.map((d) => d.device) },
+      },
     );
   }
   return strategy;

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { QmpClient } from '../../qmp/index.js';
@@ -72,11 +72,13 @@ async function lockVm(
   await checkOutput(out, options.overwrite ?? false);
   const id = randomUUID();
   const plan = await planOverlays(vm.disks, id, options.overlayDir);
+  // Named before it exists and recorded with the intent, so no kill can leave it unrecorded.
+  const socketDir = join(tmpdir(), `qsnap-stream-${id}`);
   const intent = await intents.acquire(options.qmp, {
     operation: 'snapshot',
     vmWasRunning: vm.running,
     stage: 'prepared',
-    tempFiles: [],
+    tempFiles: [socketDir],
     overlays: plan.overlays.map((o) => ({
       device: o.device,
       node: o.node,
@@ -95,6 +97,7 @@ async function lockVm(
     strategy,
     id,
     out,
+    socketDir,
     overlays: plan.overlays,
     skipped: plan.skipped,
     intent,
@@ -157,7 +160,9 @@ async function freezeAndMigrate(
 
 /** The socket directory and the receiver listening in it. */
 async function openRun(ctx: SnapshotContext): Promise<SnapshotRun> {
-  const socketDir = await mkdtemp(join(tmpdir(), 'qsnap-stream-'));
+  const { socketDir } = ctx;
+  // The id is random: a directory of that name that exists already is refused, never followed.
+  await mkdir(socketDir, { mode: 0o700 });
   const run: SnapshotRun = {
     socketDir,
     writer: undefined,
