@@ -148,7 +148,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
         lazy,
         runDir: l.runDir,
         attached: true,
-        onPrepared: async (made) => record(made.overlays),
+        onPlanned: async (planned) => record(planned.overlays),
       });
       return { vm: restored.vm!, overlays: restored.disks.map((d) => d.overlayFile) };
     });
@@ -401,8 +401,8 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
           lazy,
           runDir: this.layout.runDir,
           attached: true,
-          onPrepared: async (made) => {
-            for (const file of made.overlays) this.created.add(file);
+          onPlanned: async (planned) => {
+            for (const file of planned.overlays) this.created.add(file);
             await this.saveLedger();
           },
           // A harness SIGKILLed from here on leaves this QEMU: the ledger names it for the sweep.
