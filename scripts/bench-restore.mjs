@@ -149,10 +149,7 @@ async function benchReverts(sizeMiB) {
     testGuestSpec(dir, disk, { memoryMiB: sizeMiB, workloadMiB: Math.min(512, sizeMiB / 4) }),
   );
   const { argv, serial } = buildArgv(spec, { runDir: dir, accel: (await resolveAccel(spec.accel)).accel });
-  const machine = await Machine.launch({
-    argv: ['qemu-system-x86_64', ...argv],
-    runDir: join(dir, 'machine'),
-  });
+  const machine = await Machine.launch({ argv: ['qemu-system-x86_64', ...argv] });
   cleanups.push(() => machine.close());
   const guestConsole = await GuestConsole.connect(serial.socket);
   await guestConsole.waitReady({ timeoutMs: 60_000 });

@@ -1,5 +1,5 @@
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { lstat, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { overlayKind } from '../engine/disks/naming.js';
@@ -54,9 +54,20 @@ async function readLedger(machineDir: string): Promise<Ledger | undefined> {
   }
 }
 
-/** The checkpoint directory must be a machine directory by name: a ledger cannot point rm elsewhere. */
+/** Only where a Machine puts checkpoints (layout.ts): a ledger cannot point rm elsewhere. */
 function ownCheckpointDir(ledger: Ledger, machineDir: string): string | undefined {
-  return basename(ledger.checkpointDir) === basename(machineDir) ? ledger.checkpointDir : undefined;
+  const allowed = [join('/dev/shm', basename(machineDir)), join(machineDir, 'checkpoints')];
+  return allowed.includes(ledger.checkpointDir) ? ledger.checkpointDir : undefined;
+}
+
+/** A machine directory of this user: /tmp is shared, and another user's ledger is not evidence. */
+async function ownedByMe(dir: string): Promise<boolean> {
+  try {
+    const info = await lstat(dir);
+    return info.isDirectory() && info.uid === process.getuid?.();
+  } catch {
+    return false;
+  }
 }
 
 /** Files a ledger names that qsnap made: overlays (qsnap's naming rule) only, never a user's image. */
@@ -66,8 +77,8 @@ function ownFile(path: string): boolean {
 
 /**
  * Remove what machines of processes that are gone left behind (their QEMUs are killed first).
- * A directory without a ledger is left alone unless it is old: a Machine writes its ledger
- * right after making the directory.
+ * Only this user's directories are looked at, and one without a readable ledger is left alone
+ * (a Machine writes its ledger right after making the directory).
  */
 export async function sweepMachines(
   base = tmpdir(),
@@ -77,6 +88,7 @@ export async function sweepMachines(
   for (const name of await readdir(base).catch(() => [] as string[])) {
     if (!name.startsWith(MACHINE_DIR_PREFIX)) continue;
     const dir = join(base, name);
+    if (!(await ownedByMe(dir))) continue;
     const ledger = await readLedger(dir);
     if (!ledger || isRunning(ledger.owner)) continue;
     const running = ledger.qemus.filter(isRunning);

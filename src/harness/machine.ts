@@ -1,15 +1,8 @@
 import { EventEmitter } from 'node:events';
-import { mkdir, rm, statfs } from 'node:fs/promises';
-import { basename, join, resolve } from 'node:path';
-import type { OperationEvent } from '../engine/operation.js';
+import { rm } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 import { readMachineType, readRamBytes } from '../engine/probe.js';
-import { TMPFS_MAGIC } from '../engine/ram-protection.js';
-import {
-  type RestoreMode,
-  type RestoreOptions,
-  type RestoreResult,
-  restore,
-} from '../engine/restore/restore.js';
+import type { RestoreMode, RestoreResult } from '../engine/restore/restore.js';
 import { snapshot } from '../engine/snapshot/snapshot.js';
 import type { QmpClient } from '../qmp/index.js';
 import { checkName } from '../store/names.js';
@@ -17,13 +10,13 @@ import { type ParsedCommandLine, parseCommandLine } from '../vm/cmdline.js';
 import { relocateSockets } from '../vm/cmdline-rewrite.js';
 import { type ExitInfo, Vm } from '../vm/launcher.js';
 import { processIdentity } from '../vm/process.js';
-import { getOpt, joinArgv, parseQemuOpts } from '../vm/qemu-opts.js';
+import { joinArgv } from '../vm/qemu-opts.js';
 import { type Checkpoint, CheckpointCatalog } from './checkpoints.js';
-import { type CallOptions, runOperation, throwIfAborted, throwTimedOut, withDeadline } from './deadline.js';
+import { type CallOptions, runOperation, throwIfAborted, withDeadline } from './deadline.js';
 import { MachineError } from './errors.js';
+import { type Layout, makeLayout, opsMonitorArgs, opsPath, removeLayout } from './layout.js';
 import {
   killSync,
-  makeMachineDir,
   ownerIdentity,
   register,
   removeSync,
@@ -33,6 +26,7 @@ import {
   writeLedger,
 } from './leftovers.js';
 import { checkCheckpoint } from './preflight.js';
+import { restoreWithin } from './restore-within.js';
 
 export type { Checkpoint } from './checkpoints.js';
 export type { CallOptions } from './deadline.js';
@@ -65,100 +59,6 @@ export interface RevertResult {
   removed: string[];
 }
 
-/** RAM files of a lazily reverted VM must be on tmpfs: only there can QEMU write-protect that RAM. */
-async function checkpointBase(): Promise<string | undefined> {
-  try {
-    const fs = await statfs('/dev/shm');
-    if (fs.type === TMPFS_MAGIC && fs.bavail * fs.bsize >= 2 * 2 ** 30) return '/dev/shm';
-  } catch {
-    // no /dev/shm
-  }
-  return undefined;
-}
-
-/** qsnap's own QMP monitor for checkpoints, so the user's -qmp socket stays free for the harness. */
-const OPS_CHARDEV_ID = 'qsnap-ops';
-
-function opsMonitorArgs(path: string): string[] {
-  return [
-    '-chardev',
-    `socket,id=${OPS_CHARDEV_ID},path=${path.replaceAll(',', ',,')},server=on,wait=off`,
-    '-mon',
-    `chardev=${OPS_CHARDEV_ID},mode=control`,
-  ];
-}
-
-/** The ops monitor's socket in a (possibly relocated) command line. */
-function opsPath(parsed: ParsedCommandLine): string {
-  for (const entry of parsed.entries) {
-    if (entry.option !== '-chardev' || entry.value === undefined) continue;
-    const o = parseQemuOpts(entry.value, 'backend');
-    if (getOpt(o, 'id') === OPS_CHARDEV_ID) return getOpt(o, 'path')!;
-  }
-  throw new Error('the command line has no qsnap ops monitor');
-}
-
-/**
- * A restore under a call's signal and timeout. Restore cannot be cancelled while QEMU loads,
- * so giving up takes effect at the first point where it can undo everything: when the new
- * QEMU answers (restore then stops it and removes its overlays).
- */
-async function restoreWithin(
-  what: string,
-  options: CallOptions,
-  restoreOptions: RestoreOptions,
-  onEvent?: (event: OperationEvent) => void,
-): Promise<RestoreResult> {
-  let gaveUp: 'aborted' | 'timeout' | undefined;
-  const onAbort = () => {
-    gaveUp ??= 'aborted';
-  };
-  options.signal?.addEventListener('abort', onAbort, { once: true });
-  const timer =
-    options.timeoutMs === undefined ? undefined : setTimeout(() => (gaveUp ??= 'timeout'), options.timeoutMs);
-  try {
-    const op = restore({
-      ...restoreOptions,
-      onLaunched: async () => {
-        if (gaveUp === 'aborted') throwIfAborted(what, { signal: AbortSignal.abort(options.signal?.reason) });
-        if (gaveUp === 'timeout') throwTimedOut(what, options.timeoutMs!);
-      },
-    });
-    if (onEvent) op.on(onEvent);
-    return await runOperation(what, op, options.onProgress ? { onProgress: options.onProgress } : {});
-  } finally {
-    clearTimeout(timer);
-    options.signal?.removeEventListener('abort', onAbort);
-  }
-}
-
-interface Layout {
-  machineDir: string;
-  runDir: string;
-  checkpointDir: string;
-  stateDir: string;
-}
-
-async function makeLayout(): Promise<Layout> {
-  const machineDir = await makeMachineDir();
-  const shm = await checkpointBase();
-  const checkpointDir = shm ? join(shm, basename(machineDir)) : join(machineDir, 'checkpoints');
-  const layout = {
-    machineDir,
-    runDir: join(machineDir, 'run'),
-    checkpointDir,
-    stateDir: join(machineDir, 'state'),
-  };
-  await writeLedger(machineDir, { owner: ownerIdentity(), checkpointDir, qemus: [], files: [] });
-  await Promise.all([mkdir(layout.runDir), mkdir(checkpointDir), mkdir(layout.stateDir)]);
-  return layout;
-}
-
-async function removeLayout(layout: Layout): Promise<void> {
-  await rm(layout.checkpointDir, { recursive: true, force: true });
-  await rm(layout.machineDir, { recursive: true, force: true });
-}
-
 /**
  * A VM for test harnesses: checkpoint it, revert to any checkpoint before each test, clone a
  * checkpoint for parallel workers. Reverting replaces the running QEMU in place — same command
@@ -179,6 +79,8 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   private inUse: string[];
   private queue: Promise<unknown> = Promise.resolve();
   private sequence = 0;
+  /** The QEMU a revert in flight started (teardownSync kills it too). */
+  private starting: number | undefined;
   /** A clone's sockets and pidfile: original path → its own. */
   private moved = new Map<string, string>();
 
@@ -246,7 +148,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
         lazy,
         runDir: l.runDir,
         attached: true,
-        onPrepared: async (made) => record(made.overlays),
+        onPlanned: async (planned) => record(planned.overlays),
       });
       return { vm: restored.vm!, overlays: restored.disks.map((d) => d.overlayFile) };
     });
@@ -441,24 +343,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
       });
       throwIfAborted('revert', options);
       const previous = { pid: this.vm.pid, was: this.vm.running ? ('stopped' as const) : ('dead' as const) };
-      this.unwatch();
-      await this.vm.stop();
-      const result = await restoreWithin(
-        'revert',
-        options,
-        {
-          file: checkpoint.file,
-          argv: [this.binary, ...this.argv],
-          lazy,
-          runDir: this.layout.runDir,
-          attached: true,
-          onPrepared: async (made) => {
-            for (const file of made.overlays) this.created.add(file);
-            await this.saveLedger();
-          },
-        },
-        (event) => this.emit('progress', event),
-      );
+      const result = await this.replaceQemu(checkpoint, lazy, options);
       this.vm = result.vm!;
       this.inUse = result.disks.map((d) => d.overlayFile);
       this.watch(this.vm);
@@ -494,8 +379,44 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   teardownSync(): void {
     if (this.closed) return;
     this.closed = true;
-    killSync([this.vm.pid]);
+    killSync(this.starting === undefined ? [this.vm.pid] : [this.vm.pid, this.starting]);
     removeSync([...this.created, this.layout.checkpointDir, this.layout.machineDir]);
+  }
+
+  /** Stop the current QEMU (if it still runs) and restore `checkpoint` into a new one. */
+  private async replaceQemu(
+    checkpoint: Checkpoint,
+    lazy: boolean,
+    options: CallOptions,
+  ): Promise<RestoreResult> {
+    this.unwatch();
+    await this.vm.stop();
+    try {
+      return await restoreWithin(
+        'revert',
+        options,
+        {
+          file: checkpoint.file,
+          argv: [this.binary, ...this.argv],
+          lazy,
+          runDir: this.layout.runDir,
+          attached: true,
+          onPlanned: async (planned) => {
+            for (const file of planned.overlays) this.created.add(file);
+            await this.saveLedger();
+          },
+          // A harness SIGKILLed from here on leaves this QEMU: the ledger names it for the sweep.
+          onLaunched: async (qemu) => {
+            this.starting = qemu.pid;
+            await this.saveLedger(qemu.pid);
+          },
+        },
+        (event) => this.emit('progress', event),
+      );
+    } finally {
+      // Adopted on success; on failure restore stopped it: either way no longer "starting".
+      this.starting = undefined;
+    }
   }
 
   /** Remove the overlays nothing needs any more; returns them. */
@@ -509,8 +430,8 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
     return garbage;
   }
 
-  private async saveLedger(): Promise<void> {
-    const qemu = processIdentity(this.vm.pid);
+  private async saveLedger(starting?: number): Promise<void> {
+    const qemu = processIdentity(starting ?? this.vm.pid);
     await writeLedger(this.layout.machineDir, {
       owner: ownerIdentity(),
       checkpointDir: this.layout.checkpointDir,

@@ -15,7 +15,7 @@ import { Machine, sweepMachines } from '../../src/index.js';
 import { ensureBuilt } from '../support/build.js';
 import { runCli } from '../support/cli.js';
 import { canRun, QEMU, ROOT } from '../support/env.js';
-import { isGone, killPid, waitGone } from '../support/process.js';
+import { isGone, killPid, processesMentioning, waitGone, waitUntil } from '../support/process.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 const CHILD = join(ROOT, 'test/harness/fixtures/child-harness.mjs');
@@ -150,6 +150,26 @@ describe.skipIf(!canRun)('Machine leaves nothing behind', () => {
     } finally {
       await killPid(made.pid);
     }
+  });
+
+  it('a launch that times out removes what it made, its QEMU too', async () => {
+    const w = world('timeout');
+    const saved = process.env['TMPDIR'];
+    process.env['TMPDIR'] = w.tmp;
+    try {
+      await expect(
+        Machine.launch({
+          argv: [QEMU, '-accel', 'tcg', '-m', '64M', '-display', 'none', '-nodefaults', '-name', w.tmp],
+          timeoutMs: 1,
+        }),
+      ).rejects.toMatchObject({ code: 'QSNAP_MACHINE_TIMEOUT' });
+    } finally {
+      process.env['TMPDIR'] = saved;
+    }
+    // The QEMU it had started goes once it answers.
+    await waitUntil(() => processesMentioning(w.tmp).length === 0, 15_000, 'the late QEMU stopped');
+    await waitUntil(() => readdirSync(w.tmp).length === 0, 15_000, 'the machine directory removed');
+    expect(newShm()).toEqual([]);
   });
 
   it('a failed launch removes what it made', async () => {

@@ -337,6 +337,33 @@ describe.skipIf(!canRun)('Machine', () => {
     expect((await guestConsole.check()).ok).toBe(true);
   });
 
+  it('signal and timeoutMs: an aborted or timed-out checkpoint or revert is undone', async () => {
+    const before = {
+      names: machine.checkpoints().map((c) => c.name),
+      files: readdirSync(machine.checkpointDir),
+      layers: readdirSync(guestDir).filter((f) => f.endsWith('.qcow2')),
+      pid: machine.pid,
+    };
+    const aborted = new AbortController();
+    aborted.abort();
+    await expect(machine.checkpoint('a', { signal: aborted.signal })).rejects.toMatchObject({
+      code: 'QSNAP_MACHINE_ABORTED',
+    });
+    await expect(machine.revert(clean, { signal: aborted.signal })).rejects.toMatchObject({
+      code: 'QSNAP_MACHINE_ABORTED',
+    });
+    // Cut short while RAM streams: the snapshot is cancelled and the VM put back as it was.
+    await expect(machine.checkpoint('b', { timeoutMs: 300 })).rejects.toMatchObject({
+      code: 'QSNAP_MACHINE_TIMEOUT',
+    });
+    expect(machine.checkpoints().map((c) => c.name)).toEqual(before.names);
+    expect(readdirSync(machine.checkpointDir)).toEqual(before.files);
+    expect(readdirSync(guestDir).filter((f) => f.endsWith('.qcow2'))).toEqual(before.layers);
+    expect(machine.pid).toBe(before.pid);
+    expect(await machine.qmp.execute('query-status')).toMatchObject({ running: true });
+    expect((await guestConsole.check()).ok).toBe(true);
+  });
+
   it('after close(), calls fail with QSNAP_MACHINE_CLOSED; close() is idempotent; await using closes', async () => {
     let disposed: Machine | undefined;
     {

@@ -11,7 +11,7 @@ import { cpSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, write
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { promisify } from 'node:util';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hasQemu, ROOT } from '../support/env.js';
 
 const enabled = process.env['QSNAP_TEST_PACKAGE'] === '1';
@@ -54,8 +54,13 @@ async function install(project: string, tarball: string): Promise<string> {
 }
 
 describe.skipIf(!enabled || !hasQemu)('the npm package', () => {
-  const work = mkdtempSync(join(tmpdir(), 'qsnap-package-'));
-  afterAll(() => rmSync(work, { recursive: true, force: true }));
+  let work: string;
+  beforeAll(() => {
+    work = mkdtempSync(join(tmpdir(), 'qsnap-package-'));
+  });
+  afterAll(() => {
+    if (work) rmSync(work, { recursive: true, force: true });
+  });
 
   it('packs small from a clean clone, installs, compiles under strict TypeScript and runs a checkpoint/revert', async () => {
     const clone = join(work, 'clone');
