@@ -81,7 +81,14 @@ async function runStoreRestore(
     throw err;
   }
   op.phase('index');
-  const key = await store.transact('restored', (c) => recordVm(c, pending.id, entry, result));
+  let key: string;
+  try {
+    key = await store.transact('restored', (c) => recordVm(c, pending.id, entry, result));
+  } catch (err) {
+    // The VM runs but the catalog could not say so (a full disk): the next store call adopts it.
+    finishedHere(pending.id);
+    throw err;
+  }
   return { ...result, name: entry.name, vmKey: key, cmdline: source };
 }
 

@@ -81,8 +81,11 @@ export class QmpProxy {
 export function fillUp(dir: string): () => void {
   const filler = join(dir, `.filler-${process.pid}`);
   const fs = statfsSync(dir);
-  const free = fs.bavail * fs.bsize;
-  execFileSync('fallocate', ['-l', String(Math.max(free - 4096, 4096)), filler]);
+  // The space a running guest's writes take meanwhile can make one exact fallocate fail: smaller
+  // pieces until one fits, then zeros fill the rest to the last byte.
+  for (let size = fs.bavail * fs.bsize - 4096; size >= 2 ** 20; size = Math.floor(size / 2)) {
+    if (spawnSync('fallocate', ['-l', String(size), filler]).status === 0) break;
+  }
   spawnSync('sh', ['-c', `cat /dev/zero > ${filler}.rest 2>/dev/null`]);
   return () => {
     rmSync(filler, { force: true });
