@@ -52,14 +52,23 @@ describe.skipIf(!canRun || !isRoot)('restore: every phase × every fault', () =>
     await world?.close();
   });
 
-  afterEach(() => world?.scrub());
+  afterEach(() => world?.scrub(), 180_000);
 
   for (const cell of [
     ...cellsOf(RESTORE_PHASES, PHASE_FAULTS),
     { phase: 'all', fault: 'slow-disk' as const },
   ]) {
     it(`${cell.phase} × ${cell.fault}`, async () => {
-      const outcome = await runCell(cell);
+      const outcome = await runCell(cell).catch((err: Error) => {
+        // The table shows a failed cell as what it is.
+        results.record(cell, {
+          result: `FAILED: ${err.message.split('\n')[0]}`,
+          guest: '',
+          next: '',
+          output: '',
+        });
+        throw err;
+      });
       console.info(`${cell.phase} × ${cell.fault}: ${JSON.stringify(outcome)}`);
       results.record(cell, outcome);
     });

@@ -108,12 +108,18 @@ export class FaultWorld {
    * After a cell (its checks done, passed or not): what a failed cell left goes, so that the
    * next cell starts clean and fails only for what it does itself.
    */
-  scrub(): void {
+  async scrub(): Promise<void> {
     const { tmp, state } = this.sandbox;
     for (const f of readdirSync(tmp))
       if (f.startsWith('qsnap-stream-') || f.startsWith('qsnap-vm-'))
         rmSync(join(tmp, f), { recursive: true, force: true });
     rmSync(join(state, 'intents'), { recursive: true, force: true });
+    // A guest a failed cell left hung (its monitor silent) is replaced.
+    const answers = await this.guest.vm.qmp
+      .execute('query-status', undefined, { timeoutMs: 3000 })
+      .then((s) => s.running)
+      .catch(() => false);
+    if (!answers) await this.boot();
   }
 
   /** The guest runs and passes its check, or — QEMU killed — a new one is booted. */
