@@ -8,7 +8,7 @@
 import { execFileSync } from 'node:child_process';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect } from 'vitest';
 import type { OperationEvent } from '../../src/index.js';
 import { collect } from '../../src/store/collect.js';
 import { storeRestore } from '../../src/store/restore.js';
@@ -21,7 +21,7 @@ import { sha256File } from '../support/files.js';
 import { connectConsole, expectCheckOk } from '../support/guest.js';
 import { killPid } from '../support/process.js';
 import { canThrottle, FAULTS, fillUp, removeDir, slowDisk } from './inject.js';
-import { type Cell, cellsOf, type Outcome, Results } from './matrix.js';
+import { type Cell, defineCells, type Outcome, Results } from './matrix.js';
 import { FaultWorld } from './world.js';
 
 export const COLLECT_PHASES = ['plan', 'merge', 'removing', 'index'];
@@ -48,25 +48,7 @@ describe.skipIf(!canRun || !isRoot)('delete: every phase × every fault', () => 
 
   afterEach(() => world?.scrub(), 180_000);
 
-  for (const cell of [
-    ...cellsOf(COLLECT_PHASES, PHASE_FAULTS),
-    { phase: 'all', fault: 'slow-disk' as const },
-  ]) {
-    it(`${cell.phase} × ${cell.fault}`, async () => {
-      const outcome = await runCell(cell).catch((err: Error) => {
-        // The table shows a failed cell as what it is.
-        results.record(cell, {
-          result: `FAILED: ${err.message.split('\n')[0]}`,
-          guest: '',
-          next: '',
-          output: '',
-        });
-        throw err;
-      });
-      console.info(`${cell.phase} × ${cell.fault}: ${JSON.stringify(outcome)}`);
-      results.record(cell, outcome);
-    });
-  }
+  defineCells(results, COLLECT_PHASES, PHASE_FAULTS, runCell);
 
   async function runCell(cell: Cell): Promise<Outcome> {
     const store = cell.fault === 'slow-disk' ? undefined : world.store;

@@ -5,6 +5,7 @@
  */
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { it } from 'vitest';
 import { ROOT } from '../support/env.js';
 import { FAULT_TEXT, FAULTS, type Fault } from './inject.js';
 
@@ -105,4 +106,31 @@ function renderGroup(saved: SavedGroup): string[] {
 function cellText(c: Outcome): string {
   if (c.result.startsWith('n/a')) return c.result;
   return [c.result, c.output, c.guest, c.next ? `next: ${c.next}` : ''].filter(Boolean).join('; ');
+}
+
+/**
+ * One test per cell (the phases' cells, then one slow-disk run of the whole operation): each
+ * records what it observed, or FAILED with its message, in `results`.
+ */
+export function defineCells(
+  results: Results,
+  phases: readonly string[],
+  faults: readonly Fault[],
+  runCell: (cell: Cell) => Promise<Outcome>,
+): void {
+  for (const cell of [...cellsOf(phases, faults), { phase: 'all', fault: 'slow-disk' as const }]) {
+    it(`${cell.phase} × ${cell.fault}`, async () => {
+      const outcome = await runCell(cell).catch((err: Error) => {
+        results.record(cell, {
+          result: `FAILED: ${err.message.split('\n')[0]}`,
+          guest: '',
+          next: '',
+          output: '',
+        });
+        throw err;
+      });
+      console.info(`${cell.phase} × ${cell.fault}: ${JSON.stringify(outcome)}`);
+      results.record(cell, outcome);
+    });
+  }
 }

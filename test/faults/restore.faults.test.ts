@@ -6,7 +6,7 @@
  */
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect } from 'vitest';
 import type { OperationEvent } from '../../src/index.js';
 import { type StoreRestoreResult, storeRestore } from '../../src/store/restore.js';
 import { storeSnapshot } from '../../src/store/snapshot.js';
@@ -16,7 +16,7 @@ import { canRun, isRoot } from '../support/env.js';
 import { connectConsole, expectCheckOk } from '../support/guest.js';
 import { isAlive, killPid, pgrep, waitGone } from '../support/process.js';
 import { canThrottle, FAULTS, fillUp, removeDir, slowDisk } from './inject.js';
-import { type Cell, cellsOf, type Outcome, Results } from './matrix.js';
+import { type Cell, defineCells, type Outcome, Results } from './matrix.js';
 import { FaultWorld } from './world.js';
 
 export const RESTORE_PHASES = [
@@ -54,25 +54,7 @@ describe.skipIf(!canRun || !isRoot)('restore: every phase × every fault', () =>
 
   afterEach(() => world?.scrub(), 180_000);
 
-  for (const cell of [
-    ...cellsOf(RESTORE_PHASES, PHASE_FAULTS),
-    { phase: 'all', fault: 'slow-disk' as const },
-  ]) {
-    it(`${cell.phase} × ${cell.fault}`, async () => {
-      const outcome = await runCell(cell).catch((err: Error) => {
-        // The table shows a failed cell as what it is.
-        results.record(cell, {
-          result: `FAILED: ${err.message.split('\n')[0]}`,
-          guest: '',
-          next: '',
-          output: '',
-        });
-        throw err;
-      });
-      console.info(`${cell.phase} × ${cell.fault}: ${JSON.stringify(outcome)}`);
-      results.record(cell, outcome);
-    });
-  }
+  defineCells(results, RESTORE_PHASES, PHASE_FAULTS, runCell);
 
   async function runCell(cell: Cell): Promise<Outcome> {
     const stopsBefore = world.guest.stops;

@@ -6,7 +6,7 @@
  * verifies or not there at all, and a failure carried a code and named its phase.
  */
 import { join } from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect } from 'vitest';
 import { type Operation, type OperationEvent, openSnapshot } from '../../src/index.js';
 import { collect } from '../../src/store/collect.js';
 import { storeSnapshot } from '../../src/store/snapshot.js';
@@ -15,7 +15,7 @@ import { ensureBuilt } from '../support/build.js';
 import { spawnCli } from '../support/cli.js';
 import { canRun, isRoot } from '../support/env.js';
 import { canThrottle, FAULTS, fillUp, removeDir, slowDisk } from './inject.js';
-import { type Cell, cellsOf, type Outcome, Results } from './matrix.js';
+import { type Cell, defineCells, type Outcome, Results } from './matrix.js';
 import { FaultWorld } from './world.js';
 
 /** Faults that strike at a phase (the slow disk slows every phase: one run). */
@@ -61,25 +61,7 @@ describe.skipIf(!canRun || !isRoot)('snapshot: every phase × every fault', () =
 
   afterEach(() => world?.scrub(), 180_000);
 
-  for (const cell of [
-    ...cellsOf(SNAPSHOT_PHASES, PHASE_FAULTS),
-    { phase: 'all', fault: 'slow-disk' as const },
-  ]) {
-    it(`${cell.phase} × ${cell.fault}`, async () => {
-      const outcome = await runCell(cell).catch((err: Error) => {
-        // The table shows a failed cell as what it is.
-        results.record(cell, {
-          result: `FAILED: ${err.message.split('\n')[0]}`,
-          guest: '',
-          next: '',
-          output: '',
-        });
-        throw err;
-      });
-      console.info(`${cell.phase} × ${cell.fault}: ${JSON.stringify(outcome)}`);
-      results.record(cell, outcome);
-    });
-  }
+  defineCells(results, SNAPSHOT_PHASES, PHASE_FAULTS, runCell);
 
   async function runCell(cell: Cell): Promise<Outcome> {
     const name = world.name();
