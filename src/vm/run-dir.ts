@@ -13,7 +13,21 @@ import { isRunning, type ProcessIdentity, processIdentity } from './process.js';
 export const RUN_DIR_PREFIX = 'qsnap-vm-';
 const IDENTITY_FILE = 'qemu.json';
 
-export function makeRunDir(base = tmpdir()): Promise<string> {
+/** QEMU binds a UNIX socket only if its path and a NUL fit in sun_path (108 bytes). */
+export const MAX_SOCKET_PATH = 107;
+/** The longest name qsnap gives a directory it keeps sockets in, with its longest socket's name. */
+const LONGEST_SOCKET_ENTRY = 'qsnap-stream-xxxxxxxxxxxx/migration.sock'.length;
+
+/**
+ * Where qsnap makes the directories it keeps sockets in: TMPDIR, or /tmp when TMPDIR is so deep
+ * that a socket in it could not be bound (QEMU would refuse the path as too long).
+ */
+export function socketHome(): string {
+  const base = tmpdir();
+  return Buffer.byteLength(base) + 1 + LONGEST_SOCKET_ENTRY <= MAX_SOCKET_PATH ? base : '/tmp';
+}
+
+export function makeRunDir(base = socketHome()): Promise<string> {
   return mkdtemp(join(base, RUN_DIR_PREFIX));
 }
 
@@ -21,7 +35,7 @@ export function makeRunDir(base = tmpdir()): Promise<string> {
  * A run directory's path, not yet made: a restore names it first (so its record can say where
  * it will be before anything exists) and makes it (mkdir, mode 0700) when it starts QEMU.
  */
-export function runDirPath(base = tmpdir()): string {
+export function runDirPath(base = socketHome()): string {
   return join(base, `${RUN_DIR_PREFIX}${randomBytes(6).toString('hex')}`);
 }
 

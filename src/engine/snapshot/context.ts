@@ -21,7 +21,7 @@ export interface SnapshotContext {
   strategy: SnapshotStrategy;
   id: string;
   out: string;
-  /** `$TMPDIR/qsnap-stream-<id>`: the migration socket's directory (in the intent from the start). */
+  /** `$TMPDIR/qsnap-stream-<id>` (or /tmp when TMPDIR is too deep for a socket): the migration socket's directory (in the intent from the start). */
   socketDir: string;
   overlays: PlannedOverlay[];
   skipped: { device: string; reason: string }[];

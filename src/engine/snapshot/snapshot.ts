@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { mkdir, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { QmpClient } from '../../qmp/index.js';
+import { socketHome } from '../../vm/run-dir.js';
 import { connectVm } from '../connect.js';
 import { planOverlays } from '../disks/freeze.js';
 import { NO_FAULTS, STREAM_FAULT_AFTER_BYTES } from '../faults.js';
@@ -73,7 +73,7 @@ async function lockVm(
   const id = randomUUID();
   const plan = await planOverlays(vm.disks, id, options.overlayDir);
   // Named before it exists and recorded with the intent, so no kill can leave it unrecorded.
-  const socketDir = join(tmpdir(), `qsnap-stream-${id}`);
+  const socketDir = join(socketHome(), `qsnap-stream-${id.slice(0, 12)}`);
   const intent = await intents.acquire(options.qmp, {
     operation: 'snapshot',
     vmWasRunning: vm.running,
