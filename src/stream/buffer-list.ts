@@ -81,6 +81,20 @@ export class BufferList {
     return view;
   }
 
+  /**
+   * Copy the unconsumed bytes into one Buffer of the list's own, so that the chunks pushed so
+   * far may be overwritten (a reader that reuses its read buffer). What is left between two
+   * reads is usually part of one record, a few KiB at most.
+   */
+  detach(): void {
+    if (this.length === 0) return;
+    const own = Buffer.allocUnsafe(this.length);
+    this.copyOut(own, 0, this.length);
+    this.chunks = [own];
+    this.head = 0;
+    this.headPos = 0;
+  }
+
   /** Consume `n` bytes (n ≤ length). */
   skip(n: number): void {
     this.length -= n;

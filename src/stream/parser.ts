@@ -143,6 +143,7 @@ export class MigrationStreamParser {
     return this.ramParts > 0;
   }
 
+  /** The parser keeps views of `chunk` until later bytes complete what it holds: don't reuse it. */
   feed(chunk: Buffer): void {
     this.checkUsable();
     try {
@@ -155,6 +156,16 @@ export class MigrationStreamParser {
     } catch (err) {
       this.fail(err);
     }
+  }
+
+  /**
+   * Like feed(), but `chunk` may be overwritten once this returns (a reused read buffer): the
+   * bytes of an incomplete record are copied. Pages reach the sink as views of `chunk`, valid
+   * only during the sink call, as with feed().
+   */
+  feedBorrowed(chunk: Buffer): void {
+    this.feed(chunk);
+    if (this.state !== S_FAILED) this.list.detach();
   }
 
   /** The input ended: check the stream is complete and report the summary. */

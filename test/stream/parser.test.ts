@@ -92,6 +92,46 @@ describe('MigrationStreamParser on a synthetic background-snapshot stream', () =
     expect(chunked.summary).toEqual(whole.summary);
   });
 
+  /** Feeds `stream` through one buffer, overwritten with garbage after every call. */
+  function parseThroughOneBuffer(borrowed: boolean, sizes: number[]) {
+    const { sink, result } = collectingSink();
+    const parser = new MigrationStreamParser(sink);
+    const reused = Buffer.alloc(9000);
+    for (let pos = 0, i = 0; pos < stream.length; i++) {
+      const n = Math.min(sizes[i % sizes.length]!, stream.length - pos);
+      stream.copy(reused, 0, pos, pos + n);
+      const chunk = reused.subarray(0, n);
+      if (borrowed) parser.feedBorrowed(chunk);
+      else parser.feed(chunk);
+      reused.fill(0xa5);
+      pos += n;
+    }
+    parser.end();
+    return result;
+  }
+
+  it.each(CHUNKINGS)(
+    'feedBorrowed gives identical results from one reused buffer, chunks of %s',
+    (_, sizes) => {
+      const whole = parse(stream);
+      const reused = parseThroughOneBuffer(true, sizes);
+      expect(reused.events).toEqual(whole.events);
+      expect(reused.tail).toEqual(whole.tail);
+      expect(reused.summary).toEqual(whole.summary);
+    },
+  );
+
+  it('feed() from a reused buffer goes wrong (negative control for feedBorrowed)', () => {
+    const whole = parse(stream);
+    let wrong: unknown;
+    try {
+      wrong = parseThroughOneBuffer(false, [4097]).events;
+    } catch (err) {
+      wrong = err;
+    }
+    expect(wrong).not.toEqual(whole.events);
+  });
+
   it('detects a changed page byte (negative control for the comparisons above)', () => {
     const changed = Buffer.from(stream);
     const at = changed.indexOf(page(3));

@@ -13,6 +13,7 @@ import { SnapshotError } from '../errors.js';
 import { hangForever } from '../faults.js';
 import { DrainGuard } from './drain-guard.js';
 import { ReadRateLimit } from './rate-limit.js';
+import { readIntoReusedBuffer } from './socket-reader.js';
 
 export interface ReceivedStream {
   writer: SnapshotWriter;
@@ -149,16 +150,17 @@ export class StreamReceiver {
       return;
     }
     const parser = new MigrationStreamParser(this.sink());
-    socket.on('data', (chunk: Buffer) => this.onData(socket, parser, chunk));
-    socket.on('end', () => this.onEnd(parser));
-    socket.on('error', (err) =>
+    const reader = readIntoReusedBuffer(socket, (chunk) => this.onData(reader, parser, chunk));
+    this.socket = reader;
+    reader.on('end', () => this.onEnd(parser));
+    reader.on('error', (err) =>
       this.fail(
         new SnapshotError('QSNAP_SNAPSHOT_MIGRATION', `migration stream failed: ${err.message}`, {
           cause: err,
         }),
       ),
     );
-    socket.resume();
+    reader.resume();
   }
 
   private onData(socket: Socket, parser: MigrationStreamParser, chunk: Buffer): void {
@@ -167,7 +169,7 @@ export class StreamReceiver {
     this.bytes += chunk.length;
     if (this.options.fault && this.bytes > this.options.fault.afterBytes && this.strikeFault()) return;
     try {
-      parser.feed(chunk);
+      parser.feedBorrowed(chunk);
     } catch (err) {
       this.fail(err);
       return;
