@@ -3,6 +3,7 @@ import { mkdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { QsnapError } from '../../errors.js';
 import { openSnapshot, type SnapshotReader } from '../../format/index.js';
+import { SectionPool } from '../../stream/index.js';
 import { type ParsedCommandLine, parseCommandLine } from '../../vm/cmdline.js';
 import { relocateSockets, rewriteCommandLine } from '../../vm/cmdline-rewrite.js';
 import { Vm } from '../../vm/launcher.js';
@@ -11,7 +12,13 @@ import { RestoreError } from '../errors.js';
 import { Operation, type OperationContext } from '../operation.js';
 import { createRestoreOverlay, type PairedDisk, pairDisks } from './disk-pairing.js';
 import { feed, snapshotStream } from './file-stream.js';
-import { checkCompatible, connectWhenListening, loadFailure, waitIncoming } from './incoming.js';
+import {
+  checkCompatible,
+  connectWhenListening,
+  guestRamZeroed,
+  loadFailure,
+  waitIncoming,
+} from './incoming.js';
 import { checkLazy } from './lazy.js';
 import type { RestoreMode, RestoreOptions, RestoreResult } from './types.js';
 
@@ -173,8 +180,9 @@ async function load(
   const qmp = vm.qmp;
   // The checks and the incoming set-up go out together (QMP answers in order); a failed
   // check kills this QEMU before any state is sent.
-  await Promise.all([
+  const [, zeroed] = await Promise.all([
     checkCompatible(qmp, reader),
+    mode === 'full' ? guestRamZeroed(qmp) : false,
     qmp
       .execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
       .then(() => qmp.execute('migrate-incoming', { uri: `unix:${incoming}` })),
@@ -190,10 +198,14 @@ async function load(
     0,
   );
   try {
-    await feed(
-      socket,
-      counted(snapshotStream(reader, { skipMainBlock: mode === 'lazy', verify: 'data' }), total, op),
-    );
+    const sections = new SectionPool();
+    const stream = snapshotStream(reader, {
+      skipMainBlock: mode === 'lazy',
+      verify: 'data',
+      mainBlockZeroed: zeroed,
+      sections,
+    });
+    await feed(socket, counted(stream, total, op), sections);
   } catch (err) {
     socket.destroy();
     // A bad page of the file is the cause; QEMU failing on the cut stream is its effect.
