@@ -89,8 +89,14 @@ function xPowBytes(bytes: number): number {
 const PAGE_SHIFT = ((): Uint32Array => {
   const op = xPowBytes(PAGE_SIZE);
   const t = new Uint32Array(4 * 256);
-  for (let k = 0; k < 4; k++)
-    for (let b = 0; b < 256; b++) t[k * 256 + b] = multModP(op, (b << (8 * k)) >>> 0);
+  // The map is linear: each entry is the XOR of the entries of its bits.
+  for (let k = 0; k < 4; k++) {
+    for (let bit = 1; bit < 256; bit <<= 1) t[k * 256 + bit] = multModP(op, (bit << (8 * k)) >>> 0);
+    for (let b = 1; b < 256; b++) {
+      const low = b & -b;
+      if (b !== low) t[k * 256 + b] = (t[k * 256 + low]! ^ t[k * 256 + (b ^ low)]!) >>> 0;
+    }
+  }
   return t;
 })();
 
