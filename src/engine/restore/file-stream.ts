@@ -91,3 +91,59 @@ export async function feed(
   }
   await new Promise<void>((resolve) => socket.end(resolve));
 }
+
+/**
+ * `chunks`, pulled up to `maxBytes` ahead from now on: a full restore builds the start of its
+ * stream while QEMU starts up (node is idle then, and QEMU uses the other core). `discard()`
+ * stops it and drops what it pulled.
+ */
+export class PulledAhead implements AsyncIterable<Buffer> {
+  readonly #source: AsyncIterator<Buffer>;
+  readonly #chunks: Buffer[] = [];
+  readonly #pulling: Promise<void>;
+  #error: unknown;
+  #done = false;
+  #stop = false;
+
+  constructor(chunks: AsyncIterable<Buffer>, maxBytes: number) {
+    this.#source = chunks[Symbol.asyncIterator]();
+    this.#pulling = this.#pull(maxBytes);
+  }
+
+  async #pull(maxBytes: number): Promise<void> {
+    let bytes = 0;
+    try {
+      while (!this.#stop && bytes < maxBytes) {
+        const next = await this.#source.next();
+        if (next.done) {
+          this.#done = true;
+          return;
+        }
+        this.#chunks.push(next.value);
+        bytes += next.value.length;
+      }
+    } catch (err) {
+      this.#error = err;
+      this.#done = true;
+    }
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<Buffer> {
+    await this.#pulling;
+    yield* this.#chunks.splice(0);
+    if (this.#error) throw this.#error;
+    if (this.#done) return;
+    for (;;) {
+      const next = await this.#source.next();
+      if (next.done) return;
+      yield next.value;
+    }
+  }
+
+  async discard(): Promise<void> {
+    this.#stop = true;
+    await this.#pulling;
+    this.#chunks.length = 0;
+    await this.#source.return?.();
+  }
+}

@@ -2,7 +2,9 @@ import { Socket, type SocketConstructorOpts } from 'node:net';
 import { QsnapError } from '../../errors.js';
 import type { SnapshotReader } from '../../format/index.js';
 import type { QmpClient } from '../../qmp/index.js';
+import type { ParsedCommandLine } from '../../vm/cmdline.js';
 import type { Vm } from '../../vm/launcher.js';
+import { parseQemuOpts } from '../../vm/qemu-opts.js';
 import { RestoreError } from '../errors.js';
 import { MIGRATION_ENDED, type MigrationInfo } from '../migration.js';
 import { readMachineType, readRamBytes, versionAtLeast } from '../probe.js';
@@ -55,6 +57,20 @@ export async function guestRamZeroed(qmp: QmpClient): Promise<boolean> {
   ]);
   const backends = objects.filter((o) => o.type.startsWith('child<memory-backend'));
   return backends.every((o) => ZEROED_BACKENDS.has(o.type)) && !/\bmem=ram\b/.test(String(roms));
+}
+
+/**
+ * What the command line says of guestRamZeroed, before QEMU runs: false with a file backend
+ * (`-object memory-backend-file`, `-mem-path`). A guess to start building the stream on; only
+ * QEMU's answer decides.
+ */
+export function commandLineRamZeroed(parsed: ParsedCommandLine): boolean {
+  return !parsed.entries.some(
+    (e) =>
+      e.option === '-mem-path' ||
+      (e.option === '-object' &&
+        parseQemuOpts(e.value ?? '', 'qom-type').implied?.startsWith('memory-backend-file') === true),
+  );
 }
 
 export function ramSizeError(given: number, snapshot: number): RestoreError {
