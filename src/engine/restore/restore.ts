@@ -230,10 +230,7 @@ async function load(
     throw await loadFailure(vm, err);
   });
   loaded.catch(() => undefined);
-  const total = reader.manifest.ram.blocks.reduce(
-    (sum, b, i) => (mode === 'lazy' && i === 0 ? sum : sum + b.usedLength),
-    0,
-  );
+  const total = streamRamBytes(reader, mode, stream.zeroed);
   try {
     await feed(socket, counted(stream.chunks, total, op), stream.sections);
   } catch (err) {
@@ -249,6 +246,14 @@ async function load(
   return performance.now() - started;
 }
 
+/** About the RAM bytes of the stream: a record header and 4096 bytes per data page, 9 per zero page sent. */
+function streamRamBytes(reader: SnapshotReader, mode: RestoreMode, zeroed: boolean): number {
+  return reader.manifest.ram.blocks.reduce((sum, b, i) => {
+    if (mode === 'lazy' && i === 0) return sum;
+    return sum + b.dataPages * (8 + 4096) + (zeroed && i === 0 ? 0 : b.zeroPages * 9);
+  }, 0);
+}
+
 async function* counted(
   chunks: AsyncIterable<Buffer>,
   total: number,
@@ -260,6 +265,7 @@ async function* counted(
     op.progress(Math.min(sent, total), total, 'load');
     yield chunk;
   }
+  op.progress(total, total, 'load');
 }
 
 /** Resume the guest if it ran at the snapshot (and the caller did not ask for paused). */
