@@ -24,6 +24,7 @@ help:
 	@echo "make restore NAME=x    restore snapshot x (the recorded command line; RESTORE_FLAGS=--lazy)"
 	@echo "make vm-stop   stop it"
 	@echo "make test-faults  every phase x every fault; regenerates docs/faults.md"
+	@echo "make test-faults-diagonal  one fault at every phase (CI)"
 	@echo "make test-compat  every QEMU set-up of the compatibility table; regenerates it in README.md"
 	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
@@ -67,22 +68,30 @@ lint: deps
 
 # QSNAP_QEMU10=1: also test against Debian 13's QEMU 10 in a chroot (scripts/qemu-chroot.sh,
 # ~30 s and ~380 MB in /var/tmp the first time; root and Debian's mirror needed).
+# QEMU 10's own paths (test/compat/qemu10.test.ts) run with the compatibility matrix.
 unit: setup
-	QSNAP_QEMU10=$${QSNAP_QEMU10:-$$( [ "$$(id -u)" = 0 ] && echo 1 || echo 0 )} $(BIN)/vitest run
+	QSNAP_QEMU10=$${QSNAP_QEMU10:-$$( [ "$$(id -u)" = 0 ] && echo 1 || echo 0 )} $(BIN)/vitest run \
+	  --exclude test/compat/qemu10.test.ts
 
 test: setup typecheck lint unit
 
-# The whole phase × fault matrix (make test runs a diagonal of it), then docs/faults.md from
+# The matrix's diagonal (one fault per phase, rotating; .ci/run runs it): `make test` runs only
+# a few sample cells of each group.
+test-faults-diagonal: setup
+	QSNAP_FAULTS=diagonal $(BIN)/vitest run test/faults
+
+# The whole phase × fault matrix (make test runs a few sample cells of it), then docs/faults.md from
 # what it observed — failed cells included, as FAILED; the target fails if any cell did.
 test-faults: setup
 	QSNAP_FAULTS=full $(BIN)/vitest run test/faults; status=$$?; \
 	  QSNAP_FAULTS=render $(BIN)/vitest run test/faults/table.test.ts && exit $$status
 
-# Every set-up of test/compat/setups.ts on QEMU 7.2 (and 10.0 as root), then the README's
+# Every set-up of test/compat/setups.ts on QEMU 7.2 (and 10.0 as root) and QEMU 10's own
+# paths (qemu10.test.ts: point-in-time checks with negative controls), then the README's
 # compatibility table from what they observed (docs/compat.json).
 test-compat: setup
 	QSNAP_COMPAT=full QSNAP_QEMU10=$${QSNAP_QEMU10:-$$( [ "$$(id -u)" = 0 ] && echo 1 || echo 0 )} \
-	  $(BIN)/vitest run test/compat/setups.test.ts
+	  $(BIN)/vitest run test/compat/setups.test.ts test/compat/qemu10.test.ts
 	QSNAP_COMPAT=render $(BIN)/vitest run test/compat/setups.test.ts -t 'compatibility table'
 
 # The fuzzer of test/fuzz for FUZZ_MINUTES, from a fresh seed (printed; FUZZ_SEED=n repeats a

@@ -8,11 +8,23 @@ export interface Output {
   result(value: unknown): void;
 }
 
+/**
+ * Characters a terminal acts on instead of showing (C0/C1 controls but the newline, bidirectional
+ * overrides): text from a snapshot file or bundle may be a stranger's, so they are printed escaped.
+ */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: matching control characters is its job
+const UNPRINTABLE = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+/** `text` with every character a terminal would act on shown as `\u{…}`. */
+export function printable(text: string): string {
+  return text.replace(UNPRINTABLE, (c) => `\\u{${c.codePointAt(0)!.toString(16)}}`);
+}
+
 export function makeOutput(json: boolean): Output {
   return {
     json,
     text: (line) => {
-      if (!json) process.stdout.write(`${line}\n`);
+      if (!json) process.stdout.write(`${printable(line)}\n`);
     },
     result: (value) => {
       if (json) process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
@@ -32,7 +44,9 @@ export function reportError(err: unknown, json: boolean): number {
       Array.isArray(cleanup) && cleanup.length
         ? ` (${typeof phase === 'string' ? `during ${phase}; ` : ''}afterwards: ${cleanup.join('; ')})`
         : '';
-    process.stderr.write(`qsnap: ${error.toLine()} [${error.code}]${after}\n`);
+    // One line whatever the message holds (it may quote a stranger's file).
+    const line = printable(`qsnap: ${error.toLine()} [${error.code}]${after}`).replaceAll('\n', '\\n');
+    process.stderr.write(`${line}\n`);
     if (process.env['QSNAP_DEBUG'] && err instanceof Error) process.stderr.write(`${err.stack}\n`);
   }
   return error.code === 'QSNAP_USAGE' ? 2 : 1;

@@ -57,18 +57,26 @@ export function isRamNotWriteProtectable(err: unknown): err is SnapshotError {
  * they do for disks and sockets); a path qsnap cannot stat counts as not found.
  */
 async function unprotectableRamFile(qmp: QmpClient): Promise<string | undefined> {
+  for (const path of await ramFiles(qmp)) {
+    const fsType = (await statfs(path).catch(() => undefined))?.type;
+    if (fsType !== undefined && fsType !== TMPFS_MAGIC && fsType !== HUGETLBFS_MAGIC) return path;
+  }
+  return undefined;
+}
+
+/** The files guest RAM is mapped from (memory backends with a mem-path); none for anonymous RAM. */
+export async function ramFiles(qmp: QmpClient): Promise<string[]> {
+  const files: string[] = [];
   try {
     for (const memdev of await qmp.execute('query-memdev')) {
       if (!memdev.id) continue;
       const path = await qmp
         .execute('qom-get', { path: `/objects/${memdev.id}`, property: 'mem-path' })
         .catch(() => undefined);
-      if (typeof path !== 'string' || path === '') continue;
-      const fsType = (await statfs(path).catch(() => undefined))?.type;
-      if (fsType !== undefined && fsType !== TMPFS_MAGIC && fsType !== HUGETLBFS_MAGIC) return path;
+      if (typeof path === 'string' && path !== '') files.push(path);
     }
   } catch {
-    // not found: the general refusal
+    // not found: none known
   }
-  return undefined;
+  return files;
 }

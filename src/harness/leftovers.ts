@@ -3,7 +3,7 @@ import { lstat, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:f
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { overlayKind } from '../engine/disks/naming.js';
-import { isRunning, type ProcessIdentity, processIdentity } from '../vm/process.js';
+import { isRunning, type ProcessIdentity, pidsMentioning, processIdentity } from '../vm/process.js';
 
 /**
  * What a Machine leaves on the host, and how it is always removed. Each machine has a
@@ -92,17 +92,36 @@ export async function sweepMachines(
     const ledger = await readLedger(dir);
     if (!ledger || isRunning(ledger.owner)) continue;
     const running = ledger.qemus.filter(isRunning);
+    const unrecorded = qemusIn(dir).filter((q) => !running.some((r) => r.pid === q.pid));
     swept.dirs.push(dir);
-    swept.qemus.push(...running.map((q) => q.pid));
+    swept.qemus.push(...[...running, ...unrecorded].map((q) => q.pid));
     swept.files.push(...ledger.files.filter(ownFile));
     if (options.dryRun) continue;
-    for (const qemu of running) killIdentity(qemu);
+    for (const qemu of [...running, ...unrecorded]) killIdentity(qemu);
     for (const file of ledger.files.filter(ownFile)) await rm(file, { force: true });
     const checkpointDir = ownCheckpointDir(ledger, dir);
     if (checkpointDir) await rm(checkpointDir, { recursive: true, force: true });
     await rm(dir, { recursive: true, force: true });
   }
   return swept;
+}
+
+/**
+ * QEMUs whose command line names the machine's directory (its QMP and ops sockets live there)
+ * though no ledger lists them: started by a harness killed before QEMU answered and was
+ * recorded. Only QEMU processes (by their name): nothing else that mentions the path is touched.
+ */
+function qemusIn(machineDir: string): ProcessIdentity[] {
+  return pidsMentioning(`${machineDir}/`)
+    .filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/comm`, 'utf8').startsWith('qemu-');
+      } catch {
+        return false;
+      }
+    })
+    .map(processIdentity)
+    .filter((q): q is ProcessIdentity => q !== undefined);
 }
 
 function killIdentity(identity: ProcessIdentity): void {

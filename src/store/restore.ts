@@ -20,6 +20,11 @@ export interface StoreRestoreOptions
   argv?: string[];
   /** Run a command line that came inside an imported bundle (shown in the error otherwise). */
   trustCmdline?: boolean;
+  /**
+   * Asked, without `trustCmdline`, whether to run an imported snapshot's command line (the CLI
+   * shows it and asks on a terminal); refused when it answers false or is not given.
+   */
+  confirmCmdline?: (argv: readonly string[], name: string) => Promise<boolean>;
 }
 
 export interface StoreRestoreResult extends RestoreResult {
@@ -51,14 +56,14 @@ async function runStoreRestore(
   const catalog = await store.read();
   const entry = findSnapshot(catalog, options.name);
   await checkLayers(catalog, entry);
-  const { argv, source } = commandLine(entry, options);
+  const { argv, source } = await commandLine(entry, options);
   const relocate = await mustRelocate(catalog, entry, argv);
   const pending = await store.transact('restore', (c) => {
     const o = newOperation({ kind: 'restore', names: [entry.name] });
     c.operations.push(o);
     return o;
   });
-  const { name: _n, argv: _a, trustCmdline: _t, ...engine } = options;
+  const { name: _n, argv: _a, trustCmdline: _t, confirmCmdline: _c, ...engine } = options;
   let result: RestoreResult;
   try {
     result = await forward(
@@ -113,10 +118,10 @@ function importedLayers(catalog: Catalog, entry: SnapshotEntry): { frozenLayers?
   return { frozenLayers: Object.fromEntries(entry.disks.map((d) => [d.device, d.top])) };
 }
 
-function commandLine(
+async function commandLine(
   entry: SnapshotEntry,
   options: StoreRestoreOptions,
-): { argv: string[]; source: StoreRestoreResult['cmdline'] } {
+): Promise<{ argv: string[]; source: StoreRestoreResult['cmdline'] }> {
   if (options.argv?.length) return { argv: options.argv, source: 'given' };
   const recorded = entry.cmdline;
   if (!recorded)
@@ -127,7 +132,11 @@ function commandLine(
         hint: `give it: qsnap restore ${entry.name} -- qemu-system-x86_64 …`,
       },
     );
-  if (recorded.source === 'imported' && !options.trustCmdline)
+  if (
+    recorded.source === 'imported' &&
+    !options.trustCmdline &&
+    !(await options.confirmCmdline?.(recorded.argv, entry.name))
+  )
     throw new StoreError(
       'QSNAP_STORE_UNTRUSTED',
       `snapshot ${entry.name} was imported; its command line was not recorded on this machine: ${recorded.argv.join(' ')}`,

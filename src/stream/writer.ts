@@ -40,8 +40,43 @@ export interface MigrationStreamInput {
   pages: RamPageSource;
   /** The device tail, verbatim: FULL sections, EOF, VMDESCRIPTION. */
   deviceTail: Buffer | Iterable<Buffer> | AsyncIterable<Buffer>;
-  /** Largest PART section (default 1 MiB). */
+  /** Largest PART section (default 1 MiB, or the pool's section size). */
   maxSectionBytes?: number;
+  /**
+   * Where PART section buffers come from: a consumer that gives each yielded chunk back once it
+   * is done with it (written to a socket) lets the next sections reuse its memory.
+   */
+  sections?: SectionPool;
+}
+
+/**
+ * PART section buffers for reuse. Building a stream of fresh 1 MiB buffers costs more in garbage
+ * collection and first-touch page faults than filling them (a restore profile: GC 25 %).
+ * `give` takes any chunk of the stream and keeps only the section buffers this pool handed out.
+ */
+export class SectionPool {
+  readonly sectionBytes: number;
+  readonly #free: Buffer[] = [];
+  /** Memory of the sections handed out and not yet given back. */
+  readonly #out = new WeakSet<ArrayBufferLike>();
+  readonly #maxFree: number;
+
+  constructor(sectionBytes = 1024 * 1024, maxFree = 32) {
+    this.sectionBytes = sectionBytes;
+    this.#maxFree = maxFree;
+  }
+
+  take(): Buffer {
+    const buf = this.#free.pop() ?? Buffer.allocUnsafeSlow(this.sectionBytes);
+    this.#out.add(buf.buffer);
+    return buf;
+  }
+
+  /** `chunk` (a yielded chunk) is no longer used by the consumer. */
+  give(chunk: Buffer): void {
+    if (!this.#out.delete(chunk.buffer) || this.#free.length >= this.#maxFree) return;
+    this.#free.push(Buffer.from(chunk.buffer, 0, this.sectionBytes));
+  }
 }
 
 const MIN_SECTION_BYTES = 5 + MAX_RECORD_HEADER_BYTES + PAGE_SIZE + EOS_BYTES + FOOTER_BYTES;
@@ -50,7 +85,10 @@ const MIN_SECTION_BYTES = 5 + MAX_RECORD_HEADER_BYTES + PAGE_SIZE + EOS_BYTES + 
 export async function* writeMigrationStream(
   input: MigrationStreamInput,
 ): AsyncGenerator<Buffer, void, undefined> {
-  const maxSectionBytes = input.maxSectionBytes ?? 1024 * 1024;
+  const maxSectionBytes = input.maxSectionBytes ?? input.sections?.sectionBytes ?? 1024 * 1024;
+  if (input.sections && input.sections.sectionBytes < maxSectionBytes) {
+    throw new RangeError('the section pool holds buffers smaller than maxSectionBytes');
+  }
   if (maxSectionBytes < MIN_SECTION_BYTES) {
     throw new RangeError(`maxSectionBytes must be at least ${MIN_SECTION_BYTES}`);
   }
@@ -65,7 +103,7 @@ export async function* writeMigrationStream(
   yield input.prologue;
   yield startBytes;
 
-  const parts = new PartSectionBuilder(setup.sectionId, setup.footers, maxSectionBytes);
+  const parts = new PartSectionBuilder(setup.sectionId, setup.footers, maxSectionBytes, input.sections);
   for (const [index, block] of setup.blocks.entries()) {
     const source = input.pages(block, index);
     if (source === 'skip') continue;
@@ -156,6 +194,7 @@ class PartSectionBuilder {
     private readonly sectionId: number,
     private readonly footers: boolean,
     private readonly maxBytes: number,
+    private readonly pool: SectionPool | undefined,
   ) {}
 
   /** Make room for one record of block `idstr`; returns a finished section when it had to close one. */
@@ -168,7 +207,7 @@ class PartSectionBuilder {
       full = this.flush();
     }
     if (!this.buf) {
-      this.buf = Buffer.allocUnsafe(this.maxBytes);
+      this.buf = this.pool?.take() ?? Buffer.allocUnsafe(this.maxBytes);
       this.pos = writeSectionHeader(this.buf, 0, { type: SectionType.PART, sectionId: this.sectionId });
       this.current = undefined;
     }

@@ -268,7 +268,8 @@ export class Vm {
           lastError = err;
         }
       }
-      await sleep(5);
+      // QEMU creates its monitor socket some 20–50 ms after exec: a fine poll costs a stat.
+      await sleep(1);
     }
     throw new VmError(
       'QSNAP_VM_LAUNCH',

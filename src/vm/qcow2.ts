@@ -92,3 +92,89 @@ export function decodeBackingName(head: Buffer, header: Qcow2Header): string | u
     throw new Qcow2FormatError(`backing file name at ${header.backingOffset} beyond the header`);
   return head.toString('utf8', header.backingOffset, end);
 }
+
+/**
+ * The bytes `qemu-img create -f qcow2 -u -b <backing> -F <format> <file> <size>` writes (QEMU
+ * 7.2, block/qcow2.c qcow2_co_create): an empty v3 image of 64 KiB clusters — header, backing
+ * format extension, feature name table, end; the backing name at 0x210; one refcount table
+ * cluster at 0x10000 pointing to one refcount block at 0x20000 that counts the first four
+ * clusters; the L1 table at 0x30000, all zero. Made here, a restore's overlay costs no
+ * process start. Undefined outside that shape (a size past 4 TiB needs a larger L1 table, a
+ * name past the first cluster): the caller runs qemu-img then.
+ */
+export function encodeOverlay(spec: {
+  backing: string;
+  backingFormat: string;
+  virtualSize: number;
+}): Buffer | undefined {
+  const name = Buffer.from(spec.backing, 'utf8');
+  const format = Buffer.from(spec.backingFormat, 'utf8');
+  const l1Entries = Math.ceil(spec.virtualSize / L1_ENTRY_BYTES);
+  if (
+    spec.virtualSize <= 0 ||
+    spec.virtualSize % 512 !== 0 ||
+    l1Entries * 8 > CLUSTER ||
+    name.length === 0 ||
+    name.length > MAX_BACKING_NAME ||
+    format.length === 0 ||
+    format.length > 16
+  )
+    return undefined;
+  const formatPadded = Math.ceil(format.length / 8) * 8;
+  const nameOffset = HEADER_LENGTH + 8 + formatPadded + 8 + FEATURE_TABLE.length + 8;
+  if (nameOffset + name.length > CLUSTER) return undefined;
+  const out = Buffer.alloc(3 * CLUSTER + l1Entries * 8);
+  out.writeUInt32BE(QCOW2_MAGIC, 0);
+  out.writeUInt32BE(3, 4);
+  out.writeBigUInt64BE(BigInt(nameOffset), 8);
+  out.writeUInt32BE(name.length, 16);
+  out.writeUInt32BE(CLUSTER_BITS, 20);
+  out.writeBigUInt64BE(BigInt(spec.virtualSize), 24);
+  out.writeUInt32BE(l1Entries, 36); // crypt_method 0 at 32
+  out.writeBigUInt64BE(BigInt(3 * CLUSTER), 40); // L1 table
+  out.writeBigUInt64BE(BigInt(CLUSTER), 48); // refcount table
+  out.writeUInt32BE(1, 56); // refcount table clusters; no snapshots, no feature bits
+  out.writeUInt32BE(4, 96); // refcount_order: 16-bit refcounts
+  out.writeUInt32BE(HEADER_LENGTH, 100); // compression type 0 (zlib) at 104
+  let at = HEADER_LENGTH;
+  out.writeUInt32BE(EXT_BACKING_FORMAT, at);
+  out.writeUInt32BE(format.length, at + 4);
+  format.copy(out, at + 8);
+  at += 8 + formatPadded;
+  out.writeUInt32BE(EXT_FEATURE_TABLE, at);
+  out.writeUInt32BE(FEATURE_TABLE.length, at + 4);
+  FEATURE_TABLE.copy(out, at + 8);
+  at += 8 + FEATURE_TABLE.length + 8; // then the end extension (zeros)
+  name.copy(out, at);
+  out.writeBigUInt64BE(BigInt(2 * CLUSTER), CLUSTER); // refcount table → refcount block
+  for (let c = 0; c < 4; c++) out.writeUInt16BE(1, 2 * CLUSTER + 2 * c);
+  return out;
+}
+
+const CLUSTER_BITS = 16;
+const CLUSTER = 1 << CLUSTER_BITS;
+/** Guest bytes one L1 entry maps: an L2 table of CLUSTER / 8 entries of one cluster each. */
+const L1_ENTRY_BYTES = (CLUSTER / 8) * CLUSTER;
+const HEADER_LENGTH = 112;
+const EXT_FEATURE_TABLE = 0x6803f857;
+
+/** QEMU 7.2's feature name table: (type, bit, name) of 48 bytes each (qcow2.txt, "Feature name table"). */
+const FEATURE_TABLE = ((): Buffer => {
+  const features: [number, number, string][] = [
+    [0, 0, 'dirty bit'],
+    [0, 1, 'corrupt bit'],
+    [0, 2, 'external data file'],
+    [0, 3, 'compression type'],
+    [0, 4, 'extended L2 entries'],
+    [1, 0, 'lazy refcounts'],
+    [2, 0, 'bitmaps'],
+    [2, 1, 'raw external data'],
+  ];
+  const table = Buffer.alloc(48 * features.length);
+  for (const [i, [type, bit, name]] of features.entries()) {
+    table[48 * i] = type;
+    table[48 * i + 1] = bit;
+    table.write(name, 48 * i + 2, 'latin1');
+  }
+  return table;
+})();

@@ -2,6 +2,7 @@ import { execFile } from 'node:child_process';
 import { open, readFile, rm, writeFile } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
 import { promisify } from 'node:util';
+import { encodeOverlay } from './qcow2.js';
 
 const run = promisify(execFile);
 
@@ -24,15 +25,18 @@ const templates = new Map<string, Buffer>();
 const TEMPLATE_MAX_BYTES = 4 * 2 ** 20;
 
 /**
- * Create a qcow2 overlay on a backing image with qemu-img. The name is claimed first with
- * O_EXCL, since qemu-img silently replaces an existing file. A backing path relative to the
+ * Create a qcow2 overlay on a backing image: encoded here (encodeOverlay) in the common case,
+ * else with qemu-img. The name is claimed first with O_EXCL, since qemu-img silently replaces
+ * an existing file. A backing path relative to the
  * overlay's directory keeps the pair movable together. Throws the OS or qemu-img error
  * (stderr in the message); callers wrap it in their own coded error.
  */
 export async function createOverlay(spec: OverlaySpec): Promise<void> {
   const backing = backingReference(spec.overlayFile, spec.backingFile);
   const key = `${backing}\0${spec.backingFormat}\0${spec.virtualSize}`;
-  const template = templates.get(key);
+  const template =
+    templates.get(key) ??
+    encodeOverlay({ backing, backingFormat: spec.backingFormat, virtualSize: spec.virtualSize });
   if (template) {
     await writeFile(spec.overlayFile, template, { flag: 'wx' });
     return;

@@ -64,7 +64,8 @@ export class FaultWorld {
   async nextCommands(qmp: string | undefined): Promise<string> {
     const said: string[] = [];
     const recovered = await recoverStore(this.store);
-    if (recovered.some((a) => a.startsWith('adopted'))) said.push('the store adopted the restored VM');
+    if (recovered.some((a) => a.startsWith('adopted snapshot'))) said.push('the store adopted the snapshot');
+    else if (recovered.some((a) => a.startsWith('adopted'))) said.push('the store adopted the restored VM');
     else if (recovered.length) said.push('the store recovered');
     if (qmp && this.guest.vm.running) {
       const status = await runCli(['status', '--qmp', qmp], this.env());
@@ -73,7 +74,8 @@ export class FaultWorld {
     }
     const gc = await runCli(['gc'], this.env());
     expect(gc.code, gc.stderr).toBe(0);
-    if (/^recovered: adopted/m.test(gc.stdout)) said.push('the store adopted the restored VM');
+    if (/^recovered: adopted snapshot/m.test(gc.stdout)) said.push('the store adopted the snapshot');
+    else if (/^recovered: adopted/m.test(gc.stdout)) said.push('the store adopted the restored VM');
     else if (/^recovered: /m.test(gc.stdout)) said.push('the store recovered');
     return [...new Set(said)].join(', ');
   }

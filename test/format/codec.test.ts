@@ -1,11 +1,14 @@
+import { randomBytes } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import {
+  combinedPageCrc,
   decodePageTable,
   decodeTrailer,
   encodePageTable,
   encodeTrailer,
   isZeroPage,
+  PAGE_SIZE,
   pageCrc,
   sha256Hex,
   TRAILER_MAGIC,
@@ -198,5 +201,27 @@ describe('page table', () => {
 
   it('refuses a length that is not a multiple of 4', () => {
     expect(() => decodePageTable(hex('010203'))).toThrow(RangeError);
+  });
+});
+
+describe('combinedPageCrc', () => {
+  it('equals the CRC-32 of the pages laid end to end, for every run length, and differs after a flipped bit', () => {
+    const pages = randomBytes(PAGE_SIZE * 9);
+    const table = new Uint32Array(9);
+    for (let i = 0; i < 9; i++) table[i] = pageCrc(pages.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
+    for (let first = 0; first < 9; first++) {
+      for (let count = 1; first + count <= 9; count++) {
+        const run = pages.subarray(first * PAGE_SIZE, (first + count) * PAGE_SIZE);
+        expect(combinedPageCrc(table, first, count)).toBe(crc32(run));
+      }
+    }
+    const damaged = Buffer.from(pages);
+    damaged[5 * PAGE_SIZE + 17]! ^= 0x04;
+    expect(crc32(damaged)).not.toBe(combinedPageCrc(table, 0, 9));
+  });
+
+  it('of zero pages is the CRC of a zero run', () => {
+    const table = new Uint32Array(4).fill(ZERO_PAGE_CRC);
+    expect(combinedPageCrc(table, 0, 4)).toBe(crc32(Buffer.alloc(4 * PAGE_SIZE)));
   });
 });

@@ -7,7 +7,7 @@
  * them are there.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -149,6 +149,47 @@ describe.skipIf(!canRun)('Machine leaves nothing behind', () => {
       expect((await sweepMachines(w.tmp)).dirs).toEqual([]);
     } finally {
       await killPid(made.pid);
+    }
+  });
+
+  it('a harness SIGKILLed while its QEMU starts: the next sweep finds that QEMU by its directory', async () => {
+    const w = world('starting');
+    // A QEMU that takes a while to start: the harness dies before it answers QMP or is recorded.
+    const bin = join(sandbox.root, 'slow-bin');
+    mkdirSync(bin);
+    const slow = join(bin, 'qemu-system-x86_64');
+    writeFileSync(slow, `#!/bin/sh\nsleep 2\nexec ${QEMU} "$@"\n`, { mode: 0o755 });
+    const child = spawn(process.execPath, [CHILD, w.disk, 'launching'], {
+      env: { ...sandbox.env, TMPDIR: w.tmp, QSNAP_TEST_QEMU: slow },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    const qemus = () =>
+      processesMentioning(w.tmp).filter((pid) => {
+        try {
+          return readFileSync(`/proc/${pid}/comm`, 'utf8').startsWith('qemu-');
+        } catch {
+          return false;
+        }
+      });
+    let qemu: number | undefined;
+    try {
+      await waitUntil(() => processesMentioning(w.tmp).length > 0, 15_000, 'the slow QEMU started');
+      child.kill('SIGKILL');
+      await exited;
+      await waitUntil(() => qemus().length > 0, 15_000, 'the wrapper exec()ed QEMU');
+      qemu = qemus()[0]!;
+      // The control: nothing but the sweep stops it (the harness is gone, no ledger names it).
+      await new Promise((r) => setTimeout(r, 500));
+      expect(isGone(qemu), 'the orphaned QEMU runs on').toBe(false);
+      const swept = await sweepMachines(w.tmp);
+      expect(swept.qemus).toEqual([qemu]);
+      expect(await waitGone(qemu, 10_000), `QEMU ${qemu} still runs`).toBe(true);
+      expect(readdirSync(w.tmp), 'files in the temp directory').toEqual([]);
+      expect(newShm(), 'entries in /dev/shm').toEqual([]);
+    } finally {
+      child.kill('SIGKILL');
+      if (qemu) await killPid(qemu);
     }
   });
 

@@ -2,7 +2,9 @@
  * The package as a user gets it: `npm pack` from a clean clone of this checkout's HEAD (prepack
  * builds dist/), the tarball installed into a new project, imported from a file compiled under
  * strict TypeScript (skipLibCheck off: qsnap's own .d.ts files are checked too), and one
- * checkpoint/revert run. The tarball is small: no build caches, no guest binaries.
+ * checkpoint/revert run; then docs/harness.md's vitest example (global set-up, a clone per
+ * worker) run by vitest in a project of its own. The tarball is small: no build caches, no guest
+ * binaries.
  *
  * About a minute (tsc twice on a shared host): `make test-package`, or QSNAP_TEST_PACKAGE=1.
  */
@@ -22,9 +24,10 @@ async function run(
   cmd: string,
   args: string[],
   cwd: string,
+  env: NodeJS.ProcessEnv = process.env,
 ): Promise<{ status: number; stdout: string; stderr: string }> {
   try {
-    const { stdout, stderr } = await exec(cmd, args, { cwd, encoding: 'utf8', maxBuffer: 64 * 2 ** 20 });
+    const { stdout, stderr } = await exec(cmd, args, { cwd, env, encoding: 'utf8', maxBuffer: 64 * 2 ** 20 });
     return { status: 0, stdout, stderr };
   } catch (err) {
     const e = err as { code?: number; stdout?: string; stderr?: string };
@@ -37,6 +40,9 @@ async function run(
 }
 
 const PROJECT = join(ROOT, 'test/harness/fixtures/package-project');
+const VITEST_PROJECT = join(ROOT, 'test/harness/fixtures/vitest-project');
+/** Terminal colours (vitest colours its output even into a pipe when its parent did). */
+const ANSI = new RegExp(`${String.fromCharCode(27)}\\[[0-9;]*m`, 'g');
 
 /** Installs the tarball: with npm when the registry answers, else unpacked as npm would, deps linked from the checkout. */
 async function install(project: string, tarball: string): Promise<string> {
@@ -55,6 +61,8 @@ async function install(project: string, tarball: string): Promise<string> {
 
 describe.skipIf(!enabled || !hasQemu)('the npm package', () => {
   let work: string;
+  /** The package as the first test installed it. */
+  let installed: string | undefined;
   beforeAll(() => {
     work = mkdtempSync(join(tmpdir(), 'qsnap-package-'));
   });
@@ -97,5 +105,36 @@ describe.skipIf(!enabled || !hasQemu)('the npm package', () => {
       .map((l: string) => JSON.parse(l) as Record<string, unknown>);
     expect(result).toMatchObject({ changed: 0x42, reset: 0x21, state: 'running' });
     expect(closed).toEqual({ closedCode: 'QSNAP_MACHINE_CLOSED' });
+    installed = join(project, 'node_modules', 'qsnap');
+  });
+
+  it("runs docs/harness.md's vitest example: a global set-up's checkpoint, a clone per worker", async () => {
+    expect(installed, 'the package installed by the test above').toBeDefined();
+    const project = join(work, 'vitest-project');
+    cpSync(VITEST_PROJECT, project, { recursive: true });
+    writeFileSync(
+      join(project, 'package.json'),
+      '{ "name": "my-suite", "private": true, "type": "module" }\n',
+    );
+    mkdirSync(join(project, 'node_modules'));
+    symlinkSync(installed!, join(project, 'node_modules', 'qsnap'));
+    symlinkSync(join(ROOT, 'node_modules/vitest'), join(project, 'node_modules', 'vitest'));
+    const vitest = await run(
+      process.execPath,
+      [join(ROOT, 'node_modules/vitest/vitest.mjs'), 'run'],
+      project,
+    );
+    const output = (vitest.stdout + vitest.stderr).replace(ANSI, '');
+    expect(vitest.status, output).toBe(0);
+    expect(output).toMatch(/Tests\s+4 passed/);
+    const clones = [...output.matchAll(/CLONE ([ab]) (\d+) (\S+)/g)].map((m) => ({
+      file: m[1],
+      pid: Number(m[2]),
+      qmp: m[3],
+    }));
+    expect(clones.map((c) => c.file).sort(), output).toEqual(['a', 'b']);
+    expect(clones[0]!.pid, 'each worker its own QEMU').not.toBe(clones[1]!.pid);
+    expect(clones[0]!.qmp, 'and its own QMP socket').not.toBe(clones[1]!.qmp);
+    for (const { pid } of clones) expect(() => process.kill(pid, 0), `QEMU ${pid} left running`).toThrow();
   });
 });

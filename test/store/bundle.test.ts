@@ -23,6 +23,8 @@ import { storeRestore } from '../../src/store/restore.js';
 import { storeSnapshot } from '../../src/store/snapshot.js';
 import { Store } from '../../src/store/store.js';
 import { flipByte } from '../format/helpers.js';
+import { ensureBuilt } from '../support/build.js';
+import { expectCliError, runCli, runCliOnTerminal } from '../support/cli.js';
 import { canRun } from '../support/env.js';
 import { failure } from '../support/errors.js';
 import { bootGuest, connectConsole, expectCheckOk, type Guest, stopGuest } from '../support/guest.js';
@@ -86,6 +88,7 @@ describe.skipIf(!canRun)('bundles between stores', () => {
   let bundle: string;
 
   beforeAll(async () => {
+    await ensureBuilt();
     sandbox = await openSandbox('bundle');
     guest = await bootGuest(sandbox);
     source = await Store.open({ dir: join(sandbox.root, 'here'), stateDir: sandbox.state });
@@ -125,7 +128,26 @@ describe.skipIf(!canRun)('bundles between stores', () => {
     const refused = await failure(storeRestore(target, { name: 'from-here' }).result);
     expect(refused.code).toBe('QSNAP_STORE_UNTRUSTED');
     expect(refused.message).toContain(imported.cmdline!.join(' '));
-    const r = await storeRestore(target, { name: 'from-here', trustCmdline: true, attached: true }).result;
+    // The CLI: refused without a question in a script; on a terminal shown and asked, "n" refuses.
+    const env = { QSNAP_STORE: target.dir, QSNAP_STATE_DIR: sandbox.state };
+    const piped = await runCli(['restore', 'from-here'], env);
+    expectCliError(piped, 'QSNAP_STORE_UNTRUSTED');
+    const asked = await runCliOnTerminal(['restore', 'from-here'], env, 'n\n');
+    expect(asked.code, asked.output).toBe(1);
+    expect(asked.output).toContain('snapshot from-here came from another machine');
+    expect(asked.output).toContain(`  ${imported.cmdline![0]}\r\n`);
+    expect(asked.output).toContain('run it? [y/N]');
+    expect(asked.output).toContain('[QSNAP_STORE_UNTRUSTED]');
+    let shown: readonly string[] = [];
+    const r = await storeRestore(target, {
+      name: 'from-here',
+      attached: true,
+      confirmCmdline: async (argv) => {
+        shown = argv;
+        return true; // what answering "y" does
+      },
+    }).result;
+    expect(shown).toEqual(imported.cmdline);
     try {
       expect(
         Object.keys(r.relocated).length,

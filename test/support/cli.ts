@@ -88,3 +88,30 @@ export function expectCliError(result: CliResult, code: string): string {
   );
   return lines[0]!;
 }
+
+/**
+ * `qsnap <args>` on a terminal (a pseudo-terminal from util-linux `script`), `input` typed into
+ * it: what a user at a shell sees, stdout and stderr together as `output`.
+ */
+export async function runCliOnTerminal(
+  args: string[],
+  env: NodeJS.ProcessEnv,
+  input: string,
+): Promise<{ code: number | null; output: string }> {
+  const quote = (a: string) => `'${a.replaceAll("'", "'\\''")}'`;
+  const command = [process.execPath, CLI, ...args].map(quote).join(' ');
+  const child = spawn('script', ['-qec', command, '/dev/null'], {
+    cwd: ROOT,
+    env: { ...process.env, QSNAP_DEBUG: '', ...env },
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  let output = '';
+  child.stdout.setEncoding('utf8').on('data', (t: string) => {
+    output += t;
+  });
+  child.stdin.end(input);
+  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+  const code = await new Promise<number | null>((resolveCode) => child.once('close', resolveCode));
+  clearTimeout(timer);
+  return { code, output };
+}

@@ -4,12 +4,18 @@
  * compared with `qemu-img info --backing-chain`.
  */
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { readChain, readImage } from '../../src/vm/image-chain.js';
-import { decodeBackingName, decodeQcow2Header, isQcow2, Qcow2FormatError } from '../../src/vm/qcow2.js';
+import {
+  decodeBackingName,
+  decodeQcow2Header,
+  encodeOverlay,
+  isQcow2,
+  Qcow2FormatError,
+} from '../../src/vm/qcow2.js';
 import { hasQemuImg } from '../support/env.js';
 
 /** A v2 header (72 bytes) + backing format extension + name, as qemu-img -o compat=0.10 writes it. */
@@ -99,5 +105,70 @@ describe.skipIf(!hasQemuImg)('backing chains of real images', () => {
       backing: undefined,
     });
     await expect(readChain(join(dir, 'nothing.qcow2'))).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+});
+
+describe.skipIf(!hasQemuImg)('encodeOverlay: the overlay qemu-img would write', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'qsnap-qcow2-encode-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const version = hasQemuImg ? execFileSync('qemu-img', ['--version'], { encoding: 'utf8' }) : '';
+  // Backing images that exist (qemu-img check opens them), and names of ones that need not.
+  const cases: [string, string, number, boolean][] = [
+    ['base.qcow2', 'qcow2', 80 * 2 ** 20, true],
+    ['b.raw', 'raw', 100 * 2 ** 30, true],
+    ['/var/lib/images/some base,with comma.qcow2', 'qcow2', 2 ** 40 + 512, false],
+    ['x'.repeat(1023), 'qcow2', 512, false],
+  ];
+
+  it.each(cases)(
+    'backing %s (%s, %d bytes): read back by qemu-img (and checked when the backing exists); byte-identical to qemu-img 7.2',
+    (backing, format, size, exists) => {
+      const ours = encodeOverlay({ backing, backingFormat: format, virtualSize: size });
+      expect(ours).toBeDefined();
+      const mine = join(dir, 'ours.qcow2');
+      const theirs = join(dir, 'theirs.qcow2');
+      rmSync(theirs, { force: true });
+      writeFileSync(mine, ours!);
+      if (exists) {
+        if (format === 'raw') writeFileSync(join(dir, backing), '');
+        else execFileSync('qemu-img', ['create', '-q', '-f', format, join(dir, backing), String(size)]);
+        execFileSync('qemu-img', ['check', '-q', mine]);
+      }
+      const info = JSON.parse(
+        execFileSync('qemu-img', ['info', '--output=json', mine], { encoding: 'utf8' }),
+      );
+      expect(info).toMatchObject({
+        format: 'qcow2',
+        'virtual-size': size,
+        'backing-filename': backing,
+        'backing-filename-format': format,
+        'format-specific': { data: { compat: '1.1', 'refcount-bits': 16, corrupt: false } },
+      });
+      execFileSync('qemu-img', [
+        'create',
+        '-q',
+        '-f',
+        'qcow2',
+        '-u',
+        '-b',
+        backing,
+        '-F',
+        format,
+        theirs,
+        String(size),
+      ]);
+      if (/version 7\.2\./.test(version)) expect(ours!.equals(readFileSync(theirs))).toBe(true);
+    },
+  );
+
+  it('declines what it does not encode: past 4 TiB, a size not of whole sectors, an empty or too long name', () => {
+    expect(
+      encodeOverlay({ backing: 'b', backingFormat: 'qcow2', virtualSize: 4 * 2 ** 40 + 2 ** 29 }),
+    ).toBeUndefined();
+    expect(encodeOverlay({ backing: 'b', backingFormat: 'qcow2', virtualSize: 1000 })).toBeUndefined();
+    expect(encodeOverlay({ backing: '', backingFormat: 'qcow2', virtualSize: 512 })).toBeUndefined();
+    expect(
+      encodeOverlay({ backing: 'x'.repeat(1024), backingFormat: 'qcow2', virtualSize: 512 }),
+    ).toBeUndefined();
   });
 });

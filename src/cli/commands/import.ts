@@ -10,7 +10,8 @@ const spec = {
   summary:
     'Import a bundle (qsnap export --bundle) into the store. It is verified before it lands: its\n' +
     'structure, every checksum, the snapshot file, and each disk being a standalone image. The\n' +
-    'command line it carries is shown; `qsnap restore` runs it only with --trust-cmdline.',
+    'command line it carries is shown; `qsnap restore` asks before running it on a terminal, and\n' +
+    'runs it in a script only with --trust-cmdline.',
   usage: 'qsnap import <bundle> [--name <name>] [--json] [--store <dir>]',
   options: { name: { type: 'string', short: 'n' }, json: { type: 'boolean' }, ...STORE_OPTION },
   help: {
@@ -38,7 +39,7 @@ export async function importCommand(argv: string[], env: CliEnv): Promise<number
   if (r.cmdline) {
     out.text(`cmdline   ${r.cmdline.join(' ')}`);
     out.text(
-      `          (from another machine: read it; \`qsnap restore ${r.name} --trust-cmdline\` runs it, or give your own after --)`,
+      `          (from another machine: read it; \`qsnap restore ${r.name}\` asks before it runs it, --trust-cmdline does not ask; or give your own after --)`,
     );
   }
   return 0;

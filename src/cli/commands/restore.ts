@@ -5,6 +5,7 @@ import type { RestoreOptions, RestoreResult } from '../../engine/restore/types.j
 import { type StoreRestoreResult, storeRestore } from '../../store/restore.js';
 import { sweepStaleRunDirs } from '../../vm/run-dir.js';
 import { parseCommand, UsageError } from '../args.js';
+import { terminalConfirm } from '../confirm.js';
 import { refuseWithDaemon, remoteOperation } from '../daemon.js';
 import type { CliEnv } from '../env.js';
 import { formatMs, makeOutput, type Output } from '../output.js';
@@ -38,7 +39,8 @@ const spec = {
     paused: 'leave the guest paused after loading',
     qmp: 'QMP socket to add if the command line has none (default: <run-dir>/qmp.sock)',
     ...STORE_HELP,
-    'trust-cmdline': 'run the command line an imported snapshot came with (read it first: qsnap list --json)',
+    'trust-cmdline':
+      'run the command line an imported snapshot came with without asking (on a terminal qsnap shows it and asks)',
     'overlay-dir': 'where the restore overlays go (default: beside each frozen disk layer)',
     'run-dir': "directory for QEMU's log (default: a new temp directory)",
     'verify-all':
@@ -104,11 +106,13 @@ export async function restoreCommand(argv: string[], env: CliEnv): Promise<numbe
     );
   }
   const store = await openStore(env, values.store, out);
+  const confirm = values['trust-cmdline'] ? undefined : terminalConfirm(values.json ?? false);
   const op = storeRestore(store, {
     ...common,
     name: target,
     ...(qemuArgv.length ? { argv: qemuArgv } : {}),
     trustCmdline: values['trust-cmdline'] ?? false,
+    ...(confirm ? { confirmCmdline: confirm } : {}),
   });
   return report((await runOperation(op, out, env)).result, target, out);
 }

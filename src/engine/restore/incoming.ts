@@ -2,9 +2,11 @@ import { Socket, type SocketConstructorOpts } from 'node:net';
 import { QsnapError } from '../../errors.js';
 import type { SnapshotReader } from '../../format/index.js';
 import type { QmpClient } from '../../qmp/index.js';
+import type { ParsedCommandLine } from '../../vm/cmdline.js';
 import type { Vm } from '../../vm/launcher.js';
+import { parseQemuOpts } from '../../vm/qemu-opts.js';
 import { RestoreError } from '../errors.js';
-import { MIGRATION_ENDED, pollMigration } from '../migration.js';
+import { MIGRATION_ENDED, type MigrationInfo } from '../migration.js';
 import { readMachineType, readRamBytes, versionAtLeast } from '../probe.js';
 
 /**
@@ -39,6 +41,38 @@ export async function checkCompatible(qmp: QmpClient, reader: SnapshotReader): P
   if (ramBytes !== m.vm.ramBytes) throw ramSizeError(ramBytes, m.vm.ramBytes);
 }
 
+/** Memory backends whose memory is zero when QEMU starts (anonymous memory, a new memfd). */
+const ZEROED_BACKENDS = new Set(['child<memory-backend-ram>', 'child<memory-backend-memfd>']);
+
+/**
+ * Whether the new QEMU's guest RAM is all zeros before the load, so zero pages need not be sent:
+ * every memory backend is fresh anonymous memory or a new memfd (a file backend — also what
+ * `-mem-path` creates — holds the file's bytes), and no ROM is loaded into RAM (`info roms`
+ * marks those `mem=ram`; QEMU copies them in at its start-up reset). The guest has not run.
+ */
+export async function guestRamZeroed(qmp: QmpClient): Promise<boolean> {
+  const [objects, roms] = await Promise.all([
+    qmp.execute('qom-list', { path: '/objects' }),
+    qmp.execute('human-monitor-command', { 'command-line': 'info roms' }),
+  ]);
+  const backends = objects.filter((o) => o.type.startsWith('child<memory-backend'));
+  return backends.every((o) => ZEROED_BACKENDS.has(o.type)) && !/\bmem=ram\b/.test(String(roms));
+}
+
+/**
+ * What the command line says of guestRamZeroed, before QEMU runs: false with a file backend
+ * (`-object memory-backend-file`, `-mem-path`). A guess to start building the stream on; only
+ * QEMU's answer decides.
+ */
+export function commandLineRamZeroed(parsed: ParsedCommandLine): boolean {
+  return !parsed.entries.some(
+    (e) =>
+      e.option === '-mem-path' ||
+      (e.option === '-object' &&
+        parseQemuOpts(e.value ?? '', 'qom-type').implied?.startsWith('memory-backend-file') === true),
+  );
+}
+
 export function ramSizeError(given: number, snapshot: number): RestoreError {
   return new RestoreError(
     'QSNAP_RESTORE_RAM_SIZE',
@@ -67,13 +101,44 @@ export async function connectWhenListening(path: string, timeoutMs: number): Pro
   }
 }
 
-/** Wait until QEMU's incoming migration completed; its failure as QSNAP_RESTORE_LOAD. */
+/**
+ * Wait until QEMU's incoming migration completed; its failure as QSNAP_RESTORE_LOAD. Told by
+ * QEMU's MIGRATION event (the `events` capability must be on): a 7.2 destination loads in its
+ * main loop, where every query-migrate of a tight poll interrupts the load. A slow poll covers
+ * an event that never comes.
+ */
 export async function waitIncoming(qmp: QmpClient, timeoutMs: number): Promise<void> {
-  const { info, timedOut } = await pollMigration(qmp, {
-    done: (status) => MIGRATION_ENDED.has(status),
-    intervalMs: 2,
-    timeoutMs,
+  const deadline = Date.now() + timeoutMs;
+  let ended = false;
+  let wake = (): void => {};
+  let timer: NodeJS.Timeout | undefined;
+  const off = qmp.on('MIGRATION', (e) => {
+    if (!MIGRATION_ENDED.has(e.data.status)) return;
+    ended = true;
+    wake();
   });
+  let info: MigrationInfo;
+  let timedOut = false;
+  try {
+    for (;;) {
+      info = await qmp.execute('query-migrate');
+      if (MIGRATION_ENDED.has(info.status ?? 'none')) break;
+      if (Date.now() > deadline) {
+        timedOut = true;
+        break;
+      }
+      // The event may have come with the reply, before this wait.
+      if (!ended)
+        await new Promise<void>((resolve) => {
+          wake = resolve;
+          timer = setTimeout(resolve, Math.min(100, Math.max(1, deadline - Date.now())));
+        });
+      clearTimeout(timer);
+    }
+  } finally {
+    off();
+    clearTimeout(timer);
+  }
   if (timedOut) {
     throw new RestoreError('QSNAP_RESTORE_LOAD', `QEMU did not finish loading within ${timeoutMs} ms`, {
       hint: 'see the QEMU log',

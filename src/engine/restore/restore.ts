@@ -3,6 +3,7 @@ import { mkdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { QsnapError } from '../../errors.js';
 import { openSnapshot, type SnapshotReader } from '../../format/index.js';
+import { SectionPool } from '../../stream/index.js';
 import { type ParsedCommandLine, parseCommandLine } from '../../vm/cmdline.js';
 import { relocateSockets, rewriteCommandLine } from '../../vm/cmdline-rewrite.js';
 import { Vm } from '../../vm/launcher.js';
@@ -10,8 +11,15 @@ import { recordQemu, runDirPath } from '../../vm/run-dir.js';
 import { RestoreError } from '../errors.js';
 import { Operation, type OperationContext } from '../operation.js';
 import { createRestoreOverlay, type PairedDisk, pairDisks } from './disk-pairing.js';
-import { feed, snapshotStream } from './file-stream.js';
-import { checkCompatible, connectWhenListening, loadFailure, waitIncoming } from './incoming.js';
+import { feed, PulledAhead, snapshotStream } from './file-stream.js';
+import {
+  checkCompatible,
+  commandLineRamZeroed,
+  connectWhenListening,
+  guestRamZeroed,
+  loadFailure,
+  waitIncoming,
+} from './incoming.js';
 import { checkLazy } from './lazy.js';
 import type { RestoreMode, RestoreOptions, RestoreResult } from './types.js';
 
@@ -32,6 +40,30 @@ interface Made {
   files: string[];
   vm: Vm | undefined;
   runDir: string | undefined;
+  /** The stream being built for QEMU. */
+  stream?: PlannedStream;
+}
+
+/** The migration stream of a restore, pulled ahead into reusable section buffers. */
+interface PlannedStream {
+  chunks: PulledAhead;
+  sections: SectionPool;
+  /** Built without the main block's zero pages. */
+  zeroed: boolean;
+}
+
+/** How much of the stream is built ahead, while QEMU starts. */
+const AHEAD_BYTES = 32 * 2 ** 20;
+
+function buildStream(reader: SnapshotReader, mode: RestoreMode, zeroed: boolean): PlannedStream {
+  const sections = new SectionPool();
+  const stream = snapshotStream(reader, {
+    skipMainBlock: mode === 'lazy',
+    verify: 'data',
+    mainBlockZeroed: zeroed,
+    sections,
+  });
+  return { chunks: new PulledAhead(stream, AHEAD_BYTES), sections, zeroed };
 }
 
 async function runRestore(options: RestoreOptions, op: OperationContext): Promise<RestoreResult> {
@@ -44,13 +76,19 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
     if (!options.runDir) made.runDir = runDir;
     const { parsed, disks, argv, qmpPath, relocated } = await prepare(reader, options, runDir, made, op);
     await options.onPrepared?.({ overlays: [...made.files], runDir });
+    // Built from now on, while QEMU starts; rebuilt if QEMU's RAM turns out not to be zero.
+    made.stream = buildStream(
+      reader,
+      options.lazy ? 'lazy' : 'full',
+      !options.lazy && commandLineRamZeroed(parsed),
+    );
     op.phase('launch');
     const vm = await launch(parsed, argv, qmpPath, runDir, options, made);
     await options.onLaunched?.({ pid: vm.pid, qmp: qmpPath });
     op.phase('launched');
     op.phase('load');
     const incoming = join(runDir, `incoming-${randomBytes(4).toString('hex')}.sock`);
-    const loadMs = await load(vm, reader, options.lazy ? 'lazy' : 'full', incoming, op);
+    const loadMs = await load(vm, reader, options.lazy ? 'lazy' : 'full', incoming, op, made);
     const result = await resume(vm, reader, options, op);
     const restoreMs = performance.now() - startedAt;
     return {
@@ -168,32 +206,33 @@ async function load(
   mode: RestoreMode,
   incoming: string,
   op: OperationContext,
+  made: Made,
 ): Promise<number> {
   const started = performance.now();
   const qmp = vm.qmp;
   // The checks and the incoming set-up go out together (QMP answers in order); a failed
   // check kills this QEMU before any state is sent.
-  await Promise.all([
+  const [, zeroed] = await Promise.all([
     checkCompatible(qmp, reader),
+    mode === 'full' ? guestRamZeroed(qmp) : false,
     qmp
       .execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
       .then(() => qmp.execute('migrate-incoming', { uri: `unix:${incoming}` })),
   ]);
   op.phase('checked');
+  if (made.stream && made.stream.zeroed !== zeroed) {
+    await made.stream.chunks.discard();
+    made.stream = undefined;
+  }
+  const stream = made.stream ?? buildStream(reader, mode, zeroed);
   const socket = await connectWhenListening(incoming, 10_000);
   const loaded = waitIncoming(qmp, 30 * 60_000).catch(async (err) => {
     throw await loadFailure(vm, err);
   });
   loaded.catch(() => undefined);
-  const total = reader.manifest.ram.blocks.reduce(
-    (sum, b, i) => (mode === 'lazy' && i === 0 ? sum : sum + b.usedLength),
-    0,
-  );
+  const total = streamRamBytes(reader, mode, stream.zeroed);
   try {
-    await feed(
-      socket,
-      counted(snapshotStream(reader, { skipMainBlock: mode === 'lazy', verify: 'data' }), total, op),
-    );
+    await feed(socket, counted(stream.chunks, total, op), stream.sections);
   } catch (err) {
     socket.destroy();
     // A bad page of the file is the cause; QEMU failing on the cut stream is its effect.
@@ -207,6 +246,14 @@ async function load(
   return performance.now() - started;
 }
 
+/** About the RAM bytes of the stream: a record header and 4096 bytes per data page, 9 per zero page sent. */
+function streamRamBytes(reader: SnapshotReader, mode: RestoreMode, zeroed: boolean): number {
+  return reader.manifest.ram.blocks.reduce((sum, b, i) => {
+    if (mode === 'lazy' && i === 0) return sum;
+    return sum + b.dataPages * (8 + 4096) + (zeroed && i === 0 ? 0 : b.zeroPages * 9);
+  }, 0);
+}
+
 async function* counted(
   chunks: AsyncIterable<Buffer>,
   total: number,
@@ -218,6 +265,7 @@ async function* counted(
     op.progress(Math.min(sent, total), total, 'load');
     yield chunk;
   }
+  op.progress(total, total, 'load');
 }
 
 /** Resume the guest if it ran at the snapshot (and the caller did not ask for paused). */
@@ -228,8 +276,11 @@ async function resume(
   op: OperationContext,
 ): Promise<Pick<RestoreResult, 'mode' | 'pid' | 'logFile' | 'runState' | 'vm'>> {
   const run = !options.paused && reader.manifest.vm.runStateBefore === 'running';
-  if (run) await vm.qmp.execute('cont');
-  const status = await vm.qmp.execute('query-status');
+  // Sent together: QMP answers in order, so the status is the one after cont.
+  const [, status] = await Promise.all([
+    run ? vm.qmp.execute('cont') : undefined,
+    vm.qmp.execute('query-status'),
+  ]);
   op.phase(run ? 'running' : 'loaded');
   const result = {
     mode: (options.lazy ? 'lazy' : 'full') as RestoreMode,
@@ -247,6 +298,7 @@ function restored(d: PairedDisk): { device: string; frozenFile: string; overlayF
 }
 
 async function undo(made: Made): Promise<void> {
+  await made.stream?.chunks.discard().catch(() => undefined);
   await made.vm?.kill().catch(() => undefined);
   await made.vm?.qmp?.close().catch(() => undefined);
   for (const file of made.files) await rm(file, { force: true });

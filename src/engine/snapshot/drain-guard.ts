@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import type { Socket } from 'node:net';
+import type { Server, Socket } from 'node:net';
 import type { Writable } from 'node:stream';
 
 /**
@@ -16,18 +16,43 @@ import type { Writable } from 'node:stream';
  * end-of-file; then it reads the socket to its end and exits. The socket is passed as fd 4,
  * not as stdin: libuv makes a child's fds 0–2 blocking, and the flag is shared with qsnap's
  * own descriptor of the socket.
+ *
+ * Between `migrate` and qsnap accepting QEMU's connection there is no stream to hold yet, so a
+ * first guard holds the listening socket instead (`spawnListening`): if qsnap dies in that
+ * window, that guard accepts QEMU's connection and drains it. Once qsnap has accepted, the
+ * connection's guard replaces it.
  */
+/**
+ * How long a guard holding the listening socket waits for QEMU to connect once qsnap died:
+ * QEMU connects while it runs the `migrate` command (its connection then waits in the
+ * backlog); a `migrate` qsnap never sent never connects.
+ */
+const LISTENING_GUARD_WAIT_MS = 5000;
+
 const PROGRAM = `// qsnap drain guard
 process.title = 'qsnap-drain-guard';
 const net = require('node:net');
+const listening = process.argv[1] === 'listening';
 let draining = false;
-function drain() {
-  if (draining) return;
-  draining = true;
-  const stream = new net.Socket({ fd: 4, readable: true, writable: false });
+function read(stream) {
   stream.on('data', () => {});
   stream.on('end', () => process.exit(0));
   stream.on('error', () => process.exit(0));
+}
+function drain() {
+  if (draining) return;
+  draining = true;
+  if (!listening) return read(new net.Socket({ fd: 4, readable: true, writable: false }));
+  // qsnap died before it accepted QEMU's connection: accept it here (QEMU may be about to
+  // connect, or be waiting in the backlog), read it to its end. Nobody coming: exit.
+  const server = net.createServer((socket) => {
+    clearTimeout(timer);
+    server.close();
+    read(socket);
+  });
+  server.on('error', () => process.exit(0));
+  server.listen({ fd: 4 });
+  const timer = setTimeout(() => process.exit(0), ${LISTENING_GUARD_WAIT_MS});
 }
 const control = new net.Socket({ fd: 3, readable: true, writable: false });
 control.on('data', drain);
@@ -40,8 +65,18 @@ export class DrainGuard {
 
   /** Start a guard holding `socket`; it waits, reading nothing, until told or until qsnap dies. */
   static spawn(socket: Socket): DrainGuard {
-    const child = spawn(process.execPath, ['-e', PROGRAM], {
-      stdio: ['ignore', 'ignore', 'ignore', 'pipe', socket],
+    return DrainGuard.start('connected', socket);
+  }
+
+  /** Start a guard holding the listening `server` (before QEMU connects): see above. */
+  static spawnListening(server: Server): DrainGuard | undefined {
+    const fd = (server as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    return typeof fd === 'number' && fd >= 0 ? DrainGuard.start('listening', fd) : undefined;
+  }
+
+  private static start(mode: 'connected' | 'listening', held: Socket | number): DrainGuard {
+    const child = spawn(process.execPath, ['-e', PROGRAM, mode], {
+      stdio: ['ignore', 'ignore', 'ignore', 'pipe', held],
       detached: true,
     });
     child.on('error', () => undefined);

@@ -6,6 +6,7 @@ import { configureMigration, type MigrationSettings, type MigrationWant } from '
 import { versionAtLeast } from '../probe.js';
 import { isRamNotWriteProtectable } from '../ram-protection.js';
 import type { SnapshotContext, SnapshotRun } from './context.js';
+import { prefaultFileRam } from './prefault.js';
 import { precopyStrategy } from './preflight.js';
 import { precopyTuning } from './tuning.js';
 import { cancelled, qemuGone, timeout, waitRunStateSettled } from './waits.js';
@@ -24,6 +25,8 @@ export async function prepare(ctx: SnapshotContext, run: SnapshotRun): Promise<v
   run.settings = await configure(ctx);
   await intent.update({ tempFiles: [run.socketDir], migration: run.settings.saved });
   await prepareOverlays(qmp, ctx.overlays);
+  // RAM mapped from a file (a lazy restore): its page faults taken now, not in the pause.
+  if (ctx.strategy === 'background-snapshot') await prefaultFileRam(qmp, ctx.options.qmp);
   await run.receiver.listen();
   ctx.op.phase('prepared');
   await intent.update({ stage: ctx.strategy === 'live-precopy' ? 'precopy' : 'paused' });

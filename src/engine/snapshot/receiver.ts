@@ -76,6 +76,7 @@ export class StreamReceiver {
   private server: Server | undefined;
   private socket: Socket | undefined;
   private guard: DrainGuard | undefined;
+  private listeningGuard: DrainGuard | undefined;
   private writer: SnapshotWriter | undefined;
   private creating: Promise<void> | undefined;
   private pending: PendingPage[] = [];
@@ -109,6 +110,8 @@ export class StreamReceiver {
       server.once('error', reject);
       server.listen(this.options.socketPath, () => {
         server.off('error', reject);
+        // Before `migrate`: a kill of qsnap before it accepts QEMU's connection is covered too.
+        if (this.options.needsDrainGuard()) this.listeningGuard = DrainGuard.spawnListening(server);
         resolve();
       });
     });
@@ -128,6 +131,7 @@ export class StreamReceiver {
 
   async close(): Promise<void> {
     if (!this.failed) this.guard?.dismiss();
+    this.dismissListeningGuard();
     this.socket?.destroy();
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
     await rm(this.options.socketPath, { force: true });
@@ -142,6 +146,7 @@ export class StreamReceiver {
     this.socket = socket;
     this.server?.close();
     if (this.options.needsDrainGuard()) this.guard = DrainGuard.spawn(socket);
+    this.dismissListeningGuard();
     if (this.failed) {
       // qsnap failed between `migrate` and this connection: QEMU's background snapshot may
       // already be under way, so it must be drained like any other (never just dropped).
@@ -161,6 +166,12 @@ export class StreamReceiver {
       ),
     );
     reader.resume();
+  }
+
+  /** The listening socket's guard is not needed once qsnap holds the connection (or gave up). */
+  private dismissListeningGuard(): void {
+    this.listeningGuard?.dismiss();
+    this.listeningGuard = undefined;
   }
 
   private onData(socket: Socket, parser: MigrationStreamParser, chunk: Buffer): void {
@@ -255,6 +266,8 @@ export class StreamReceiver {
   private fail(err: unknown): void {
     if (this.failed) return;
     this.failed = true;
+    // qsnap lives on: a connection still to come is accepted and handed off by accept().
+    this.dismissListeningGuard();
     this.handOff();
     this.settle.reject(err);
   }
