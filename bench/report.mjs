@@ -157,7 +157,7 @@ export function markdown(result, summary) {
           `${size.runs.filter((r) => r.rows.qsnap?.guestCheckOk).length}/${size.runs.length} passed, ` +
           `after the reverts: ${size.revert.checkOk ? 'passed' : 'FAILED'}; ` +
           `reverts per second: ${(1000 / stats(size.revert.revertMs).median).toFixed(1)}; ` +
-          `idle workload ${formatNumber(stats(size.runs.map((r) => r.idleMibps)).median)} MiB/s.`,
+          `idle workload ${formatNumber(stats(size.runs.flatMap((r) => Object.values(r.rows).map((x) => x.idleMibps))).median)} MiB/s (median of the idle windows).`,
       );
     }
   }

@@ -4,10 +4,9 @@ import { execFileSync } from 'node:child_process';
 import { mkdir } from 'node:fs/promises';
 import os from 'node:os';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { BenchGuest } from './lib/guest.mjs';
-import { idleRateMibps, measureSave } from './lib/measure.mjs';
-import { UNLIMITED_BANDWIDTH } from './lib/qemu.mjs';
+import { measureSave } from './lib/measure.mjs';
+import { collapseChain, UNLIMITED_BANDWIDTH } from './lib/qemu.mjs';
 import bgSnapshot from './paths/bg-snapshot.mjs';
 import mappedRam from './paths/mapped-ram.mjs';
 import qsnap from './paths/qsnap.mjs';
@@ -16,13 +15,12 @@ import savevm from './paths/savevm.mjs';
 import virshSave from './paths/virsh-save.mjs';
 
 export const PATHS = [savevm, virshSave, mappedRam, bgSnapshot, qsnap];
-const IDLE_WINDOW_MS = 1500;
 
 /**
  * @param qemu {label, binary, major}
  * @param undo the caller's clean-up list: the guest goes on it while it runs
  */
-export async function benchSize({ qemu, memoryMiB, workloadMiB, runs, reverts, gapMs, workDir, log, undo }) {
+export async function benchSize({ qemu, memoryMiB, workloadMiB, runs, reverts, idleMs, workDir, log, undo }) {
   const dir = join(workDir, `q${qemu.label}-${memoryMiB}`);
   await mkdir(dir, { recursive: true });
   const name = `[QEMU ${qemu.label}, ${memoryMiB} MiB]`;
@@ -41,21 +39,20 @@ export async function benchSize({ qemu, memoryMiB, workloadMiB, runs, reverts, g
       run: i + 1,
       order: order.map((p) => p.id),
       loadAvg1: +os.loadavg()[0].toFixed(2),
-      idleMibps: await idleRateMibps(guest, IDLE_WINDOW_MS),
       rows: {},
     };
     for (const path of order) {
-      if (gapMs > 0) await sleep(gapMs);
       // The writeback of one path's file must not overlap the next measurement.
       execFileSync('sync');
       const ctx = { guest, dir, tag: `${i + 1}-${path.id}`, major: qemu.major };
       const prepared = path.prepare ? await path.prepare(ctx) : undefined;
-      const { figures, restore } = await measureSave(guest, run.idleMibps, () => path.save(ctx, prepared));
+      const { figures, restore } = await measureSave(guest, idleMs, () => path.save(ctx, prepared));
       if (path.checkAfter) figures.guestCheckOk = await guest.check();
       const restored = await path.restore(ctx, restore);
       for (const [rowId, restoreMs] of Object.entries(restored)) {
         run.rows[rowId] = { ...(rowId === path.id ? figures : {}), restoreMs };
       }
+      await collapseChain(guest.qmp);
     }
     log(`${name} run ${i + 1}/${runs}: ${describeRun(run)}`);
     results.push(run);

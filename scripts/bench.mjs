@@ -12,7 +12,7 @@
 // docs/benchmarks.md ("The benchmark suite") explains every column.
 //
 //   node scripts/bench.mjs [--quick | --full] [--sizes 256,1024] [--runs 3] [--reverts 5]
-//       [--qemu 7.2,10] [--json] [--out-dir DIR] [--results-dir DIR] [--gap-ms 300]
+//       [--qemu 7.2,10] [--json] [--out-dir DIR] [--results-dir DIR] [--idle-ms 1000]
 //
 // Progress goes to stderr; the table to stdout (with --json, stdout is the JSON document only).
 // Every QEMU is stopped by pid and every file removed, also on an error or Ctrl-C.
@@ -38,7 +38,8 @@ const USAGE = `usage: node scripts/bench.mjs [options]
   --json                the raw numbers as JSON on stdout
   --out-dir DIR         where the guests and their files go (default: a temp dir; removed)
   --results-dir DIR     where <date>.md and <date>.svg go (default bench/results)
-  --gap-ms N            pause between two measurements (default 300)`;
+  --idle-ms N           the workload's undisturbed window before each measurement, its
+                        throughput reference (default 1000; --quick 500)`;
 
 function fail(message) {
   console.error(`bench: ${message}\n${USAGE}`);
@@ -66,7 +67,7 @@ function parseOptions(argv) {
         json: { type: 'boolean', default: false },
         'out-dir': { type: 'string' },
         'results-dir': { type: 'string' },
-        'gap-ms': { type: 'string', default: '300' },
+        'idle-ms': { type: 'string' },
         help: { type: 'boolean', short: 'h', default: false },
       },
     }));
@@ -100,7 +101,7 @@ function parseOptions(argv) {
     json: values.json,
     outDir: values['out-dir'] ? resolve(values['out-dir']) : undefined,
     resultsDir: resolve(values['results-dir'] ?? join(ROOT, 'bench', 'results')),
-    gapMs: values['gap-ms'] === '0' ? 0 : positiveInt(values['gap-ms'], '--gap-ms'),
+    idleMs: values['idle-ms'] ? positiveInt(values['idle-ms'], '--idle-ms') : mode === 'quick' ? 500 : 1000,
   };
 }
 
@@ -154,7 +155,7 @@ async function benchQemu(options, label, binary, parentDir, benchSize, qemuVersi
           workloadMiB: Math.min(MAX_WORKLOAD_MIB, Math.floor(memoryMiB / 4)),
           runs: options.runs,
           reverts: options.reverts,
-          gapMs: options.gapMs,
+          idleMs: options.idleMs,
           workDir,
           log,
           undo,

@@ -1,28 +1,26 @@
 // One save measured the same way for every path: QEMU's STOP→RESUME, the guest's heartbeat
 // delay, the time, the CPU of QEMU and of the receiver, and the workload's memory throughput
-// while it ran (relative to the idle rate of the same run).
+// while it ran relative to its rate just before (the host is shared: the rate moves with its
+// load, so the idle reference is taken right next to each measurement).
 import { processCpuMs } from './host.mjs';
 import { recordEvents } from './qemu.mjs';
 
 const MiB = 2 ** 20;
-
-/** Memory throughput of the undisturbed workload over `ms` (MiB/s). */
-export async function idleRateMibps(guest, ms) {
-  const a = await guest.progress();
-  await new Promise((r) => setTimeout(r, ms));
-  const b = await guest.progress();
-  return rateMibps(a, b);
-}
 
 function rateMibps(a, b) {
   return ((b.pages - a.pages) * 4096) / MiB / ((b.atMs - a.atMs) / 1000);
 }
 
 /**
- * Runs `save()` (which returns the path's own figures: totalMs when it times itself, bytes,
- * receiverCpuMs) inside one measurement window and adds what is measured from outside.
+ * Runs `save()` (which returns the path's own figures: bytes, receiverCpuMs, and what its
+ * restore needs) inside one measurement window, after `idleMs` of the undisturbed workload,
+ * and adds what is measured from outside. Returns once a heartbeat after the window arrived,
+ * so the heartbeat gap around it is known before anything else (a loadvm) runs.
  */
-export async function measureSave(guest, idleMibps, save) {
+export async function measureSave(guest, idleMs, save) {
+  await guest.heartbeatAfter(0); // a heartbeat before the window (the first comes 1 s after boot)
+  const idleFrom = await guest.progress();
+  await new Promise((r) => setTimeout(r, idleMs));
   const before = await guest.progress();
   const events = recordEvents(guest.qmp);
   const qemuCpuBefore = await processCpuMs(guest.pid);
@@ -45,7 +43,8 @@ export async function measureSave(guest, idleMibps, save) {
       heartbeatDelayMs: guest.heartbeatDelayMs(startMs, endMs),
       totalMs: endMs - startMs,
       qemuCpuMs,
-      throughputPct: (rateMibps(before, after) / idleMibps) * 100,
+      idleMibps: rateMibps(idleFrom, before),
+      throughputPct: (rateMibps(before, after) / rateMibps(idleFrom, before)) * 100,
       ...figures,
     },
     restore,

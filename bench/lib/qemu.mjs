@@ -131,3 +131,29 @@ export async function incomingDone(qmp) {
 export async function removeAll(...files) {
   await Promise.all(files.filter(Boolean).map((f) => rm(f, { recursive: true, force: true })));
 }
+
+/**
+ * Streams every layer between the guest's first disk image and its live overlay into the
+ * overlay (block-stream with the first image as base), so the chain stays two layers long
+ * however many saves froze a layer: every path of every run sees the same disk. The layers
+ * taken out stay on disk (the work directory goes at the end).
+ */
+export async function collapseChain(qmp, baseNode = 'disk0') {
+  const top = await topDisk(qmp);
+  const blocks = await qmp.execute('query-block');
+  const image = blocks.find((b) => b.inserted?.['node-name'] === top.node).inserted.image;
+  let depth = 0;
+  for (let i = image; i; i = i['backing-image']) depth++;
+  if (depth <= 2) return;
+  const jobId = `bench-stream-${Date.now()}`;
+  const done = new Promise((resolve, reject) => {
+    const off = qmp.on('BLOCK_JOB_COMPLETED', (e) => {
+      if (e.data.device !== jobId) return;
+      off();
+      if (e.data.error) reject(new Error(`block-stream: ${e.data.error}`));
+      else resolve();
+    });
+  });
+  await qmp.execute('block-stream', { 'job-id': jobId, device: top.node, 'base-node': baseNode });
+  await done;
+}

@@ -97,7 +97,7 @@ describe.skipIf(!canRun)('bench --quick on the test guest (one size, one run, QE
     ensureBuilt();
     outDir = await mkdtemp(join(tmpdir(), 'qsnap-bench-smoke-'));
     resultsDir = await mkdtemp(join(tmpdir(), 'qsnap-bench-results-'));
-    // 128 MiB and one revert keep it short; --gap-ms 0: nothing else to wait for.
+    // 128 MiB and one revert keep it short.
     result = await bench([
       '--quick',
       '--json',
@@ -105,8 +105,6 @@ describe.skipIf(!canRun)('bench --quick on the test guest (one size, one run, QE
       '128',
       '--reverts',
       '1',
-      '--gap-ms',
-      '0',
       '--out-dir',
       outDir,
       '--results-dir',
