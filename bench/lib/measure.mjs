@@ -12,8 +12,8 @@ function rateMibps(a, b) {
 }
 
 /**
- * Runs `save()` (which returns the path's own figures: bytes, receiverCpuMs, and what its
- * restore needs) inside one measurement window, after `idleMs` of the undisturbed workload,
+ * Runs `save()` (which returns the path's own figures: bytes, receiverCpuMs, totalMs when it
+ * times a command more closely than the window, and what its restore needs) inside one measurement window, after `idleMs` of the undisturbed workload,
  * and adds what is measured from outside. Returns once a heartbeat after the window arrived,
  * so the heartbeat gap around it is known before anything else (a loadvm) runs.
  */

@@ -14,16 +14,21 @@ export default {
   label: 'HMP savevm / loadvm',
   what: "QEMU's internal qcow2 snapshot, guest stopped throughout",
   available: () => true,
-  async save({ guest, tag }) {
+  async prepare({ guest }) {
     const top = await topDisk(guest.qmp);
-    const before = await fileBytes(top.file);
+    return { top, before: await fileBytes(top.file) };
+  },
+  async save({ guest, tag }, { top, before }) {
+    const started = performance.now();
     await hmp(guest, `savevm bench-${tag}`);
+    const totalMs = performance.now() - started; // the command alone, not the queries below
     const after = await fileBytes(top.file);
     const blocks = await guest.qmp.execute('query-block');
     const snap = blocks
       .flatMap((b) => b.inserted?.image?.snapshots ?? [])
       .find((s) => s.name === `bench-${tag}`);
     return {
+      totalMs,
       writtenBytes: snap['vm-state-size'],
       allocatedBytes: after.allocatedBytes - before.allocatedBytes,
       receiverCpuMs: 0, // no receiver: QEMU writes the qcow2 itself (its CPU is in qemuCpuMs)

@@ -157,8 +157,6 @@ describe.skipIf(!canRun)('bench --quick on the test guest (one size, one run, QE
       }
       expect(cells[row]!['allocatedMiB']!.median, row).toBeGreaterThan(32);
     }
-    // The guest is stopped throughout a savevm: its pause covers most of the save.
-    expect(cells['savevm']!['pauseMs']!.median).toBeGreaterThan(cells['savevm']!['totalMs']!.median / 2);
   });
 
   it('gives every figure of qsnap as a ratio to the stock path it replaces', () => {
