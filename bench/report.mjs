@@ -118,6 +118,77 @@ export function sizeTable(rows) {
   return lines.join('\n');
 }
 
+/** Issue 11's goals, each from the figures above: [label, goal, value of a size's rows, met]. */
+const GOALS = [
+  {
+    label: 'snapshot time, qsnap / background snapshot → file',
+    goal: '≤ 1.10×',
+    of: (rows) => rows.qsnap?.totalMs?.ratio?.median,
+    format: (v) => `${v.toFixed(2)}×`,
+    met: (v) => v <= 1.1,
+  },
+  {
+    label: 'receiving CPU, qsnap / cat',
+    goal: '≤ 2×',
+    of: (rows) => rows.qsnap?.receiverCpuMs?.ratio?.median,
+    format: (v) => `${v.toFixed(2)}×`,
+    met: (v) => v <= 2,
+  },
+  {
+    label: 'full restore, qsnap / stock -incoming exec:cat',
+    goal: '≤ 1.0×',
+    of: (rows) => rows.qsnap?.restoreMs?.ratio?.median,
+    format: (v) => `${v.toFixed(2)}×`,
+    met: (v) => v <= 1,
+  },
+  {
+    label: 'full restore, qsnap / mapped-ram restore',
+    goal: '≤ 1.0×',
+    of: (rows) =>
+      rows['mapped-ram'] ? rows.qsnap?.restoreMs?.median / rows['mapped-ram'].restoreMs?.median : undefined,
+    format: (v) => `${v.toFixed(2)}× (of medians)`,
+    met: (v) => v <= 1,
+  },
+  {
+    label: 'lazy restore, command to guest running',
+    goal: '≤ 100 ms',
+    of: (rows) => rows['qsnap-lazy']?.restoreMs?.median,
+    format: (v) => `${formatNumber(v)} ms`,
+    met: (v) => v <= 100,
+  },
+  {
+    label: 'reverts per second (Machine.revert, lazy)',
+    goal: '≥ 20/s',
+    of: (rows) => 1000 / rows['qsnap-revert']?.restoreMs?.median,
+    format: (v) => `${v.toFixed(1)}/s`,
+    met: (v) => v >= 20,
+  },
+  {
+    label: 'guest pause, qsnap (later snapshots: every path runs before it in run 1)',
+    goal: '≤ 10 ms p50',
+    of: (rows) => rows.qsnap?.pauseMs?.median,
+    format: (v) => `${formatNumber(v)} ms`,
+    met: (v) => v <= 10,
+  },
+];
+
+function goalsTable(q, summary) {
+  const sizes = q.sizes.map((s) => s.memoryMiB);
+  const lines = [
+    `| goal (QEMU ${q.label}) | target | ${sizes.map((m) => `${m} MiB`).join(' | ')} |`,
+    `|---|---|${sizes.map(() => '---').join('|')}|`,
+  ];
+  for (const g of GOALS) {
+    const cells = sizes.map((m) => {
+      const v = g.of(summary[q.label][m]);
+      return Number.isFinite(v) ? `${g.format(v)} ${g.met(v) ? '✓' : '✗'}` : '–';
+    });
+    if (cells.every((c) => c === '–')) continue;
+    lines.push(`| ${g.label} | ${g.goal} | ${cells.join(' | ')} |`);
+  }
+  return lines.join('\n');
+}
+
 /** The whole results document: the machine, how to read it, one table per QEMU and size. */
 export function markdown(result, summary) {
   const { host } = result;
@@ -144,7 +215,13 @@ export function markdown(result, summary) {
     '("The benchmark suite") for what each column measures.',
     '',
     '![pause, snapshot time and restore time against RAM size](' + result.svgName + ')',
+    '',
+    "## Issue 11's goals",
+    '',
+    'Medians of the tables below (✓ met, ✗ missed). The snapshot ratio is against the background',
+    "snapshot into a file on the same filesystem (the issue's own figure was against /dev/null).",
   ];
+  for (const q of result.qemus) out.push('', goalsTable(q, summary));
   for (const q of result.qemus) {
     for (const size of q.sizes) {
       out.push(

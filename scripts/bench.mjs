@@ -13,11 +13,12 @@
 //
 //   node scripts/bench.mjs [--quick | --full] [--sizes 256,1024] [--runs 3] [--reverts 5]
 //       [--qemu 7.2,10] [--json] [--out-dir DIR] [--results-dir DIR] [--idle-ms 1000]
+//   node scripts/bench.mjs --render FILE.json    (the results files again from a --json output)
 //
 // Progress goes to stderr; the table to stdout (with --json, stdout is the JSON document only).
 // Every QEMU is stopped by pid and every file removed, also on an error or Ctrl-C.
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import { join, relative, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -38,6 +39,8 @@ const USAGE = `usage: node scripts/bench.mjs [options]
   --json                the raw numbers as JSON on stdout
   --out-dir DIR         where the guests and their files go (default: a temp dir; removed)
   --results-dir DIR     where <date>.md and <date>.svg go (default bench/results)
+  --render FILE.json    write the results files (and print the tables) of an earlier --json
+                        output again, with this checkout's report code; runs no guest
   --idle-ms N           the workload's undisturbed window before each measurement, its
                         throughput reference (default 1000; --quick 500)`;
 
@@ -68,6 +71,7 @@ function parseOptions(argv) {
         'out-dir': { type: 'string' },
         'results-dir': { type: 'string' },
         'idle-ms': { type: 'string' },
+        render: { type: 'string' },
         help: { type: 'boolean', short: 'h', default: false },
       },
     }));
@@ -101,6 +105,7 @@ function parseOptions(argv) {
     json: values.json,
     outDir: values['out-dir'] ? resolve(values['out-dir']) : undefined,
     resultsDir: resolve(values['results-dir'] ?? join(ROOT, 'bench', 'results')),
+    render: values.render ? resolve(values.render) : undefined,
     idleMs: values['idle-ms'] ? positiveInt(values['idle-ms'], '--idle-ms') : mode === 'quick' ? 500 : 1000,
   };
 }
@@ -177,10 +182,14 @@ async function main() {
     console.error('bench: dist/ is missing; run make build (or make bench, which builds)');
     process.exit(2);
   }
+  if (options.render) {
+    const result = JSON.parse(await readFile(options.render, 'utf8'));
+    await writeResults(result, { ...options, json: false });
+    return;
+  }
   // dist/ is imported after the options are checked: --help and usage errors work unbuilt.
   const { benchSize } = await import('../bench/run.mjs');
   const { hostInfo, qemuVersionLine } = await import('../bench/lib/host.mjs');
-  const { markdown, summarize, svg, sizeTable } = await import('../bench/report.mjs');
   const host = hostInfo();
   log(
     `qsnap bench (${options.mode}): sizes ${options.sizes.join(', ')} MiB, ${options.runs} run(s), QEMU ${options.qemus.join(', ')}`,
@@ -214,8 +223,6 @@ async function main() {
   }
   host.loadAvgEnd = os.loadavg().map((l) => +l.toFixed(2));
   const date = new Date().toISOString();
-  const stamp = date.slice(0, 19).replaceAll(':', '').replace('T', '-');
-  const svgName = `${stamp}.svg`;
   const result = {
     tool: 'qsnap scripts/bench.mjs',
     command: `node scripts/bench.mjs ${process.argv.slice(2).join(' ')}`.trim(),
@@ -224,19 +231,26 @@ async function main() {
     host,
     options: { ...options, outDir: options.outDir ?? null },
     skipped,
-    svgName,
     qemus,
   };
-  const summary = summarize(qemus);
+  await writeResults(result, options);
+}
+
+/** bench/results/<date>.md and .svg from a result, and the tables on stdout (stderr with --json). */
+async function writeResults(result, options) {
+  const { markdown, summarize, svg, sizeTable } = await import('../bench/report.mjs');
+  const stamp = result.date.slice(0, 19).replaceAll(':', '').replace('T', '-');
+  result.svgName = `${stamp}.svg`;
+  const summary = summarize(result.qemus);
   result.summary = summary;
-  const doc = markdown(result, summary) + skipped.map((s) => `\n${s}.\n`).join('');
+  const doc = markdown(result, summary) + result.skipped.map((s) => `\n${s}.\n`).join('');
   await mkdir(options.resultsDir, { recursive: true });
   const mdFile = join(options.resultsDir, `${stamp}.md`);
   await writeFile(mdFile, doc);
-  await writeFile(join(options.resultsDir, svgName), svg(qemus, summary));
-  log(`\nwritten: ${relative(process.cwd(), mdFile) || mdFile} and ${svgName}`);
+  await writeFile(join(options.resultsDir, result.svgName), svg(result.qemus, summary));
+  log(`\nwritten: ${relative(process.cwd(), mdFile) || mdFile} and ${result.svgName}`);
   result.resultsFile = mdFile;
-  const tables = qemus
+  const tables = result.qemus
     .flatMap((q) =>
       q.sizes.map((s) => `QEMU ${q.label}, ${s.memoryMiB} MiB\n${sizeTable(summary[q.label][s.memoryMiB])}`),
     )
