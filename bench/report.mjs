@@ -281,18 +281,18 @@ export function svg(qemus, summary) {
   });
   const legendRows = ROWS.map(
     (row, i) =>
-      `<g transform="translate(${10 + (i % 4) * 245},${H + 14 + Math.floor(i / 4) * 16})">` +
+      `<g transform="translate(${10 + (i % 3) * W},${H + 14 + Math.floor(i / 3) * 16})">` +
       `<line x1="0" y1="-4" x2="18" y2="-4" stroke="${COLORS[row.id]}" stroke-width="2"/>` +
       `<text x="24" y="0">${esc(row.label)}</text></g>`,
   );
   const styles = qemus
     .map(
       (q, i) =>
-        `<g transform="translate(${10 + i * 160},${H + 62})"><line x1="0" y1="-4" x2="18" y2="-4" stroke="#333" stroke-width="2"${i ? ' stroke-dasharray="5,3"' : ''}/><text x="24" y="0">QEMU ${esc(q.label)}</text></g>`,
+        `<g transform="translate(${10 + i * 160},${H + 72})"><line x1="0" y1="-4" x2="18" y2="-4" stroke="#333" stroke-width="2"${i ? ' stroke-dasharray="5,3"' : ''}/><text x="24" y="0">QEMU ${esc(q.label)}</text></g>`,
     )
     .join('');
   const width = W * PANELS.length;
-  const height = H + 72;
+  const height = H + 82;
   return [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="11">`,
     `<rect width="${width}" height="${height}" fill="white"/>`,

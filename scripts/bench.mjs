@@ -130,8 +130,11 @@ function cleanup() {
   return cleaning;
 }
 
+// `on`, not `once`: a Machine's own handler stops its QEMU and sends the signal again, which
+// must not end the process before the clean-up here is done.
 for (const signal of ['SIGINT', 'SIGTERM']) {
-  process.once(signal, () => {
+  process.on(signal, () => {
+    if (cleaning) return;
     log(`\n${signal}: stopping the guests and removing the files`);
     void cleanup().finally(() => process.exit(130));
   });
