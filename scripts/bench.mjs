@@ -38,7 +38,7 @@ const USAGE = `usage: node scripts/bench.mjs [options]
   --qemu 7.2,10         which QEMUs (10: Debian 13's, in a chroot; needs root)
   --json                the raw numbers as JSON on stdout
   --out-dir DIR         where the guests and their files go (default: a temp dir; removed)
-  --results-dir DIR     where <date>.md and <date>.svg go (default bench/results)
+  --results-dir DIR     where <date>.md, .svg and .json go (default bench/results)
   --render FILE.json    write the results files (and print the tables) of an earlier --json
                         output again, with this checkout's report code; runs no guest
   --idle-ms N           the workload's undisturbed window before each measurement, its
@@ -239,7 +239,7 @@ async function main() {
   await writeResults(result, options);
 }
 
-/** bench/results/<date>.md and .svg from a result, and the tables on stdout (stderr with --json). */
+/** bench/results/<date>.md, .svg and .json from a result, and the tables on stdout (stderr with --json). */
 async function writeResults(result, options) {
   const { markdown, summarize, svg, sizeTable } = await import('../bench/report.mjs');
   const stamp = result.date.slice(0, 19).replaceAll(':', '').replace('T', '-');
@@ -251,6 +251,8 @@ async function writeResults(result, options) {
   const mdFile = join(options.resultsDir, `${stamp}.md`);
   await writeFile(mdFile, doc);
   await writeFile(join(options.resultsDir, result.svgName), svg(result.qemus, summary));
+  // The raw figures beside them: `--render` writes the two files again from it.
+  if (!options.render) await writeFile(join(options.resultsDir, `${stamp}.json`), JSON.stringify(result));
   log(`\nwritten: ${relative(process.cwd(), mdFile) || mdFile} and ${result.svgName}`);
   result.resultsFile = mdFile;
   const tables = result.qemus

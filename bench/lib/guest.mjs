@@ -97,6 +97,16 @@ export class BenchGuest {
     return (await this.console.check({ timeoutMs: 120_000 })).ok;
   }
 
+  /** Runs `fn` with the guest paused (`stop`, then `cont` whatever happened). */
+  async whilePaused(fn) {
+    await this.qmp.execute('stop');
+    try {
+      return await fn();
+    } finally {
+      await this.qmp.execute('cont');
+    }
+  }
+
   async ensureRunning() {
     const status = await this.qmp.execute('query-status');
     if (!status.running) await this.qmp.execute('cont');

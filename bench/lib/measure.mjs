@@ -18,9 +18,12 @@ function rateMibps(a, b) {
  * so the heartbeat gap around it is known before anything else (a loadvm) runs.
  */
 export async function measureSave(guest, idleMs, save) {
-  await guest.heartbeatAfter(0); // a heartbeat before the window (the first comes 1 s after boot)
+  const idleStartMs = performance.now();
   const idleFrom = await guest.progress();
   await new Promise((r) => setTimeout(r, idleMs));
+  // A heartbeat inside the idle window, so the gap measured around the save starts after
+  // whatever paused the guest before it (a restore of the previous path).
+  await guest.heartbeatAfter(idleStartMs);
   const before = await guest.progress();
   const events = recordEvents(guest.qmp);
   const qemuCpuBefore = await processCpuMs(guest.pid);

@@ -13,19 +13,22 @@ async function writtenByThisProcess() {
 
 async function timeRestore({ guest, dir, tag }, file, lazy) {
   const runDir = join(dir, `r${tag}-${lazy ? 'l' : 'f'}`);
-  const started = performance.now();
-  const result = await restore({
-    file,
-    argv: guest.commandLine.argv,
-    lazy,
-    attached: true,
-    relocateSockets: true,
-    runDir,
-  }).result;
-  const restoreMs = performance.now() - started;
-  await result.vm.stop();
-  await removeAll(runDir, ...result.disks.map((d) => d.overlayFile));
-  return restoreMs;
+  // Paused meanwhile like for a stock restore (stock-restore.mjs).
+  return guest.whilePaused(async () => {
+    const started = performance.now();
+    const result = await restore({
+      file,
+      argv: guest.commandLine.argv,
+      lazy,
+      attached: true,
+      relocateSockets: true,
+      runDir,
+    }).result;
+    const restoreMs = performance.now() - started;
+    await result.vm.stop();
+    await removeAll(runDir, ...result.disks.map((d) => d.overlayFile));
+    return restoreMs;
+  });
 }
 
 export default {

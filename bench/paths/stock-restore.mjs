@@ -1,6 +1,8 @@
 // A stock restore of a saved stream: a new QEMU with the guest's command line, its disk an
 // overlay on the layer frozen at the save, waiting in -incoming, then `cont`, timed from the
-// launch to the guest running. Shared by the paths that restore into a new QEMU.
+// launch to the guest running. Shared by the paths that restore into a new QEMU. The bench
+// guest is paused meanwhile, as the saved VM is gone when one restores it for real: its vCPU
+// would otherwise take one of the cores from the restore.
 import { join } from 'node:path';
 import { launchIncoming } from '../lib/guest.mjs';
 import { incomingDone, overlayOn, removeAll, withCapabilities } from '../lib/qemu.mjs';
@@ -12,18 +14,23 @@ import { incomingDone, overlayOn, removeAll, withCapabilities } from '../lib/qem
 export async function stockRestore({ guest, dir, tag }, { frozen, incoming, start }) {
   const runDir = join(dir, `r${tag}`);
   const disk = await overlayOn(frozen, join(dir, `r${tag}.qcow2`));
-  const started = performance.now();
-  const vm = await launchIncoming(guest, { runDir, disk, incoming });
   try {
-    if (start) await start(vm.qmp);
-    await incomingDone(vm.qmp);
-    await vm.qmp.execute('cont');
-    const restoreMs = performance.now() - started;
-    const status = await vm.qmp.execute('query-status');
-    if (status.status !== 'running') throw new Error(`the restored guest is ${status.status}`);
-    return restoreMs;
+    return await guest.whilePaused(async () => {
+      const started = performance.now();
+      const vm = await launchIncoming(guest, { runDir, disk, incoming });
+      try {
+        if (start) await start(vm.qmp);
+        await incomingDone(vm.qmp);
+        await vm.qmp.execute('cont');
+        const restoreMs = performance.now() - started;
+        const status = await vm.qmp.execute('query-status');
+        if (status.status !== 'running') throw new Error(`the restored guest is ${status.status}`);
+        return restoreMs;
+      } finally {
+        await vm.stop();
+      }
+    });
   } finally {
-    await vm.stop();
     await removeAll(disk, runDir);
   }
 }
