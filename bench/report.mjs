@@ -259,7 +259,7 @@ const PANELS = [
 ];
 const W = 330;
 const H = 260;
-const PAD = { left: 52, right: 12, top: 28, bottom: 38 };
+const PAD = { left: 52, right: 24, top: 28, bottom: 38 };
 
 const esc = (s) => String(s).replaceAll('&', '&amp;').replaceAll('<', '&lt;').replaceAll('>', '&gt;');
 
@@ -306,8 +306,8 @@ export function svg(qemus, summary) {
 
 function panelSvg(x0, title, sizes, series) {
   const values = series.flatMap((s) => s.points.flatMap((p) => [p.c.min, p.c.max])).filter((v) => v > 0);
-  const lo = 10 ** Math.floor(Math.log10(Math.min(...values, 1)));
-  const hi = 10 ** Math.ceil(Math.log10(Math.max(...values, 10)));
+  const lo = 10 ** Math.floor(Math.log10(Math.min(...values)));
+  const hi = Math.max(10 ** Math.ceil(Math.log10(Math.max(...values))), lo * 10);
   const plotW = W - PAD.left - PAD.right;
   const plotH = H - PAD.top - PAD.bottom;
   const xs = sizes.map((s) => Math.log2(s));
