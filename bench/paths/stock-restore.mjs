@@ -5,7 +5,7 @@
 // would otherwise take one of the cores from the restore.
 import { join } from 'node:path';
 import { launchIncoming } from '../lib/guest.mjs';
-import { incomingDone, overlayOn, removeAll, withCapabilities } from '../lib/qemu.mjs';
+import { incomingDone, overlayOn, removeAll } from '../lib/qemu.mjs';
 
 /**
  * `incoming` is the -incoming argument; with 'defer', `start(qmp)` sets the destination up and
@@ -21,11 +21,8 @@ export async function stockRestore({ guest, dir, tag }, { frozen, incoming, star
       try {
         if (start) await start(vm.qmp);
         await incomingDone(vm.qmp);
-        await vm.qmp.execute('cont');
-        const restoreMs = performance.now() - started;
-        const status = await vm.qmp.execute('query-status');
-        if (status.status !== 'running') throw new Error(`the restored guest is ${status.status}`);
-        return restoreMs;
+        await runAfterIncoming(vm.qmp);
+        return performance.now() - started;
       } finally {
         await vm.stop();
       }
@@ -35,4 +32,20 @@ export async function stockRestore({ guest, dir, tag }, { frozen, incoming, star
   }
 }
 
-export { withCapabilities };
+/**
+ * The destination runs by itself once loaded (no -S: autostart), but query-migrate says
+ * completed a little before: the run state stays `inmigrate` until the bottom half that ends
+ * the incoming migration ran, and `cont` in that moment fails ("Migration is not finalized
+ * yet", QEMU 10). Waits for the state to move on, then resumes it if it is not running.
+ */
+async function runAfterIncoming(qmp) {
+  for (;;) {
+    const { status } = await qmp.execute('query-status');
+    if (status === 'running') return;
+    if (status !== 'inmigrate') break;
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  await qmp.execute('cont');
+  const { status } = await qmp.execute('query-status');
+  if (status !== 'running') throw new Error(`the restored guest is ${status}`);
+}
