@@ -5,6 +5,7 @@ import { GuestConsole } from '../../dist/guest/console.js';
 import { testGuestSpec } from '../../dist/guest/test-guest.js';
 import { launchTestGuest } from '../../dist/index.js';
 import { Vm } from '../../dist/vm/launcher.js';
+import { cont } from './qemu.mjs';
 
 /** The workload prints a heartbeat every second of guest time (images/workload/workload.c). */
 export const HEARTBEAT_MS = 1000;
@@ -103,13 +104,13 @@ export class BenchGuest {
     try {
       return await fn();
     } finally {
-      await this.qmp.execute('cont');
+      await cont(this.qmp);
     }
   }
 
   async ensureRunning() {
     const status = await this.qmp.execute('query-status');
-    if (!status.running) await this.qmp.execute('cont');
+    if (!status.running) await cont(this.qmp);
   }
 
   async close() {

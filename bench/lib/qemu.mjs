@@ -117,6 +117,23 @@ export async function overlayOn(frozen, file) {
   return file;
 }
 
+/**
+ * `cont`, retried while QEMU refuses it because the migration that just completed is not
+ * cleaned up yet (QEMU 10 answers "Migration is not finalized yet" for a moment after the
+ * completed event and query-migrate both said completed).
+ */
+export async function cont(qmp) {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      return await qmp.execute('cont');
+    } catch (err) {
+      if (!/not finalized/.test(err.message) || Date.now() > deadline) throw err;
+      await sleep(2);
+    }
+  }
+}
+
 /** Polls the destination's query-migrate until the incoming migration completed. */
 export async function incomingDone(qmp) {
   for (;;) {

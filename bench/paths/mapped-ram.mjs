@@ -3,7 +3,7 @@
 // same capabilities: what openQA (os-autoinst backend/qemu.pm) and libvirt's `save --parallel` do.
 import { join } from 'node:path';
 import { fileBytes } from '../lib/guest.mjs';
-import { freezeDisk, migrateToEnd, removeAll, withCapabilities } from '../lib/qemu.mjs';
+import { cont, freezeDisk, migrateToEnd, removeAll, withCapabilities } from '../lib/qemu.mjs';
 import { stockRestore } from './stock-restore.mjs';
 
 const CHANNELS = 2; // the machine's cores; also QEMU's default multifd-channels
@@ -23,7 +23,7 @@ export default {
       await qmp.execute('stop');
       const frozen = await freezeDisk(qmp, dir, `mapped-${tag}`);
       const info = await migrateToEnd(qmp, `file:${file}`);
-      await qmp.execute('cont');
+      await cont(qmp);
       const bytes = await fileBytes(file);
       return {
         // The file has a slot for every page (zero pages stay holes): count what QEMU sent.

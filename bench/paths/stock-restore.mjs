@@ -5,7 +5,7 @@
 // would otherwise take one of the cores from the restore.
 import { join } from 'node:path';
 import { launchIncoming } from '../lib/guest.mjs';
-import { incomingDone, overlayOn, removeAll } from '../lib/qemu.mjs';
+import { cont, incomingDone, overlayOn, removeAll } from '../lib/qemu.mjs';
 
 /**
  * `incoming` is the -incoming argument; with 'defer', `start(qmp)` sets the destination up and
@@ -45,7 +45,7 @@ async function runAfterIncoming(qmp) {
     if (status !== 'inmigrate') break;
     await new Promise((r) => setTimeout(r, 1));
   }
-  await qmp.execute('cont');
+  await cont(qmp);
   const { status } = await qmp.execute('query-status');
   if (status !== 'running') throw new Error(`the restored guest is ${status}`);
 }

@@ -5,7 +5,7 @@
 import { join } from 'node:path';
 import { fileBytes } from '../lib/guest.mjs';
 import { childrenCpuMs, reapedChildrenCpuMs } from '../lib/host.mjs';
-import { freezeDisk, migrateToEnd, removeAll, withCapabilities } from '../lib/qemu.mjs';
+import { cont, freezeDisk, migrateToEnd, removeAll, withCapabilities } from '../lib/qemu.mjs';
 import { stockRestore } from './stock-restore.mjs';
 
 export default {
@@ -23,7 +23,7 @@ export default {
       const frozen = await freezeDisk(qmp, dir, `virsh-${tag}`); // in the pause: point in time
       await migrateToEnd(qmp, `exec:cat > ${file}`);
       const receiverCpuMs = (await reapedChildrenCpuMs(guest.pid, catBefore)) - catBefore;
-      await qmp.execute('cont');
+      await cont(qmp);
       const bytes = await fileBytes(file);
       return {
         writtenBytes: bytes.sizeBytes,
