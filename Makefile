@@ -13,7 +13,7 @@ export QSNAP_STORE ?= $(CURDIR)/.qsnap/store
 NAME ?= vm-$(shell date +%Y%m%d-%H%M%S)
 
 PHONY_DAEMON := serve test-daemon bench-daemon chromium
-.PHONY: $(PHONY_DAEMON) help setup qemu deps build image test test-package typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-restore bench-store bench-precopy test-faults test-compat fuzz clean
+.PHONY: $(PHONY_DAEMON) help setup qemu deps build image test test-package typecheck lint unit demo vm vm-stop snapshot restore snapshots bench bench-full bench-snapshot bench-restore bench-store bench-precopy test-faults test-compat fuzz clean
 
 help:
 	@echo "make demo      boot the test guest, snapshot it live, show the result"
@@ -26,7 +26,9 @@ help:
 	@echo "make test-faults  every phase x every fault; regenerates docs/faults.md"
 	@echo "make test-faults-diagonal  one fault at every phase (CI)"
 	@echo "make test-compat  every QEMU set-up of the compatibility table; regenerates it in README.md"
-	@echo "make bench     snapshot benchmark against QEMU's own (prints a table)"
+	@echo "make bench     the benchmark suite: every save/restore path side by side (bench/results/)"
+	@echo "make bench-full    the same with an 8 GiB guest too, 5 runs"
+	@echo "make bench-snapshot qsnap's snapshot against QEMU's own background snapshot (the pause in detail)"
 	@echo "make bench-restore  restore and revert benchmark against stock QEMU"
 	@echo "make bench-precopy  snapshots of a lazily restored VM against background snapshots"
 	@echo "make fuzz      fuzz the readers of untrusted input for FUZZ_MINUTES (10; FUZZ_SEED=n replays a run)"
@@ -125,7 +127,18 @@ restore: build
 	@if [ -z "$(filter command line,$(origin NAME))" ]; then echo "make restore NAME=<snapshot> (see make snapshots)"; exit 2; fi
 	$(QSNAP) restore $(NAME) $(RESTORE_FLAGS)
 
+# The benchmark suite (bench/, docs/benchmarks.md): 256 MiB, 1 GiB and 2 GiB guests, 3 runs, QEMU
+# 7.2 and (as root) 10; results in bench/results/. BENCH_FLAGS=--quick for one small run.
 bench: setup
+	node scripts/bench.mjs $(BENCH_FLAGS)
+
+# The same with an 8 GiB guest too and 5 runs (`node scripts/bench.mjs --full`).
+bench-full: setup
+	node scripts/bench.mjs --full $(BENCH_FLAGS)
+
+# The older single-purpose benches: qsnap's snapshot against QEMU's background snapshot to
+# /dev/null and to a file (the pause broken down), and restore/revert against stock QEMU.
+bench-snapshot: setup
 	node scripts/bench-snapshot.mjs
 
 bench-restore: setup

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// `make bench`: qsnap's live snapshot against QEMU's own background snapshot, side by side,
+// `make bench-snapshot`: qsnap's live snapshot against QEMU's own background snapshot, side by side,
 // on the bundled test guest while its workload rewrites memory and disk at full speed.
 //
 // For each guest size, on ONE running guest, each run takes (order rotated run by run):
@@ -568,7 +568,7 @@ function formatTable(sizes, rows) {
 async function main() {
   const options = parseOptions(process.argv.slice(2));
   if (!existsSync(new URL('../dist/index.js', import.meta.url))) {
-    console.error('bench-snapshot: dist/ is missing; run make build (or make bench, which builds)');
+    console.error('bench-snapshot: dist/ is missing; run make build (or make bench-snapshot, which builds)');
     process.exit(2);
   }
   ({ snapshot } = await import('../dist/index.js'));

@@ -1,11 +1,13 @@
 /**
- * `make bench` end to end in its quick form: scripts/bench-snapshot.mjs boots a small test
- * guest, takes qsnap and QEMU-only snapshots, and prints its result. This checks behaviour
- * only — that it completes, reports a number for every metric, and cleans up after itself —
- * never the performance targets (they belong to the benchmark's own table, docs/benchmarks.md).
+ * `make bench` end to end in its quick mode: scripts/bench.mjs boots one small test guest on
+ * QEMU 7.2, measures every path once (savevm/loadvm, virsh save/restore, the background
+ * snapshot, qsnap's snapshot, full and lazy restore, a revert) and writes its results. This
+ * checks behaviour only — that it completes, that the table has a row per path with a real
+ * number in every cell the path measures, that the files are written and that it cleans up
+ * after itself — never the performance targets (they belong to the results, docs/benchmarks.md).
  */
 import { execFile } from 'node:child_process';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -14,57 +16,43 @@ import { ensureBuilt } from '../support/build.js';
 import { canRun, ROOT } from '../support/env.js';
 import { isAlive } from '../support/process.js';
 
-const SCRIPT = join(ROOT, 'scripts', 'bench-snapshot.mjs');
+const SCRIPT = join(ROOT, 'scripts', 'bench.mjs');
 const run = promisify(execFile);
 
-/** Every metric the bench reports; each must carry numbers for every guest size. */
-const METRICS = [
-  'downtime_ms',
-  'downtime_first_ms',
-  'pause_before_migrate_ms',
-  'pause_qemu_setup_ms',
-  'pause_qemu_downtime_ms',
-  'pause_other_ms',
-  'baseline_pause_ms',
-  'load_avg',
-  'thp_mib',
-  'total_qsnap_ms',
-  'qsnap_before_pause_ms',
-  'qsnap_finish_ms',
-  'total_devnull_ms',
-  'total_file_ms',
-  'ratio_total_devnull',
-  'ratio_total_file',
-  'stream_qsnap_ms',
-  'stream_devnull_ms',
-  'stream_file_ms',
-  'ratio_stream_devnull',
-  'ratio_stream_file',
-  'cpu_qsnap_ms',
-  'cpu_cat_devnull_ms',
-  'file_allocated_mib',
-  'ram_nonzero_mib',
-  'file_overhead_pct',
-  'guest_checks_ok',
+const SAVE_METRICS = [
+  'pauseMs',
+  'heartbeatDelayMs',
+  'totalMs',
+  'receiverCpuMs',
+  'qemuCpuMs',
+  'writtenMiB',
+  'allocatedMiB',
+  'throughputPct',
+  'restoreMs',
 ];
+/** QEMU 7.2 has no mapped-ram: every other path, then qsnap's two other restores. */
+const ROWS = ['savevm', 'virsh', 'bgsnap', 'qsnap', 'qsnap-lazy', 'qsnap-revert'];
+const HEADER =
+  '| path | pause (STOP→RESUME) (ms) | heartbeat delay (ms) | snapshot time (ms) | receiving CPU (ms) | ' +
+  'QEMU CPU (ms) | written (MiB) | allocated (MiB) | workload throughput (% of idle) | restore to running (ms) |';
 
-interface Stats {
+interface Cell {
   median: number;
   min: number;
   max: number;
   n: number;
-}
-interface BenchRow {
-  key: string;
-  label: string;
-  unit: string;
-  target?: string;
-  values: Record<string, Stats | null>;
+  ratio: { median: number } | null;
 }
 interface BenchResult {
-  host: { cpus: number; qemu: string; accel: string };
-  rows: BenchRow[];
-  sizes: { memoryMiB: number; qemuPid: number; runs: Record<string, unknown>[] }[];
+  host: { cpuModel: string; cpus: number; kernel: string };
+  qemus: {
+    label: string;
+    version: string;
+    sizes: { memoryMiB: number; qemuPid: number; runs: unknown[] }[];
+  }[];
+  summary: Record<string, Record<string, Record<string, Record<string, Cell>>>>;
+  resultsFile: string;
+  svgName: string;
 }
 
 async function bench(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
@@ -82,74 +70,140 @@ async function bench(args: string[]): Promise<{ code: number | null; stdout: str
   }
 }
 
-describe('bench-snapshot options', () => {
+describe('bench options', () => {
   it('refuses bad options with usage and exit code 2, before touching anything', async () => {
     for (const args of [
       ['--runs', '0'],
       ['--sizes', '256,x'],
-      ['--thp', 'sometimes'],
+      ['--qemu', '8'],
+      ['--quick', '--full'],
     ]) {
       const r = await bench(args);
       expect(r.code, args.join(' ')).toBe(2);
-      expect(r.stderr).toMatch(/usage: node scripts\/bench-snapshot\.mjs/);
+      expect(r.stderr).toMatch(/usage: node scripts\/bench\.mjs/);
       expect(r.stdout).toBe('');
     }
   });
 });
 
-describe.skipIf(!canRun)('bench-snapshot --quick --json on the test guest', () => {
+describe.skipIf(!canRun)('bench --quick on the test guest (one size, one run, QEMU 7.2)', () => {
   let outDir: string;
+  let resultsDir: string;
   let result: { code: number | null; stdout: string; stderr: string };
   let parsed: BenchResult;
+  let cells: Record<string, Record<string, Cell>>;
 
   beforeAll(async () => {
     ensureBuilt();
     outDir = await mkdtemp(join(tmpdir(), 'qsnap-bench-smoke-'));
-    result = await bench(['--quick', '--json', '--out-dir', outDir]);
-    if (result.code === 0) parsed = JSON.parse(result.stdout) as BenchResult;
+    resultsDir = await mkdtemp(join(tmpdir(), 'qsnap-bench-results-'));
+    // 128 MiB and one revert keep it short.
+    result = await bench([
+      '--quick',
+      '--json',
+      '--sizes',
+      '128',
+      '--reverts',
+      '1',
+      '--out-dir',
+      outDir,
+      '--results-dir',
+      resultsDir,
+    ]);
+    if (result.code === 0) {
+      parsed = JSON.parse(result.stdout) as BenchResult;
+      cells = parsed.summary['7.2']!['128']!;
+    }
   }, 170_000);
 
   afterAll(async () => {
-    if (outDir) await rm(outDir, { recursive: true, force: true });
+    for (const dir of [outDir, resultsDir]) if (dir) await rm(dir, { recursive: true, force: true });
   });
 
-  it('completes and prints only JSON on stdout', () => {
+  it('completes on QEMU 7.2 only and prints only JSON on stdout', () => {
     expect(result.code, result.stderr.slice(-2000)).toBe(0);
-    expect(parsed.host.accel).toBe('tcg');
-    expect(parsed.host.qemu).toMatch(/QEMU emulator version/);
+    expect(parsed.qemus.map((q) => q.label)).toEqual(['7.2']);
+    expect(parsed.qemus[0]!.version).toMatch(/QEMU emulator version 7\.2/);
+    expect(parsed.qemus[0]!.sizes.map((s) => s.memoryMiB)).toEqual([128]);
+    expect(parsed.qemus[0]!.sizes[0]!.runs).toHaveLength(1);
   });
 
-  it('reports every metric with numbers for the one quick size', () => {
-    expect(parsed.sizes.map((s) => s.memoryMiB)).toEqual([256]);
-    expect(parsed.rows.map((r) => r.key)).toEqual(METRICS);
-    for (const row of parsed.rows) {
-      const stats = row.values['256'];
-      expect(stats, row.key).not.toBeNull();
-      for (const field of ['median', 'min', 'max'] as const) {
-        expect(Number.isFinite(stats![field]), `${row.key}.${field}`).toBe(true);
+  it("left the guest consistent: the workload's check passed after the qsnap snapshot and the revert", () => {
+    const size = parsed.qemus[0]!.sizes[0]! as unknown as {
+      runs: { rows: { qsnap: { guestCheckOk: boolean } } }[];
+      revert: { checkOk: boolean };
+    };
+    expect(size.runs[0]!.rows.qsnap.guestCheckOk).toBe(true);
+    expect(size.revert.checkOk).toBe(true);
+  });
+
+  it('has a row per path, and a real number in every figure the path measures', () => {
+    expect(Object.keys(cells)).toEqual(ROWS);
+    for (const row of ROWS) {
+      const want = row === 'qsnap-lazy' || row === 'qsnap-revert' ? ['restoreMs'] : SAVE_METRICS;
+      expect(Object.keys(cells[row]!), row).toEqual(want);
+      for (const metric of want) {
+        const c = cells[row]![metric]!;
+        for (const field of ['median', 'min', 'max'] as const) {
+          expect(Number.isFinite(c[field]), `${row}.${metric}.${field}`).toBe(true);
+        }
+        expect(c.n, `${row}.${metric}`).toBe(1);
       }
-      expect(stats!.min, row.key).toBeLessThanOrEqual(stats!.median);
-      expect(stats!.median, row.key).toBeLessThanOrEqual(stats!.max);
-      expect(stats!.n, row.key).toBe(row.key === 'downtime_first_ms' ? 1 : 2);
+    }
+    // Times, bytes and throughput are positive; the saved state is at least the workload's RAM.
+    for (const row of ['savevm', 'virsh', 'bgsnap', 'qsnap']) {
+      for (const metric of ['pauseMs', 'totalMs', 'writtenMiB', 'allocatedMiB', 'restoreMs']) {
+        expect(cells[row]![metric]!.median, `${row}.${metric}`).toBeGreaterThan(0);
+      }
+      expect(cells[row]!['allocatedMiB']!.median, row).toBeGreaterThan(32);
     }
   });
 
-  it('took every kind of snapshot in every run, and the guest stayed consistent', () => {
-    const runs = parsed.sizes[0]!.runs;
-    expect(runs).toHaveLength(2);
-    for (const r of runs)
-      expect(Object.keys(r)).toEqual(expect.arrayContaining(['qsnap', 'devnull', 'file']));
-    const checks = parsed.rows.find((r) => r.key === 'guest_checks_ok')!.values['256']!;
-    expect(checks.median).toBe(2);
+  it('gives every figure of qsnap as a ratio to the stock path it replaces', () => {
+    const bg = cells['bgsnap']!;
+    for (const metric of SAVE_METRICS) {
+      const c = cells['qsnap']![metric]!;
+      const base = metric === 'restoreMs' ? cells['virsh']![metric]! : bg[metric]!;
+      if (base.median > 0) expect(c.ratio!.median, metric).toBeCloseTo(c.median / base.median, 6);
+    }
+    const loadvm = cells['savevm']!['restoreMs']!.median;
+    expect(cells['qsnap-revert']!['restoreMs']!.ratio!.median).toBeCloseTo(
+      cells['qsnap-revert']!['restoreMs']!.median / loadvm,
+      6,
+    );
   });
 
-  it('prints the table on stderr', () => {
-    expect(result.stderr).toMatch(/^\| metric +\| unit +\| 256 MiB/m);
-    expect(result.stderr).toMatch(/^\| guest pause, qsnap \(STOP→RESUME\) +\| ms +\| [\d.]+ \[/m);
+  it('writes the markdown table with the machine, and the SVG chart', async () => {
+    const md = await readFile(parsed.resultsFile, 'utf8');
+    expect(md).toContain(`| CPU | ${parsed.host.cpuModel}, ${parsed.host.cpus} cores |`);
+    expect(md).toContain(`| kernel | ${parsed.host.kernel} |`);
+    expect(md).toMatch(/^\| QEMU 7\.2 \| QEMU emulator version 7\.2/m);
+    const table = md.split('\n').filter((l) => l.startsWith('| ') && l.split('|').length === 12);
+    expect(table[0]).toBe(HEADER);
+    const body = table.slice(1);
+    expect(body).toHaveLength(ROWS.length);
+    const number = /^-?\d+(\.\d+)?( \(base\)| ×\d+\.\d\d)?$/;
+    for (const line of body) {
+      const values = line
+        .split('|')
+        .slice(2, -1)
+        .map((c) => c.trim());
+      const restoreOnly = /lazy restore|revert/.test(line);
+      values.forEach((v, i) => {
+        if (restoreOnly && i < values.length - 1) expect(v, line).toBe('–');
+        else expect(v, line).toMatch(number);
+      });
+    }
+    const chart = await readFile(join(resultsDir, parsed.svgName), 'utf8');
+    expect(chart).toMatch(/^<svg xmlns="http:\/\/www\.w3\.org\/2000\/svg"/);
+    for (const title of ['guest pause (ms)', 'snapshot time (ms)', 'restore to running (ms)'])
+      expect(chart).toContain(title);
+    expect(chart.match(/<circle /g)!.length).toBeGreaterThanOrEqual(4 + 4 + 6);
   });
 
-  it('stops its QEMU and removes everything it wrote', async () => {
-    expect(isAlive(parsed.sizes[0]!.qemuPid)).toBe(false);
+  it('prints the table on stderr, stops its QEMU and removes everything it wrote', async () => {
+    expect(result.stderr).toContain(HEADER);
+    expect(isAlive(parsed.qemus[0]!.sizes[0]!.qemuPid)).toBe(false);
     expect(await readdir(outDir)).toEqual([]);
   });
 });
