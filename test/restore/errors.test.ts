@@ -11,8 +11,7 @@ import { promisify } from 'node:util';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { openSnapshot } from '../../src/format/index.js';
 import type { GuestConsole } from '../../src/guest/console.js';
-import { bootTestGuest } from '../../src/guest/test-guest.js';
-import { type RestoreOptions, restore, snapshot } from '../../src/index.js';
+import { type RestoreOptions, restore } from '../../src/index.js';
 import { getOpt, parseQemuOpts } from '../../src/vm/qemu-opts.js';
 import { canRun } from '../support/env.js';
 import { failure } from '../support/errors.js';
@@ -20,7 +19,7 @@ import { sha256File } from '../support/files.js';
 import { chardevPath, connectConsole, expectCheckOk, QemuRegister } from '../support/guest.js';
 import { pgrep } from '../support/process.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
-import { restoreOverlays } from './helpers.js';
+import { restoreOverlays, snapshotFreshGuest } from './helpers.js';
 
 const run = promisify(execFile);
 
@@ -39,17 +38,7 @@ describe.skipIf(!canRun)('restore errors and repeatability', () => {
 
   beforeAll(async () => {
     scratch = await openSandbox('errors');
-    const guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
-    qemus.add(guest.vm);
-    argv = guest.argv;
-    guestDir = guest.dir;
-    diskFile = guest.diskFile;
-    await guest.console.nextHeartbeat({ timeoutMs: 20_000 });
-    const result = await snapshot({ qmp: guest.vm.qmpPath, out: join(scratch.root, 'vm.qsnap') }).result;
-    file = result.file;
-    frozenFile = result.disks[0]!.frozenFile;
-    await guest.console.close();
-    await qemus.stop(guest.vm);
+    ({ argv, guestDir, diskFile, file, frozenFile } = await snapshotFreshGuest(scratch, qemus));
     [frozenSha256, snapshotSha256] = await Promise.all([sha256File(frozenFile), sha256File(file)]);
   });
 

@@ -9,7 +9,11 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { expect } from 'vitest';
+import { bootTestGuest } from '../../src/guest/test-guest.js';
+import { snapshot } from '../../src/index.js';
 import type { Vm } from '../../src/vm/launcher.js';
+import type { QemuRegister } from '../support/guest.js';
+import type { Sandbox } from '../support/sandbox.js';
 
 const run = promisify(execFile);
 
@@ -60,4 +64,32 @@ export async function waitLoadedThenCont(vm: Vm, timeoutMs = 120_000): Promise<n
 /** Restore overlays (`<stem>.restore-<tag>.qcow2`) in a directory. */
 export function restoreOverlays(dir: string): string[] {
   return readdirSync(dir).filter((f) => /\.restore-[0-9a-f]{8}\.qcow2$/.test(f));
+}
+
+/** A snapshot of a freshly booted test guest, taken once its workload beats; the guest is stopped after. */
+export interface SnapshotOfFreshGuest {
+  argv: string[];
+  guestDir: string;
+  diskFile: string;
+  file: string;
+  frozenFile: string;
+}
+
+export async function snapshotFreshGuest(
+  scratch: Sandbox,
+  qemus: QemuRegister,
+): Promise<SnapshotOfFreshGuest> {
+  const guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
+  qemus.add(guest.vm);
+  await guest.console.nextHeartbeat({ timeoutMs: 20_000 });
+  const result = await snapshot({ qmp: guest.vm.qmpPath, out: join(scratch.root, 'vm.qsnap') }).result;
+  await guest.console.close();
+  await qemus.stop(guest.vm);
+  return {
+    argv: guest.argv,
+    guestDir: guest.dir,
+    diskFile: guest.diskFile,
+    file: result.file,
+    frozenFile: result.disks[0]!.frozenFile,
+  };
 }

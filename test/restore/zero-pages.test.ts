@@ -12,13 +12,12 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { guestRamZeroed } from '../../src/engine/restore/incoming.js';
 import { PAGE_SIZE } from '../../src/format/codec.js';
 import { openSnapshot } from '../../src/format/index.js';
-import { bootTestGuest } from '../../src/guest/test-guest.js';
-import { restore, snapshot } from '../../src/index.js';
+import { restore } from '../../src/index.js';
 import { Vm } from '../../src/vm/launcher.js';
 import { canRun } from '../support/env.js';
 import { QemuRegister } from '../support/guest.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
-import { createOverlay, moveArgv } from './helpers.js';
+import { createOverlay, moveArgv, snapshotFreshGuest } from './helpers.js';
 
 const RAM_BYTES = 256 * 2 ** 20;
 /** Guest-physical addresses where pc.ram is not what the CPU sees (VGA window, PAM ROM shadows). */
@@ -35,16 +34,7 @@ describe.skipIf(!canRun)('full restore and zero pages of the main RAM block', ()
 
   beforeAll(async () => {
     scratch = await openSandbox('zero-pages');
-    const guest = await bootTestGuest({ dir: join(scratch.root, 'guest'), accel: 'tcg' });
-    qemus.add(guest.vm);
-    argv = guest.argv;
-    guestDir = guest.dir;
-    await guest.console.nextHeartbeat({ timeoutMs: 20_000 });
-    const result = await snapshot({ qmp: guest.vm.qmpPath, out: join(scratch.root, 'vm.qsnap') }).result;
-    file = result.file;
-    frozenFile = result.disks[0]!.frozenFile;
-    await guest.console.close();
-    await qemus.stop(guest.vm);
+    ({ argv, guestDir, file, frozenFile } = await snapshotFreshGuest(scratch, qemus));
     const reader = await openSnapshot(file);
     zeroPages = reader.manifest.ram.blocks[0]!.zeroPages;
     await reader.close();
