@@ -18,6 +18,13 @@ export const REGRESSIONS = join(dirname(fileURLToPath(import.meta.url)), 'regres
  */
 export const SLOW_EXEC_CPU_MS = 3000;
 
+/**
+ * Most targets resolve through microtasks only, so a run of minutes would never give the event
+ * loop a turn: vitest's worker could not answer its runner (CI saw "Timeout calling
+ * onTaskUpdate" after a 3-minute run). The property yields a macrotask turn this often.
+ */
+const YIELD_EVERY_MS = 50;
+
 export interface Budget {
   seed: number;
   /** Executions to run; with timeLimitMs, the most to run. */
@@ -61,7 +68,12 @@ export async function fuzz<I>(target: FuzzTarget<I>, budget: Budget): Promise<Fu
     outcomes: {},
   };
   const started = performance.now();
+  let yielded = started;
   const property = fc.asyncProperty(target.input, async (input) => {
+    if (performance.now() - yielded > YIELD_EVERY_MS) {
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      yielded = performance.now();
+    }
     const cpu = process.cpuUsage();
     const t = performance.now();
     const outcome = await target.run(input);
