@@ -10,6 +10,7 @@ export const ROWS = [
   { id: 'mapped-ram', label: 'file: + mapped-ram + multifd (QEMU ≥ 9.0)' },
   { id: 'bgsnap', label: 'background snapshot → exec:cat file' },
   { id: 'qsnap', label: 'qsnap snapshot, full restore' },
+  { id: 'qsnap-unix', label: 'qsnap snapshot over a unix socket (no restore)' },
   { id: 'qsnap-lazy', label: 'qsnap lazy restore', restoreOnly: true },
   { id: 'qsnap-revert', label: 'qsnap Machine.revert (lazy)', restoreOnly: true, restoreBase: 'savevm' },
 ];

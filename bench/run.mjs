@@ -9,12 +9,12 @@ import { measureSave } from './lib/measure.mjs';
 import { collapseChain, UNLIMITED_BANDWIDTH } from './lib/qemu.mjs';
 import bgSnapshot from './paths/bg-snapshot.mjs';
 import mappedRam from './paths/mapped-ram.mjs';
-import qsnap from './paths/qsnap.mjs';
+import qsnap, { qsnapUnix } from './paths/qsnap.mjs';
 import { measureReverts } from './paths/revert.mjs';
 import savevm from './paths/savevm.mjs';
 import virshSave from './paths/virsh-save.mjs';
 
-export const PATHS = [savevm, virshSave, mappedRam, bgSnapshot, qsnap];
+export const PATHS = [savevm, virshSave, mappedRam, bgSnapshot, qsnap, qsnapUnix];
 
 /**
  * @param qemu {label, binary, major}
@@ -49,6 +49,7 @@ export async function benchSize({ qemu, memoryMiB, workloadMiB, runs, reverts, i
       const { figures, restore } = await measureSave(guest, idleMs, () => path.save(ctx, prepared));
       if (path.checkAfter) figures.guestCheckOk = await guest.check();
       const restored = await path.restore(ctx, restore);
+      run.rows[path.id] = figures;
       for (const [rowId, restoreMs] of Object.entries(restored)) {
         run.rows[rowId] = { ...(rowId === path.id ? figures : {}), restoreMs };
       }

@@ -31,33 +31,62 @@ async function timeRestore({ guest, dir, tag }, file, lazy) {
   });
 }
 
-export default {
+/**
+ * The qsnap save path over `transport` ('pipe', the default for a local QEMU, or 'unix'); the
+ * pipe's file is also restored (full and lazy), the socket's only saved: it measures the transport.
+ */
+function qsnapPath({ id, label, transport, restores }) {
+  return {
+    id,
+    label,
+    what: 'ours',
+    available: () => true,
+    /** The runner checks the workload's invariant after the measurement: the guest was not harmed. */
+    checkAfter: true,
+    async save({ guest, dir, tag }) {
+      const file = join(dir, `${id}-${tag}.qsnap`);
+      const cpuBefore = process.cpuUsage();
+      const writtenBefore = await writtenByThisProcess();
+      const r = await snapshot({
+        qmp: guest.machine.qmpPath,
+        out: file,
+        commandLine: guest.commandLine.argv,
+        transport,
+      }).result;
+      if (r.transport !== transport) throw new Error(`qsnap streamed over ${r.transport}, not ${transport}`);
+      const cpu = process.cpuUsage(cpuBefore);
+      return {
+        writtenBytes: (await writtenByThisProcess()) - writtenBefore,
+        allocatedBytes: r.allocatedBytes,
+        // Every thread of this process (parser, writer pool, GC) while snapshot() ran.
+        receiverCpuMs: (cpu.user + cpu.system) / 1000,
+        restore: { file },
+      };
+    },
+    async restore(ctx, { file }) {
+      try {
+        if (!restores) return {};
+        return {
+          qsnap: await timeRestore(ctx, file, false),
+          'qsnap-lazy': await timeRestore(ctx, file, true),
+        };
+      } finally {
+        await removeAll(file);
+      }
+    },
+  };
+}
+
+export default qsnapPath({
   id: 'qsnap',
   label: 'qsnap snapshot, full restore',
-  what: 'ours',
-  available: () => true,
-  /** The runner checks the workload's invariant after the measurement: the guest was not harmed. */
-  checkAfter: true,
-  async save({ guest, dir, tag }) {
-    const file = join(dir, `qsnap-${tag}.qsnap`);
-    const cpuBefore = process.cpuUsage();
-    const writtenBefore = await writtenByThisProcess();
-    const r = await snapshot({ qmp: guest.machine.qmpPath, out: file, commandLine: guest.commandLine.argv })
-      .result;
-    const cpu = process.cpuUsage(cpuBefore);
-    return {
-      writtenBytes: (await writtenByThisProcess()) - writtenBefore,
-      allocatedBytes: r.allocatedBytes,
-      // Every thread of this process (parser, writer pool, GC) while snapshot() ran.
-      receiverCpuMs: (cpu.user + cpu.system) / 1000,
-      restore: { file },
-    };
-  },
-  async restore(ctx, { file }) {
-    try {
-      return { qsnap: await timeRestore(ctx, file, false), 'qsnap-lazy': await timeRestore(ctx, file, true) };
-    } finally {
-      await removeAll(file);
-    }
-  },
-};
+  transport: 'pipe',
+  restores: true,
+});
+
+export const qsnapUnix = qsnapPath({
+  id: 'qsnap-unix',
+  label: 'qsnap snapshot over a unix socket',
+  transport: 'unix',
+  restores: false,
+});

@@ -6,7 +6,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -73,6 +73,7 @@ describe.skipIf(!canRun)('snapshot() of the running test guest', () => {
     expect(first).toMatchObject({
       file: out,
       strategy: 'background-snapshot',
+      transport: 'pipe',
       machine: 'pc-i440fx-7.2',
       qemuVersion: expect.stringMatching(/^7\.2\./),
       runState: 'running',
@@ -83,6 +84,8 @@ describe.skipIf(!canRun)('snapshot() of the running test guest', () => {
     expect(first.pagesWritten).toBeGreaterThan((64 * MiB) / 4096); // at least the workload's pages
     expect(first.streamBytes).toBeGreaterThan(first.pagesWritten * 4096);
     expect(first.totalMs).toBeGreaterThan(first.streamMs);
+    // The placeholder QEMU ran for the pipe is gone (QEMU would wait for it at its next migration).
+    expect(await childrenOf(guest.vm.pid), 'QEMU has no child left').toEqual([]);
     expect(first.disks).toEqual([
       {
         device: 'disk0-dev',
@@ -186,8 +189,10 @@ describe.skipIf(!canRun)('snapshot() of the running test guest', () => {
 
   it('takes a second snapshot that freezes the first overlay', async () => {
     const out = join(sandbox.out, 'second.qsnap');
-    const second = await snapshot({ qmp: guest.vm.qmpPath, out }).result;
+    // The other transport, chosen by hand: the stream over a unix socket.
+    const second = await snapshot({ qmp: guest.vm.qmpPath, out, transport: 'unix' }).result;
     expect(second.strategy).toBe('background-snapshot');
+    expect(second.transport).toBe('unix');
     expect(second.id).not.toBe(first.id);
     expect(second.disks[0]!.frozenFile).toBe(first.disks[0]!.overlayFile);
     expect(second.disks[0]!.overlayFile).not.toBe(first.disks[0]!.overlayFile);
@@ -312,3 +317,12 @@ describe.skipIf(!canRun)('snapshot() of the running test guest', () => {
     });
   });
 });
+
+/** The pids of `pid`'s children, from every one of its threads. */
+async function childrenOf(pid: number): Promise<number[]> {
+  const tasks = await readdir(`/proc/${pid}/task`);
+  const lists = await Promise.all(
+    tasks.map((t) => readFile(`/proc/${pid}/task/${t}/children`, 'utf8').catch(() => '')),
+  );
+  return lists.flatMap((l) => l.split(' ').filter(Boolean).map(Number));
+}

@@ -6,7 +6,7 @@ import type { IntentHandle } from '../intent.js';
 import type { MigrationSettings } from '../migration.js';
 import type { OperationContext } from '../operation.js';
 import type { VmInfo } from '../probe.js';
-import type { StreamReceiver } from './receiver.js';
+import type { StreamReceiver, StreamTransport } from './receiver.js';
 import type { PrecopyReport, SnapshotOptions, SnapshotStrategy } from './types.js';
 
 /**
@@ -23,6 +23,9 @@ export interface SnapshotContext {
   out: string;
   /** `$TMPDIR/qsnap-stream-<id>` (or /tmp when TMPDIR is too deep for a socket): the migration socket's directory (in the intent from the start). */
   socketDir: string;
+  /** The local QEMU process, when qsnap can see it (peer.ts). */
+  qemuPid: number | undefined;
+  transport: StreamTransport;
   overlays: PlannedOverlay[];
   skipped: { device: string; reason: string }[];
   intent: IntentHandle;

@@ -21,6 +21,11 @@ import type { Writable } from 'node:stream';
  * first guard holds the listening socket instead (`spawnListening`): if qsnap dies in that
  * window, that guard accepts QEMU's connection and drains it. Once qsnap has accepted, the
  * connection's guard replaces it.
+ *
+ * Over a pipe (pipe-source.ts) one guard does both: started before `migrate`, it waits for the
+ * placeholder's pid file, opens the pipe itself and tells qsnap (a line `held` on its control
+ * socket), after which qsnap kills the placeholder. If qsnap dies, the guard kills the
+ * placeholder (if it is still there) and reads the pipe to its end.
  */
 /**
  * How long a guard holding the listening socket waits for QEMU to connect once qsnap died:
@@ -32,8 +37,11 @@ const LISTENING_GUARD_WAIT_MS = 5000;
 const PROGRAM = `// qsnap drain guard
 process.title = 'qsnap-drain-guard';
 const net = require('node:net');
-const listening = process.argv[1] === 'listening';
+const fs = require('node:fs');
+const mode = process.argv[1];
+const listening = mode === 'listening';
 let draining = false;
+let pipe;
 function read(stream) {
   stream.on('data', () => {});
   stream.on('end', () => process.exit(0));
@@ -42,6 +50,7 @@ function read(stream) {
 function drain() {
   if (draining) return;
   draining = true;
+  if (mode === 'pipe') return pipe ? drainPipe() : setTimeout(() => process.exit(0), ${LISTENING_GUARD_WAIT_MS});
   if (!listening) return read(new net.Socket({ fd: 4, readable: true, writable: false }));
   // qsnap died before it accepted QEMU's connection: accept it here (QEMU may be about to
   // connect, or be waiting in the backlog), read it to its end. Nobody coming: exit.
@@ -54,10 +63,37 @@ function drain() {
   server.listen({ fd: 4 });
   const timer = setTimeout(() => process.exit(0), ${LISTENING_GUARD_WAIT_MS});
 }
-const control = new net.Socket({ fd: 3, readable: true, writable: false });
+// The placeholder of migrate exec: writes its pid; its stdin is QEMU's pipe (pipe-source.ts).
+function holdPipe() {
+  try {
+    const text = fs.readFileSync(process.argv[2], 'utf8');
+    if (!text.endsWith('\\n')) return;
+    const pid = Number(text.trim());
+    const fd = fs.openSync('/proc/' + pid + '/fd/0', fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    const stat = fs.fstatSync(fd);
+    if (!stat.isFIFO()) return fs.closeSync(fd);
+    pipe = { fd, pid, ino: stat.ino };
+  } catch {}
+}
+function drainPipe() {
+  try {
+    if (fs.statSync('/proc/' + pipe.pid + '/fd/0').ino === pipe.ino) process.kill(pipe.pid, 'SIGKILL');
+  } catch {}
+  read(new net.Socket({ fd: pipe.fd, readable: true, writable: false }));
+}
+const control = new net.Socket({ fd: 3, readable: true, writable: mode === 'pipe' });
 control.on('data', drain);
 control.on('end', drain);
 control.on('error', drain);
+if (mode === 'pipe') {
+  const poll = setInterval(() => {
+    holdPipe();
+    if (!pipe) return;
+    clearInterval(poll);
+    control.write('held\\n', () => undefined);
+    if (draining) drainPipe();
+  }, 2);
+}
 `;
 
 export class DrainGuard {
@@ -74,8 +110,28 @@ export class DrainGuard {
     return typeof fd === 'number' && fd >= 0 ? DrainGuard.start('listening', fd) : undefined;
   }
 
-  private static start(mode: 'connected' | 'listening', held: Socket | number): DrainGuard {
-    const child = spawn(process.execPath, ['-e', PROGRAM, mode], {
+  /**
+   * Start a guard for the pipe of `migrate exec:` (pipe-source.ts), before `migrate`: it opens
+   * the pipe of the placeholder named by `pidFile`; `onHeld` runs once it holds it.
+   */
+  static spawnForPipe(pidFile: string, onHeld: () => void): DrainGuard {
+    const guard = DrainGuard.start('pipe', 'ignore', [pidFile]);
+    const control = guard.child.stdio[3] as unknown as Socket | undefined;
+    let heard = '';
+    control?.on('data', (chunk: Buffer) => {
+      heard += chunk.toString();
+      if (heard.includes('held\n')) onHeld();
+    });
+    control?.on('error', () => undefined);
+    return guard;
+  }
+
+  private static start(
+    mode: 'connected' | 'listening' | 'pipe',
+    held: Socket | number | 'ignore',
+    args: string[] = [],
+  ): DrainGuard {
+    const child = spawn(process.execPath, ['-e', PROGRAM, mode, ...args], {
       stdio: ['ignore', 'ignore', 'ignore', 'pipe', held],
       detached: true,
     });

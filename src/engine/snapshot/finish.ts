@@ -19,6 +19,7 @@ export async function finishFile(
     file: received.writer.path,
     id: manifest.id,
     strategy: ctx.strategy,
+    transport: ctx.transport,
     downtimeMs: timing.downtimeMs,
     totalMs: performance.now() - ctx.startedAt,
     streamMs,

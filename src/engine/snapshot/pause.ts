@@ -26,7 +26,7 @@ export async function prepare(ctx: SnapshotContext, run: SnapshotRun): Promise<v
   await intent.update({ tempFiles: [run.socketDir], migration: run.settings.saved });
   await prepareOverlays(qmp, ctx.overlays);
   // RAM mapped from a file (a lazy restore): its page faults taken now, not in the pause.
-  if (ctx.strategy === 'background-snapshot') await prefaultFileRam(qmp, ctx.options.qmp);
+  if (ctx.strategy === 'background-snapshot') await prefaultFileRam(qmp, ctx.qemuPid);
   await run.receiver.listen();
   ctx.op.phase('prepared');
   await intent.update({ stage: ctx.strategy === 'live-precopy' ? 'precopy' : 'paused' });
@@ -138,9 +138,12 @@ export async function startMigration(
   run: SnapshotRun,
   migrationFailed: Promise<never>,
 ): Promise<void> {
-  const socket = ctx.faults.has('bad-migration-socket') ? 'nobody.sock' : 'migration.sock';
-  await ctx.qmp.execute('migrate', { uri: `unix:${join(run.socketDir, socket)}` });
+  const uri = ctx.faults.has('bad-migration-socket')
+    ? `unix:${join(run.socketDir, 'nobody.sock')}`
+    : run.receiver.uri;
+  await ctx.qmp.execute('migrate', { uri });
   run.pause.migrating = true;
+  run.receiver.attach();
   if (ctx.faults.has('fail-after-migrate'))
     throw new SnapshotError('QSNAP_SNAPSHOT_MIGRATION', 'injected fault: failed right after migrate');
   ctx.op.phase('migrating');

@@ -1,6 +1,5 @@
 import { open, readFile } from 'node:fs/promises';
 import type { QmpClient } from '../../qmp/index.js';
-import { findQmpPeer } from '../../vm/peer.js';
 import { ramFiles } from '../ram-protection.js';
 
 /**
@@ -27,13 +26,15 @@ export interface Prefaulted {
   ms: number;
 }
 
-/** Pre-fault the file-backed guest RAM of the QEMU behind `qmpEndpoint`; undefined when there is none. */
-export async function prefaultFileRam(qmp: QmpClient, qmpEndpoint: string): Promise<Prefaulted | undefined> {
+/** Pre-fault the file-backed guest RAM of local QEMU `qemuPid`; undefined when there is none. */
+export async function prefaultFileRam(
+  qmp: QmpClient,
+  qemuPid: number | undefined,
+): Promise<Prefaulted | undefined> {
+  if (qemuPid === undefined) return undefined;
   const files = await ramFiles(qmp);
   if (files.length === 0) return undefined;
-  const peer = await findQmpPeer(qmpEndpoint).catch(() => undefined);
-  if (!peer?.found) return undefined;
-  return prefaultMappings(peer.pid, files).catch(() => undefined);
+  return prefaultMappings(qemuPid, files).catch(() => undefined);
 }
 
 /** Read all of `pid`'s mappings of `files` (and throw it away). */

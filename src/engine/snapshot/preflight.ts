@@ -1,10 +1,12 @@
 import { constants } from 'node:fs';
-import { access, stat } from 'node:fs/promises';
+import { access, readdir, readFile, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
+import { findQmpPeer } from '../../vm/peer.js';
 import { SnapshotError } from '../errors.js';
 import type { Faults } from '../faults.js';
 import { MIGRATION_UNSETTLED } from '../migration.js';
 import { type VmInfo, versionAtLeast } from '../probe.js';
+import type { StreamTransport } from './receiver.js';
 import type { SnapshotStrategy } from './types.js';
 
 /** Devices whose state lives outside QEMU's migration stream, which background snapshots refuse. */
@@ -121,4 +123,26 @@ export async function checkOutput(out: string, overwrite: boolean): Promise<void
       hint: 'choose another --out path or pass --overwrite',
     });
   }
+}
+
+/** The local QEMU process behind the QMP endpoint, if qsnap can see it. */
+export async function qemuPidOf(qmpEndpoint: string): Promise<number | undefined> {
+  const peer = await findQmpPeer(qmpEndpoint).catch(() => undefined);
+  return peer?.found ? peer.pid : undefined;
+}
+
+/**
+ * The stream's transport when the user did not choose one: QEMU's pipe (pipe-source.ts) where
+ * QEMU is local, qsnap may read its /proc (the same user, or root) and QEMU may spawn the
+ * placeholder (`-sandbox …,spawn=deny` forbids it); a unix socket otherwise.
+ */
+export async function chooseTransport(qemuPid: number | undefined): Promise<StreamTransport> {
+  if (qemuPid === undefined) return 'unix';
+  try {
+    await readdir(`/proc/${qemuPid}/fd`);
+  } catch {
+    return 'unix';
+  }
+  const argv = await readFile(`/proc/${qemuPid}/cmdline`, 'utf8').catch(() => '');
+  return /spawn=deny/.test(argv) ? 'unix' : 'pipe';
 }

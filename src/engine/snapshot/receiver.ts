@@ -1,5 +1,6 @@
 import { rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { SnapshotWriter } from '../../format/index.js';
 import {
@@ -12,8 +13,16 @@ import {
 import { SnapshotError } from '../errors.js';
 import { hangForever } from '../faults.js';
 import { DrainGuard } from './drain-guard.js';
+import { type HeldPipe, killPlaceholder, openPlaceholderPipe, placeholderCommand } from './pipe-source.js';
 import { ReadRateLimit } from './rate-limit.js';
-import { readIntoReusedBuffer } from './socket-reader.js';
+import { readFdIntoReusedBuffer, readIntoReusedBuffer } from './socket-reader.js';
+
+/**
+ * How QEMU's stream reaches qsnap: `pipe` — `migrate exec:` and qsnap reading QEMU's pipe
+ * (pipe-source.ts; a local QEMU whose /proc qsnap may read), `unix` — QEMU connects to a
+ * socket qsnap listens on.
+ */
+export type StreamTransport = 'pipe' | 'unix';
 
 export interface ReceivedStream {
   writer: SnapshotWriter;
@@ -28,7 +37,9 @@ export interface ReceivedStream {
 }
 
 export interface ReceiverOptions {
-  socketPath: string;
+  /** The stream directory (private to qsnap): the socket or the placeholder's pid file. */
+  dir: string;
+  transport: StreamTransport;
   out: string;
   overwrite: boolean;
   onWriterCreated: (writer: SnapshotWriter) => void;
@@ -75,6 +86,8 @@ export class StreamReceiver {
   private settle!: { resolve: (r: ReceivedStream) => void; reject: (err: unknown) => void };
   private server: Server | undefined;
   private socket: Socket | undefined;
+  private pipe: HeldPipe | undefined;
+  private closed = false;
   private guard: DrainGuard | undefined;
   private listeningGuard: DrainGuard | undefined;
   private writer: SnapshotWriter | undefined;
@@ -103,12 +116,33 @@ export class StreamReceiver {
     this.rate = new ReadRateLimit(options.maxBytesPerSecond);
   }
 
+  /** The `migrate` URI that sends the stream here. */
+  get uri(): string {
+    return this.options.transport === 'pipe'
+      ? `exec:${placeholderCommand(this.pidFile)}`
+      : `unix:${this.socketPath}`;
+  }
+
+  private get socketPath(): string {
+    return join(this.options.dir, 'migration.sock');
+  }
+
+  private get pidFile(): string {
+    return join(this.options.dir, 'placeholder.pid');
+  }
+
+  /** Be ready for `migrate` (the socket listening, or the pipe's guard started). */
   async listen(): Promise<void> {
+    if (this.options.transport === 'pipe') {
+      if (this.options.needsDrainGuard())
+        this.guard = DrainGuard.spawnForPipe(this.pidFile, () => this.guardHoldsPipe());
+      return;
+    }
     const server = createServer({ pauseOnConnect: true }, (socket) => this.accept(socket));
     this.server = server;
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(this.options.socketPath, () => {
+      server.listen(this.socketPath, () => {
         server.off('error', reject);
         // Before `migrate`: a kill of qsnap before it accepts QEMU's connection is covered too.
         if (this.options.needsDrainGuard()) this.listeningGuard = DrainGuard.spawnListening(server);
@@ -129,12 +163,50 @@ export class StreamReceiver {
     this.rate = new ReadRateLimit(undefined);
   }
 
+  /**
+   * `migrate` returned: over a pipe, open it (QEMU has started the placeholder) and read it.
+   * Failures go to `done`; a placeholder that never comes is given up by close().
+   */
+  attach(): void {
+    if (this.options.transport !== 'pipe') return;
+    openPlaceholderPipe(this.pidFile, () => this.closed || this.failed).then(
+      (pipe) => {
+        if (!pipe) return;
+        this.pipe = pipe;
+        // Without a guard, or with one that holds the pipe already, the placeholder can go.
+        if (!this.guard || this.guardHolds) killPlaceholder(pipe);
+        const parser = new MigrationStreamParser(this.sink());
+        const reader = readFdIntoReusedBuffer(pipe.fd, (chunk) => this.onData(reader, parser, chunk));
+        this.startReading(reader, parser);
+      },
+      (err: unknown) =>
+        this.fail(
+          new SnapshotError(
+            'QSNAP_SNAPSHOT_MIGRATION',
+            `cannot read the migration pipe: ${(err as Error).message}`,
+            { hint: 'run qsnap as the user QEMU runs as, or with --transport unix', cause: err },
+          ),
+        ),
+    );
+  }
+
+  private guardHolds = false;
+
+  private guardHoldsPipe(): void {
+    this.guardHolds = true;
+    if (this.pipe) killPlaceholder(this.pipe);
+  }
+
   async close(): Promise<void> {
+    this.closed = true;
     if (!this.failed) this.guard?.dismiss();
     this.dismissListeningGuard();
     this.socket?.destroy();
+    // QEMU's end of an exec: migration waits for the placeholder to exit; after a failure, a
+    // guard that does not hold the pipe yet still needs it (it kills it itself).
+    if (this.pipe && (!this.failed || !this.guard)) killPlaceholder(this.pipe);
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
-    await rm(this.options.socketPath, { force: true });
+    if (this.options.transport === 'unix') await rm(this.socketPath, { force: true });
   }
 
   private accept(socket: Socket): void {
@@ -156,6 +228,10 @@ export class StreamReceiver {
     }
     const parser = new MigrationStreamParser(this.sink());
     const reader = readIntoReusedBuffer(socket, (chunk) => this.onData(reader, parser, chunk));
+    this.startReading(reader, parser);
+  }
+
+  private startReading(reader: Socket, parser: MigrationStreamParser): void {
     this.socket = reader;
     reader.on('end', () => this.onEnd(parser));
     reader.on('error', (err) =>

@@ -15,7 +15,7 @@ import { cleanupAfterFailure } from './cleanup.js';
 import type { SnapshotContext, SnapshotRun } from './context.js';
 import { finishFile } from './finish.js';
 import { pauseAndFreeze, prepare, resumeAfterMigration, startMigration } from './pause.js';
-import { checkOutput, preflight } from './preflight.js';
+import { checkOutput, chooseTransport, preflight, qemuPidOf } from './preflight.js';
 import { StreamReceiver } from './receiver.js';
 import { precopyUntilSwitchover } from './switchover.js';
 import type { SnapshotOptions, SnapshotResult } from './types.js';
@@ -66,6 +66,8 @@ async function lockVm(
   startedAt: number,
 ): Promise<SnapshotContext> {
   op.phase('probe');
+  const qemuPid = qemuPidOf(options.qmp);
+  qemuPid.catch(() => undefined);
   const vm = await probeVm(qmp);
   const strategy = preflight(vm);
   const out = resolve(options.out);
@@ -89,6 +91,7 @@ async function lockVm(
   });
   op.phase('intent');
   const faults = options.faults ?? NO_FAULTS;
+  const pid = await qemuPid;
   return {
     options,
     op,
@@ -98,6 +101,8 @@ async function lockVm(
     id,
     out,
     socketDir,
+    qemuPid: pid,
+    transport: options.transport ?? (await chooseTransport(pid)),
     overlays: plan.overlays,
     skipped: plan.skipped,
     intent,
@@ -170,7 +175,8 @@ async function openRun(ctx: SnapshotContext): Promise<SnapshotRun> {
     precopy: undefined,
     pause: { stopEvent: undefined, resumeEvent: undefined, frozen: false, migrating: false },
     receiver: new StreamReceiver({
-      socketPath: join(socketDir, 'migration.sock'),
+      dir: socketDir,
+      transport: ctx.transport,
       out: ctx.out,
       overwrite: ctx.options.overwrite ?? false,
       onWriterCreated: (w) => {

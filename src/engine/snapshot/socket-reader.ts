@@ -38,3 +38,17 @@ export function readIntoReusedBuffer(accepted: Socket, onChunk: (chunk: Buffer) 
     },
   } as ConstructorParameters<typeof Socket>[0] & { handle: unknown });
 }
+
+/** A pipe's read end `fd` (non-blocking), read the same way into one reused buffer. */
+export function readFdIntoReusedBuffer(fd: number, onChunk: (chunk: Buffer) => void): Socket {
+  const buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+  return new Socket({
+    fd,
+    readable: true,
+    writable: false,
+    onread: {
+      buffer,
+      callback: (nread: number, buf: Uint8Array) => onChunk((buf as Buffer).subarray(0, nread)),
+    },
+  } as ConstructorParameters<typeof Socket>[0]);
+}

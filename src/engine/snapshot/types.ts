@@ -1,4 +1,5 @@
 import type { Faults } from '../faults.js';
+import type { StreamTransport } from './receiver.js';
 
 /**
  * `background-snapshot`: a running guest, point in time = the start (QEMU write-protects RAM);
@@ -39,6 +40,11 @@ export interface SnapshotOptions {
   stateDir?: string;
   /** live-precopy only: how the pause is bounded (defaults measured, see docs/benchmarks.md). */
   precopy?: PrecopyTuning;
+  /**
+   * How the stream reaches qsnap: `pipe` (QEMU's `exec:` pipe, read through /proc; the default
+   * for a local QEMU qsnap may read) or `unix` (a socket qsnap listens on; the default otherwise).
+   */
+  transport?: StreamTransport;
   /** Test-only: fault points to strike (faults.ts). */
   faults?: Faults;
 }
@@ -55,6 +61,7 @@ export interface SnapshotResult {
   file: string;
   id: string;
   strategy: SnapshotStrategy;
+  transport: StreamTransport;
   /** Guest pause, from QEMU's STOP and RESUME event timestamps (0 when it was paused already). */
   downtimeMs: number;
   totalMs: number;

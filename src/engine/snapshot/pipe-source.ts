@@ -1,0 +1,88 @@
+import { closeSync, constants, fstatSync, openSync, readFileSync, statSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+/**
+ * The stream over a pipe instead of a unix socket. QEMU 7.2's background snapshot flushes per
+ * page; into a unix socket that makes its migration 2–4× longer than into `exec:`'s pipe, whatever
+ * the reader costs (docs/benchmarks.md). QEMU has no `migrate` to a pipe it is given (`fd:` needs
+ * SCM_RIGHTS, which Node cannot send), so qsnap borrows the one `exec:` makes: QEMU runs a
+ * placeholder with the pipe's read end as its stdin, the placeholder writes its pid into the
+ * stream directory and sleeps, and qsnap opens `/proc/<pid>/fd/0` — on Linux a new reader of
+ * the same pipe. Once the readers that matter hold it (qsnap, and for a background snapshot the
+ * drain guard), the placeholder is killed: QEMU's end of the migration waits for its child to
+ * exit (io/channel-command.c, qio_channel_command_close), so it must not be left sleeping.
+ */
+
+/** The placeholder's sleep: only reached when nobody ever opens the pipe (then QEMU sees EPIPE). */
+const PLACEHOLDER_SECONDS = 60;
+
+/** How often the pid file is looked for while QEMU starts the placeholder. */
+const POLL_MS = 1;
+
+/** The shell command of `migrate exec:` (QEMU runs it with /bin/sh -c). */
+export function placeholderCommand(pidFile: string): string {
+  return `echo $$ > ${shellQuote(pidFile)} && exec sleep ${PLACEHOLDER_SECONDS}`;
+}
+
+export function shellQuote(s: string): string {
+  return `'${s.replaceAll("'", `'\\''`)}'`;
+}
+
+/** qsnap's own reader of QEMU's pipe, and the placeholder holding it open. */
+export interface HeldPipe {
+  fd: number;
+  placeholderPid: number;
+  /** The pipe's inode: the placeholder is killed only while its stdin is still this pipe. */
+  ino: number;
+}
+
+/**
+ * Open the pipe behind the placeholder whose pid `pidFile` will hold; undefined when `stop()`
+ * turned true first. Throws when the pid file names a process whose stdin is not a pipe.
+ */
+export async function openPlaceholderPipe(
+  pidFile: string,
+  stop: () => boolean,
+): Promise<HeldPipe | undefined> {
+  for (;;) {
+    if (stop()) return undefined;
+    const pid = readPid(pidFile);
+    if (pid !== undefined) return openStdinPipe(pid);
+    await sleep(POLL_MS);
+  }
+}
+
+function readPid(pidFile: string): number | undefined {
+  let text: string;
+  try {
+    text = readFileSync(pidFile, 'utf8');
+  } catch {
+    return undefined;
+  }
+  // The shell's echo is one write; until its newline is there the file is still being written.
+  if (!text.endsWith('\n')) return undefined;
+  const pid = Number(text.trim());
+  if (!Number.isSafeInteger(pid) || pid <= 1)
+    throw new Error(`the migration placeholder wrote no pid: ${text}`);
+  return pid;
+}
+
+function openStdinPipe(pid: number): HeldPipe {
+  const fd = openSync(`/proc/${pid}/fd/0`, constants.O_RDONLY | constants.O_NONBLOCK);
+  const stat = fstatSync(fd);
+  if (!stat.isFIFO()) {
+    closeSync(fd);
+    throw new Error(`the migration placeholder (pid ${pid}) does not hold a pipe`);
+  }
+  return { fd, placeholderPid: pid, ino: stat.ino };
+}
+
+/** Kill the placeholder if it still holds the pipe (never another process that took its pid). */
+export function killPlaceholder(pipe: HeldPipe): void {
+  try {
+    if (statSync(`/proc/${pipe.placeholderPid}/fd/0`).ino !== pipe.ino) return;
+    process.kill(pipe.placeholderPid, 'SIGKILL');
+  } catch {
+    // Gone already.
+  }
+}
