@@ -205,6 +205,12 @@ describe.skipIf(!canRun)('qsnap snapshot', () => {
     );
     expect(badRate.code).toBe(2);
     expect(badRate.stderr).toMatch(/--max-bandwidth: cannot read "fast" as a size .*\[QSNAP_USAGE\]\n$/);
+    const badTransport = await runCli(
+      ['snapshot', '--qmp', guest.vm.qmpPath, '--out', join(sandbox.out, 'x.qsnap'), '--transport', 'tcp'],
+      sandbox.env,
+    );
+    expect(badTransport.code).toBe(2);
+    expect(badTransport.stderr).toMatch(/--transport is pipe or unix, not tcp .*\[QSNAP_USAGE\]\n$/);
     await expectIntact(sandbox, guest, { out: join(sandbox.out, 'x.qsnap') });
   });
 });

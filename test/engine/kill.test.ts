@@ -27,7 +27,7 @@ import {
   type Guest,
   stopGuest,
 } from '../support/guest.js';
-import { waitUntil } from '../support/process.js';
+import { childrenOf, waitUntil } from '../support/process.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 describe.skipIf(!canRun)('qsnap killed mid-snapshot', () => {
@@ -57,9 +57,9 @@ describe.skipIf(!canRun)('qsnap killed mid-snapshot', () => {
     existsSync(join(sandbox.state, 'intents')) ? await readdir(join(sandbox.state, 'intents')) : [];
 
   /** Starts `qsnap snapshot` with a fault point and waits until it has paused the guest. */
-  async function startHeld(fault: string, out: string): Promise<CliChild> {
+  async function startHeld(fault: string, out: string, args: string[] = []): Promise<CliChild> {
     const stopsBefore = guest.stops;
-    child = spawnCli(['snapshot', '--qmp', guest.vm.qmpPath, '--out', out, '--json'], {
+    child = spawnCli(['snapshot', '--qmp', guest.vm.qmpPath, '--out', out, '--json', ...args], {
       ...sandbox.env,
       QSNAP_FAULT: fault,
     });
@@ -154,59 +154,66 @@ describe.skipIf(!canRun)('qsnap killed mid-snapshot', () => {
     await expectIntact(sandbox, guest, { out, outIs: 'valid' });
   });
 
-  it('mid-stream: the guest keeps running, the next command tidies up, a fresh snapshot works', async () => {
-    const out = join(sandbox.out, 'killed-streaming.qsnap');
-    const chainBefore = await chainFiles(guest.vm.qmp);
-    const c = await startHeld('stream-hang', out);
-    // qsnap hangs once 20 MiB have arrived; QEMU cannot send more than the socket buffers hold.
-    // (Until the new migration is active, query-migrate still reports the previous one's bytes.)
-    await waitUntil(
-      async () => {
-        const info = await guest.vm.qmp.execute('query-migrate');
-        return info.status === 'active' && (info.ram?.transferred ?? 0) > 20 * 2 ** 20;
-      },
-      30_000,
-      'the stream to pass 20 MiB',
-    );
-    const partial = (await readdir(sandbox.out)).filter((f) => f.startsWith('.killed-streaming.qsnap.'));
-    expect(partial, 'the partial file exists while qsnap streams').toHaveLength(1);
-    expect((await guest.vm.qmp.execute('query-migrate')).status).toBe('active');
-    // Negative control for the leftover check: the guard is there while a stream runs.
-    expect(drainGuards(sandbox), 'one drain guard while qsnap streams').toHaveLength(1);
-    await kill(c);
+  // The guard holds the pipe of `migrate exec:` (the default here) or the migration socket.
+  it.each(['pipe', 'unix'])(
+    'mid-stream (%s): the guest keeps running, the next command tidies up, a fresh snapshot works',
+    async (transport) => {
+      const out = join(sandbox.out, `killed-streaming-${transport}.qsnap`);
+      const chainBefore = await chainFiles(guest.vm.qmp);
+      const c = await startHeld('stream-hang', out, ['--transport', transport]);
+      // qsnap hangs once 20 MiB have arrived; QEMU cannot send more than the socket buffers hold.
+      // (Until the new migration is active, query-migrate still reports the previous one's bytes.)
+      await waitUntil(
+        async () => {
+          const info = await guest.vm.qmp.execute('query-migrate');
+          return info.status === 'active' && (info.ram?.transferred ?? 0) > 20 * 2 ** 20;
+        },
+        30_000,
+        'the stream to pass 20 MiB',
+      );
+      const partial = (await readdir(sandbox.out)).filter((f) =>
+        f.startsWith(`.killed-streaming-${transport}.qsnap.`),
+      );
+      expect(partial, 'the partial file exists while qsnap streams').toHaveLength(1);
+      expect((await guest.vm.qmp.execute('query-migrate')).status).toBe('active');
+      // Negative control for the leftover check: the guard is there while a stream runs.
+      expect(drainGuards(sandbox), 'one drain guard while qsnap streams').toHaveLength(1);
+      await kill(c);
 
-    // Nobody has run a qsnap command yet: the drain guard alone lets QEMU finish.
-    await waitUntil(
-      async () => (await guest.vm.qmp.execute('query-migrate')).status === 'completed',
-      60_000,
-      'QEMU to finish the background snapshot',
-    );
-    await expectGuestHealthy(guest);
-    expect(await intents()).toHaveLength(1);
+      // Nobody has run a qsnap command yet: the drain guard alone lets QEMU finish.
+      await waitUntil(
+        async () => (await guest.vm.qmp.execute('query-migrate')).status === 'completed',
+        60_000,
+        'QEMU to finish the background snapshot',
+      );
+      await expectGuestHealthy(guest);
+      expect(await childrenOf(guest.vm.pid), 'no placeholder of exec: left to QEMU').toEqual([]);
+      expect(await intents()).toHaveLength(1);
 
-    const status = await runCli(['status', '--qmp', guest.vm.qmpPath, '--json'], sandbox.env);
-    expect(status.code, status.stderr).toBe(0);
-    const recovery = status.json?.['recovery'] as {
-      actions: string[];
-      resumed: boolean;
-      overlaysInUse: unknown[];
-    };
-    expect(recovery).toMatchObject({ recovered: true, resumed: false });
-    expect(recovery.actions).toEqual(
-      expect.arrayContaining(['restored migration settings', expect.stringMatching(/temporary file/)]),
-    );
-    // The disk was frozen before qsnap died: the guest writes to the new overlay, which stays.
-    const chainAfter = await chainFiles(guest.vm.qmp);
-    expect(chainAfter.slice(1)).toEqual(chainBefore);
-    expect(existsSync(chainAfter[0]!), `${chainAfter[0]} still exists`).toBe(true);
-    expect(recovery.overlaysInUse).toEqual([{ device: 'disk0-dev', overlayFile: chainAfter[0] }]);
-    await expectIntact(sandbox, guest, { out });
+      const status = await runCli(['status', '--qmp', guest.vm.qmpPath, '--json'], sandbox.env);
+      expect(status.code, status.stderr).toBe(0);
+      const recovery = status.json?.['recovery'] as {
+        actions: string[];
+        resumed: boolean;
+        overlaysInUse: unknown[];
+      };
+      expect(recovery).toMatchObject({ recovered: true, resumed: false });
+      expect(recovery.actions).toEqual(
+        expect.arrayContaining(['restored migration settings', expect.stringMatching(/temporary file/)]),
+      );
+      // The disk was frozen before qsnap died: the guest writes to the new overlay, which stays.
+      const chainAfter = await chainFiles(guest.vm.qmp);
+      expect(chainAfter.slice(1)).toEqual(chainBefore);
+      expect(existsSync(chainAfter[0]!), `${chainAfter[0]} still exists`).toBe(true);
+      expect(recovery.overlaysInUse).toEqual([{ device: 'disk0-dev', overlayFile: chainAfter[0] }]);
+      await expectIntact(sandbox, guest, { out });
 
-    const fresh = join(sandbox.out, 'after-kill.qsnap');
-    const r = await snapshot({ qmp: guest.vm.qmpPath, out: fresh }).result;
-    expect(r.disks[0]!.frozenFile).toBe(chainAfter[0]);
-    await expectIntact(sandbox, guest, { out: fresh, outIs: 'valid' });
-  });
+      const fresh = join(sandbox.out, `after-kill-${transport}.qsnap`);
+      const r = await snapshot({ qmp: guest.vm.qmpPath, out: fresh }).result;
+      expect(r.disks[0]!.frozenFile).toBe(chainAfter[0]);
+      await expectIntact(sandbox, guest, { out: fresh, outIs: 'valid' });
+    },
+  );
 
   it('recovery trusts QEMU over the record: an overlay in use is kept even if recorded unused', async () => {
     // A record as a qsnap killed between the transaction and its record update leaves it: the

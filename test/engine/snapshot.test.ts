@@ -6,7 +6,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
-import { readdir, readFile, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -24,6 +24,7 @@ import {
   type Guest,
   stopGuest,
 } from '../support/guest.js';
+import { childrenOf } from '../support/process.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 /** Metadata after RAM: page table, prologue, device tail, manifest, trailer. */
@@ -317,12 +318,3 @@ describe.skipIf(!canRun)('snapshot() of the running test guest', () => {
     });
   });
 });
-
-/** The pids of `pid`'s children, from every one of its threads. */
-async function childrenOf(pid: number): Promise<number[]> {
-  const tasks = await readdir(`/proc/${pid}/task`);
-  const lists = await Promise.all(
-    tasks.map((t) => readFile(`/proc/${pid}/task/${t}/children`, 'utf8').catch(() => '')),
-  );
-  return lists.flatMap((l) => l.split(' ').filter(Boolean).map(Number));
-}

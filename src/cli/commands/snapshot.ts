@@ -1,4 +1,5 @@
 import { resolve } from 'node:path';
+import type { StreamTransport } from '../../engine/snapshot/receiver.js';
 import { snapshot } from '../../engine/snapshot/snapshot.js';
 import type { SnapshotResult } from '../../engine/snapshot/types.js';
 import { type StoreSnapshotResult, storeSnapshot } from '../../store/snapshot.js';
@@ -20,7 +21,7 @@ const spec = {
     "With --name the snapshot goes into the store, with the VM's QEMU command line (read from the QEMU\n" +
     'process), so `qsnap restore NAME` needs nothing else; --out writes a loose file instead.',
   usage:
-    'qsnap snapshot --qmp <socket> (--name <name> | --out <file>) [--overwrite] [--max-bandwidth <rate>] [--json]',
+    'qsnap snapshot --qmp <socket> (--name <name> | --out <file>) [--overwrite] [--max-bandwidth <rate>] [--transport pipe|unix] [--json]',
   options: {
     qmp: { type: 'string' },
     name: { type: 'string', short: 'n' },
@@ -30,6 +31,7 @@ const spec = {
     'max-chain': { type: 'string' },
     'max-bandwidth': { type: 'string' },
     'overlay-dir': { type: 'string' },
+    transport: { type: 'string' },
     overwrite: { type: 'boolean' },
     json: { type: 'boolean' },
   },
@@ -44,6 +46,8 @@ const spec = {
       "keep the running VM's disk chain at most this long (default 8; older layers are streamed into its overlay)",
     'max-bandwidth': 'limit the RAM stream, bytes per second (e.g. 200M); default: unlimited',
     'overlay-dir': 'where the new disk overlays go (default: beside each disk image)',
+    transport:
+      "how the RAM stream reaches qsnap: pipe (QEMU's exec: pipe; faster, ~5 ms more pause under TCG for QEMU's fork) or unix (a socket); default: pipe for a local QEMU qsnap may read, else unix",
     overwrite: 'replace a snapshot of that name (or the file at --out)',
     json: 'print one JSON object with the result instead of text and a progress bar',
   },
@@ -66,7 +70,14 @@ export async function snapshotCommand(argv: string[], env: CliEnv): Promise<numb
     );
   const out = makeOutput(values.json ?? false);
   if (env.daemonUrl) {
-    refuseWithDaemon('snapshot', values, ['out', 'store', 'cmdline', 'max-chain', 'overlay-dir']);
+    refuseWithDaemon('snapshot', values, [
+      'out',
+      'store',
+      'cmdline',
+      'max-chain',
+      'overlay-dir',
+      'transport',
+    ]);
     const qmp = resolve(values.qmp);
     const op = remoteOperation(env, async (c, onEvent) => {
       const { vm } = await c.attach({ qmp });
@@ -92,6 +103,7 @@ export async function snapshotCommand(argv: string[], env: CliEnv): Promise<numb
       ? { maxBandwidth: parseSize(values['max-bandwidth'], '--max-bandwidth') }
       : {}),
     ...(values['overlay-dir'] ? { overlayDir: values['overlay-dir'] } : {}),
+    ...(values.transport ? { transport: streamTransport(values.transport) } : {}),
   };
   if (values.out) {
     const op = snapshot({ ...engine, out: resolve(values.out), overwrite: values.overwrite ?? false });
@@ -142,4 +154,9 @@ function report(
       );
   }
   return 0;
+}
+
+function streamTransport(text: string): StreamTransport {
+  if (text === 'pipe' || text === 'unix') return text;
+  throw new UsageError(`snapshot: --transport is pipe or unix, not ${text}`, 'see qsnap snapshot --help');
 }
