@@ -19,9 +19,21 @@ const PLACEHOLDER_SECONDS = 60;
 /** How often the pid file is looked for while QEMU starts the placeholder. */
 const POLL_MS = 1;
 
+/**
+ * The pipe's size: 1 MiB (Linux's default pipe-max-size) instead of 64 KiB, so that qsnap can
+ * read it in large pieces while QEMU goes on writing (receiver.ts letPipeFill). Set by the
+ * placeholder with perl (Debian's perl-base is essential; F_SETPIPE_SZ = 1031), since neither
+ * sh nor Node has fcntl; without perl, or above the limit, the pipe keeps its size.
+ */
+const PIPE_BYTES = 1024 * 1024;
+const F_SETPIPE_SZ = 1031;
+
 /** The shell command of `migrate exec:` (QEMU runs it with /bin/sh -c). */
 export function placeholderCommand(pidFile: string): string {
-  return `echo $$ > ${shellQuote(pidFile)} && exec sleep ${PLACEHOLDER_SECONDS}`;
+  return (
+    `perl -e 'fcntl(STDIN, ${F_SETPIPE_SZ}, ${PIPE_BYTES})' 2>/dev/null; ` +
+    `echo $$ > ${shellQuote(pidFile)} && exec sleep ${PLACEHOLDER_SECONDS}`
+  );
 }
 
 export function shellQuote(s: string): string {
