@@ -346,11 +346,12 @@ export interface SocketOwners {
 export async function socketOwners(inode: number): Promise<SocketOwners> {
   const link = `socket:[${inode}]`;
   const owners: SocketOwners = { pids: [], unreadable: 0 };
-  for (const entry of await readdir('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    const held = await holdsLink(Number(entry), link);
-    if (held === 'unreadable') owners.unreadable++;
-    else if (held) owners.pids.push(Number(entry));
+  const pids = (await readdir('/proc')).filter((e) => /^\d+$/.test(e)).map(Number);
+  // All at once: one process after the other took 15-45 ms for 70 processes here.
+  const held = await Promise.all(pids.map((pid) => holdsLink(pid, link)));
+  for (const [i, pid] of pids.entries()) {
+    if (held[i] === 'unreadable') owners.unreadable++;
+    else if (held[i]) owners.pids.push(pid);
   }
   return owners;
 }

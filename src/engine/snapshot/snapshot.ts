@@ -40,13 +40,16 @@ async function runSnapshot(options: SnapshotOptions, op: OperationContext): Prom
   const startedAt = performance.now();
   const stateDir = options.stateDir ?? defaultStateDir();
   const intents = new IntentStore(stateDir);
+  // Which process QEMU is (a scan of /proc, 10-40 ms): meanwhile qsnap connects and probes.
+  const qemuPid = qemuPidOf(options.qmp);
+  qemuPid.catch(() => undefined);
   op.phase('connect', options.qmp);
   await intents.assertNotBusy(options.qmp);
   const { qmp, recovery } = await connectVm(options.qmp, { stateDir });
   if (recovery.recovered)
     op.emit({ type: 'info', message: `recovered an interrupted qsnap: ${recovery.actions.join('; ')}` });
   try {
-    const ctx = await lockVm(options, op, qmp, intents, startedAt);
+    const ctx = await lockVm(options, op, qmp, intents, startedAt, qemuPid);
     try {
       return await snapshotLocked(ctx);
     } finally {
@@ -64,10 +67,9 @@ async function lockVm(
   qmp: QmpClient,
   intents: IntentStore,
   startedAt: number,
+  qemuPid: Promise<number | undefined>,
 ): Promise<SnapshotContext> {
   op.phase('probe');
-  const qemuPid = qemuPidOf(options.qmp);
-  qemuPid.catch(() => undefined);
   const vm = await probeVm(qmp);
   const strategy = preflight(vm);
   const out = resolve(options.out);
