@@ -4,11 +4,12 @@
  * qio_channel_command_new_spawn sets it up.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { closeSync, mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
+  killLeftPlaceholder,
   killPlaceholder,
   openPlaceholderPipe,
   placeholderCommand,
@@ -46,12 +47,12 @@ describe('the placeholder of migrate exec: and its pipe', () => {
     const pidFile = join(streamDir(), 'placeholder.pid');
     const bytes = 3 * 1024 * 1024 + 17;
     shell(`head -c ${bytes} /dev/urandom | /bin/sh -c "$PLACEHOLDER"`, pidFile);
-    const pipe = await openPlaceholderPipe(pidFile, () => false);
+    const pipe = await openPlaceholderPipe(pidFile);
     expect(pipe).toBeDefined();
-    expect(isAlive(pipe!.placeholderPid)).toBe(true);
-    killPlaceholder(pipe!);
+    expect(isAlive(pipe.placeholderPid)).toBe(true);
+    killPlaceholder(pipe);
     let read = 0;
-    const reader = readFdIntoReusedBuffer(pipe!.fd, (chunk) => {
+    const reader = readFdIntoReusedBuffer(pipe.fd, (chunk) => {
       read += chunk.length;
     });
     await new Promise<void>((resolve, reject) => {
@@ -61,22 +62,32 @@ describe('the placeholder of migrate exec: and its pipe', () => {
     reader.destroy();
     // Every byte arrived although the placeholder, the pipe's only other reader, is gone.
     expect(read).toBe(bytes);
-    await waitUntil(() => !isAlive(pipe!.placeholderPid), 5000, 'the placeholder to be gone');
+    await waitUntil(() => !isAlive(pipe.placeholderPid), 5000, 'the placeholder to be gone');
   });
 
-  it('is given up when told to stop before the pid file appears', async () => {
+  it('gives up with an error when no placeholder writes its pid in time', async () => {
     const pidFile = join(streamDir(), 'placeholder.pid');
-    let stop = false;
-    setTimeout(() => {
-      stop = true;
-    }, 50);
-    expect(await openPlaceholderPipe(pidFile, () => stop)).toBeUndefined();
+    await expect(openPlaceholderPipe(pidFile, 50)).rejects.toThrow(/wrote no pid within 50 ms/);
+  });
+
+  it('kills the placeholder a dead qsnap left, and nothing that is not one', async () => {
+    const pidFile = join(streamDir(), 'placeholder.pid');
+    shell('head -c 10 /dev/zero | /bin/sh -c "$PLACEHOLDER"', pidFile);
+    const pipe = await openPlaceholderPipe(pidFile);
+    closeSync(pipe.fd);
+    // Negative control: a pid file naming a process that is no placeholder (this one).
+    const other = join(streamDir(), 'other.pid');
+    writeFileSync(other, `${process.pid}\n`);
+    expect(killLeftPlaceholder(other)).toBe(false);
+    expect(killLeftPlaceholder(join(streamDir(), 'absent.pid'))).toBe(false);
+    expect(killLeftPlaceholder(pidFile)).toBe(true);
+    await waitUntil(() => !isAlive(pipe.placeholderPid), 5000, 'the placeholder to be killed');
   });
 
   it('refuses a pid whose stdin is not a pipe', async () => {
     const pidFile = join(streamDir(), 'placeholder.pid');
     shell(`/bin/sh -c "$PLACEHOLDER" < /dev/null`, pidFile);
-    await expect(openPlaceholderPipe(pidFile, () => false)).rejects.toThrow(/does not hold a pipe/);
+    await expect(openPlaceholderPipe(pidFile)).rejects.toThrow(/does not hold a pipe/);
   });
 
   it('never kills a process whose stdin is not the pipe it held (a reused pid)', async () => {
@@ -85,8 +96,8 @@ describe('the placeholder of migrate exec: and its pipe', () => {
     const second = join(dir, 'b.pid');
     shell('head -c 10 /dev/zero | /bin/sh -c "$PLACEHOLDER"', first);
     shell('head -c 10 /dev/zero | /bin/sh -c "$PLACEHOLDER"', second);
-    const a = (await openPlaceholderPipe(first, () => false))!;
-    const b = (await openPlaceholderPipe(second, () => false))!;
+    const a = await openPlaceholderPipe(first);
+    const b = await openPlaceholderPipe(second);
     // b's pid with a's pipe: the process there now holds another pipe.
     killPlaceholder({ ...a, placeholderPid: b.placeholderPid });
     await new Promise((r) => setTimeout(r, 100));

@@ -20,6 +20,12 @@ const PLACEHOLDER_SECONDS = 60;
 const POLL_MS = 1;
 
 /**
+ * How long the placeholder may take to write its pid. QEMU has forked it before `migrate`
+ * returns; it takes milliseconds (sh, perl, echo), seconds on a host under heavy load.
+ */
+export const PLACEHOLDER_START_MS = 15_000;
+
+/**
  * The pipe's size: 1 MiB (Linux's default pipe-max-size) instead of 64 KiB, so that qsnap can
  * read it in large pieces while QEMU goes on writing (receiver.ts letPipeFill). Set by the
  * placeholder with perl (Debian's perl-base is essential; F_SETPIPE_SZ = 1031), since neither
@@ -27,6 +33,9 @@ const POLL_MS = 1;
  */
 const PIPE_BYTES = 1024 * 1024;
 const F_SETPIPE_SZ = 1031;
+
+/** The placeholder's pid file, in the stream directory. */
+export const PLACEHOLDER_PID_FILE = 'placeholder.pid';
 
 /** The shell command of `migrate exec:` (QEMU runs it with /bin/sh -c). */
 export function placeholderCommand(pidFile: string): string {
@@ -49,18 +58,45 @@ export interface HeldPipe {
 }
 
 /**
- * Open the pipe behind the placeholder whose pid `pidFile` will hold; undefined when `stop()`
- * turned true first. Throws when the pid file names a process whose stdin is not a pipe.
+ * Open the pipe behind the placeholder whose pid `pidFile` will hold. Throws when none came
+ * within `timeoutMs`, or the pid file names a process whose stdin is not a pipe. There is no
+ * giving up earlier: a placeholder nobody kills holds the pipe open, and QEMU's migration (even
+ * a cancelled one) stays blocked on it for its whole sleep, so whoever started one opens it.
  */
 export async function openPlaceholderPipe(
   pidFile: string,
-  stop: () => boolean,
-): Promise<HeldPipe | undefined> {
+  timeoutMs = PLACEHOLDER_START_MS,
+): Promise<HeldPipe> {
+  const deadline = performance.now() + timeoutMs;
   for (;;) {
-    if (stop()) return undefined;
     const pid = readPid(pidFile);
     if (pid !== undefined) return openStdinPipe(pid);
+    if (performance.now() > deadline)
+      throw new Error(`QEMU's migration placeholder wrote no pid within ${timeoutMs} ms`);
     await sleep(POLL_MS);
+  }
+}
+
+/**
+ * Kill the placeholder a dead qsnap left, found by its pid file: only a process whose stdin is
+ * a pipe and that runs `sleep` (a reused pid is neither, or is not ours to kill anyway).
+ * True when one was killed.
+ */
+export function killLeftPlaceholder(pidFile: string): boolean {
+  let pid: number | undefined;
+  try {
+    pid = readPid(pidFile);
+  } catch {
+    return false;
+  }
+  if (pid === undefined) return false;
+  try {
+    const argv = readFileSync(`/proc/${pid}/cmdline`, 'latin1').split('\0');
+    if (argv[0] !== 'sleep' || !statSync(`/proc/${pid}/fd/0`).isFIFO()) return false;
+    process.kill(pid, 'SIGKILL');
+    return true;
+  } catch {
+    return false;
   }
 }
 

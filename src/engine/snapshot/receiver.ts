@@ -1,3 +1,4 @@
+import { closeSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -13,7 +14,13 @@ import {
 import { SnapshotError } from '../errors.js';
 import { hangForever } from '../faults.js';
 import { DrainGuard } from './drain-guard.js';
-import { type HeldPipe, killPlaceholder, openPlaceholderPipe, placeholderCommand } from './pipe-source.js';
+import {
+  type HeldPipe,
+  killPlaceholder,
+  openPlaceholderPipe,
+  PLACEHOLDER_PID_FILE,
+  placeholderCommand,
+} from './pipe-source.js';
 import { ReadRateLimit } from './rate-limit.js';
 import { readFdIntoReusedBuffer, readIntoReusedBuffer } from './socket-reader.js';
 
@@ -132,7 +139,7 @@ export class StreamReceiver {
   }
 
   private get pidFile(): string {
-    return join(this.options.dir, 'placeholder.pid');
+    return join(this.options.dir, PLACEHOLDER_PID_FILE);
   }
 
   /** Be ready for `migrate` (the socket listening, or the pipe's guard started). */
@@ -173,9 +180,16 @@ export class StreamReceiver {
    */
   attach(): void {
     if (this.options.transport !== 'pipe') return;
-    openPlaceholderPipe(this.pidFile, () => this.closed || this.failed).then(
+    this.attaching = openPlaceholderPipe(this.pidFile).then(
       (pipe) => {
-        if (!pipe) return;
+        if (this.closed || this.failed) {
+          // Failed while QEMU started it: a background snapshot's guard takes the pipe (and
+          // kills the placeholder itself); otherwise it must go, or the migration stays
+          // blocked on a pipe nobody reads.
+          if (!this.guard) killPlaceholder(pipe);
+          closeSync(pipe.fd);
+          return;
+        }
         this.pipe = pipe;
         // Without a guard, or with one that holds the pipe already, the placeholder can go.
         if (!this.guard || this.guardHolds) killPlaceholder(pipe);
@@ -194,6 +208,8 @@ export class StreamReceiver {
     );
   }
 
+  /** attach() opening the pipe; close() waits for it, so no placeholder outlives the receiver. */
+  private attaching: Promise<void> | undefined;
   private guardHolds = false;
   /** The socket is paused by backpressure (applyBackpressure), which resumes it. */
   private held = false;
@@ -211,6 +227,7 @@ export class StreamReceiver {
     this.socket?.destroy();
     // QEMU's end of an exec: migration waits for the placeholder to exit; after a failure, a
     // guard that does not hold the pipe yet still needs it (it kills it itself).
+    await this.attaching;
     if (this.pipe && (!this.failed || !this.guard)) killPlaceholder(this.pipe);
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
     if (this.options.transport === 'unix') await rm(this.socketPath, { force: true });

@@ -1,8 +1,10 @@
 import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { QmpClient } from '../../qmp/index.js';
 import { discardOverlays } from '../disks/freeze.js';
 import type { Intent, IntentStore } from '../intent.js';
 import { MIGRATION_UNSETTLED, pollMigration, restoreMigration } from '../migration.js';
+import { killLeftPlaceholder, PLACEHOLDER_PID_FILE } from './pipe-source.js';
 import { waitRunStateSettled } from './waits.js';
 
 export interface RecoveryReport {
@@ -30,7 +32,7 @@ export async function recoverStaleIntent(
   const { intent } = stale;
   if (intent) {
     const before = await qmp.execute('query-status');
-    await settleMigration(qmp, report);
+    await settleMigration(qmp, intent, report);
     if (intent.vmWasRunning) await resumeGuest(qmp, intent, report, before.status);
     await releaseOverlays(qmp, intent, report);
     if (intent.migration) {
@@ -52,7 +54,7 @@ export async function recoverStaleIntent(
  * qsnap died in the switchover pause, the guest stopped) ends `cancelled` and QEMU resumes the
  * guest (verified on 7.2 and 10.0).
  */
-async function settleMigration(qmp: QmpClient, report: RecoveryReport): Promise<void> {
+async function settleMigration(qmp: QmpClient, intent: Intent, report: RecoveryReport): Promise<void> {
   const info = await qmp.execute('query-migrate');
   if (!MIGRATION_UNSETTLED.has(info.status ?? 'none')) return;
   const caps = await qmp.execute('query-migrate-capabilities');
@@ -60,6 +62,11 @@ async function settleMigration(qmp: QmpClient, report: RecoveryReport): Promise<
   if (!background) {
     await qmp.execute('migrate_cancel');
     report.actions.push('cancelled the unfinished migration');
+    // Over a pipe (pipe-source.ts), a placeholder the dead qsnap had not killed yet would keep
+    // the cancelled migration blocked until its sleep ends.
+    for (const dir of intent.tempFiles)
+      if (killLeftPlaceholder(join(dir, PLACEHOLDER_PID_FILE)))
+        report.actions.push('stopped the migration pipe placeholder');
   }
   const settled = await pollMigration(qmp, {
     done: (status) => !MIGRATION_UNSETTLED.has(status),
