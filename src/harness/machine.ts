@@ -27,6 +27,7 @@ import {
 } from './leftovers.js';
 import { checkCheckpoint } from './preflight.js';
 import { restoreWithin } from './restore-within.js';
+import { removePublicLinks, Spare } from './spare.js';
 
 export type { Checkpoint } from './checkpoints.js';
 export type { CallOptions } from './deadline.js';
@@ -36,6 +37,12 @@ export interface MachineOptions extends CallOptions {
   argv: string[];
   /** How revert loads RAM (default 'lazy': constant time whatever the RAM size). */
   revertMode?: RestoreMode;
+  /**
+   * Keep the next revert's QEMU started ahead, for the checkpoint last taken or reverted to
+   * (default true with lazy reverts): a revert to it then takes milliseconds instead of a QEMU
+   * start. It costs a second QEMU process, idle, whose RAM is the checkpoint file's page cache.
+   */
+  warmSpare?: boolean;
 }
 
 export type MachineState = 'running' | 'dead' | 'closed';
@@ -57,6 +64,8 @@ export interface RevertResult {
   previous: { pid: number; was: 'stopped' | 'dead' };
   /** Disk overlays removed because nothing needs them any more. */
   removed: string[];
+  /** Reverted by the warm spare (MachineOptions.warmSpare). */
+  warm: boolean;
 }
 
 /**
@@ -83,6 +92,14 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   private starting: number | undefined;
   /** A clone's sockets and pidfile: original path → its own. */
   private moved = new Map<string, string>();
+  /** The next revert's QEMU, started ahead (spare.ts). */
+  private spareQemu: Spare | undefined;
+  private keepSpare = true;
+  /** The current QEMU's own directory, when it was a spare: removed once that QEMU is stopped. */
+  private vmDir: string | undefined;
+  /** The QMP socket path the harness connects to: the same whichever QEMU serves it. */
+  private readonly publicQmpPath: string;
+  private ledgerWrites: Promise<void> = Promise.resolve();
 
   private constructor(
     vm: Vm,
@@ -97,6 +114,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   ) {
     super();
     this.vm = vm;
+    this.publicQmpPath = vm.qmpPath;
     this.inUse = parsed.disks.filter((d) => !d.readOnly).map((d) => d.file);
     this.watch(vm);
   }
@@ -133,7 +151,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
    */
   static async fromCheckpoint(
     checkpoint: Checkpoint,
-    options: CallOptions & { revertMode?: RestoreMode } = {},
+    options: CallOptions & { revertMode?: RestoreMode; warmSpare?: boolean } = {},
   ): Promise<Machine> {
     throwIfAborted('Machine.fromCheckpoint', options);
     await sweepMachines().catch(() => undefined);
@@ -158,7 +176,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
 
   private static async start(
     layout: Layout,
-    options: CallOptions & { revertMode?: RestoreMode },
+    options: CallOptions & { revertMode?: RestoreMode; warmSpare?: boolean },
     binary: string,
     argv: string[],
     boot: (
@@ -194,6 +212,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
         options.revertMode ?? 'lazy',
       );
       for (const file of made) machine.created.add(file);
+      machine.keepSpare = options.warmSpare ?? true;
       if (!(booted instanceof Vm)) machine.inUse = booted.overlays;
       register(machine);
       await machine.saveLedger();
@@ -218,7 +237,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
 
   /** The public QMP socket of the command line (or the one qsnap added): free for the harness's own client. */
   get qmpPath(): string {
-    return this.vm.qmpPath;
+    return this.publicQmpPath;
   }
 
   /**
@@ -248,6 +267,25 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   /** Where a unix socket (or pidfile) of the original command line is for this machine (moved for a clone). */
   socketPath(original: string): string {
     return this.moved.get(resolve(original)) ?? original;
+  }
+
+  /**
+   * The warm spare (MachineOptions.warmSpare): the checkpoint it reverts to, its QEMU (once
+   * started), whether it is ready (waiting for the state: a revert now takes milliseconds) and
+   * the disk overlays it made beside the images. Undefined when there is none.
+   */
+  get spare():
+    | { checkpoint: string; pid: number | undefined; ready: boolean; overlays: string[] }
+    | undefined {
+    const spare = this.spareQemu;
+    return (
+      spare && {
+        checkpoint: spare.checkpoint.name,
+        pid: spare.pid,
+        ready: spare.waiting,
+        overlays: [...spare.overlays],
+      }
+    );
   }
 
   /** The current QEMU's log, last lines. */
@@ -300,8 +338,12 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
         machineType: result.machine,
       };
       const replaced = this.catalog.put(checkpoint);
-      if (replaced) await rm(replaced.file, { force: true });
+      if (replaced) {
+        if (this.spareQemu?.checkpoint.id === replaced.id) await this.dropSpare();
+        await rm(replaced.file, { force: true });
+      }
       await this.collect();
+      await this.prepareSpare(checkpoint);
       return checkpoint;
     });
   }
@@ -315,6 +357,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
         throw this.unknown(typeof checkpoint === 'string' ? checkpoint : checkpoint.name);
       }
       this.catalog.remove(found);
+      if (this.spareQemu?.checkpoint.id === found.id) await this.dropSpare();
       await rm(found.file, { force: true });
       return { removed: [found.file, ...(await this.collect())] };
     });
@@ -343,14 +386,19 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
       });
       throwIfAborted('revert', options);
       const previous = { pid: this.vm.pid, was: this.vm.running ? ('stopped' as const) : ('dead' as const) };
-      const result = await this.replaceQemu(checkpoint, lazy, options);
+      const spare = lazy && this.spareQemu?.checkpoint.id === checkpoint.id ? this.spareQemu : undefined;
+      const warm = spare ? await this.takeOver(spare) : undefined;
+      const result = warm ?? (await this.replaceQemu(checkpoint, lazy, options));
       this.vm = result.vm!;
+      this.vmDir = warm ? spare?.dir : undefined;
       this.inUse = result.disks.map((d) => d.overlayFile);
       this.watch(this.vm);
       await this.saveLedger();
       const removed = await this.collect();
+      await this.prepareSpare(checkpoint);
       return {
         restoreMs: result.restoreMs,
+        warm: warm !== undefined,
         revertMs: performance.now() - started,
         pid: result.pid,
         previous,
@@ -365,7 +413,9 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
     await this.queue.catch(() => undefined);
     this.closed = true;
     this.unwatch();
+    await this.dropSpare();
     await this.vm.stop().catch(() => undefined);
+    await removePublicLinks(this.argv);
     for (const file of this.created) await rm(file, { force: true });
     await removeLayout(this.layout);
     unregister(this);
@@ -379,7 +429,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   teardownSync(): void {
     if (this.closed) return;
     this.closed = true;
-    killSync(this.starting === undefined ? [this.vm.pid] : [this.vm.pid, this.starting]);
+    killSync(this.qemuPids());
     removeSync([...this.created, this.layout.checkpointDir, this.layout.machineDir]);
   }
 
@@ -390,7 +440,9 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
     options: CallOptions,
   ): Promise<RestoreResult> {
     this.unwatch();
-    await this.vm.stop();
+    await this.stopCurrent();
+    // A spare that took over before left symlinks at the public paths: this QEMU makes its own.
+    await removePublicLinks(this.argv);
     try {
       return await restoreWithin(
         'revert',
@@ -408,7 +460,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
           // A harness SIGKILLed from here on leaves this QEMU: the ledger names it for the sweep.
           onLaunched: async (qemu) => {
             this.starting = qemu.pid;
-            await this.saveLedger(qemu.pid);
+            await this.saveLedger();
           },
         },
         (event) => this.emit('progress', event),
@@ -419,9 +471,91 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
     }
   }
 
+  /**
+   * Revert by the spare: stop the current QEMU, send the spare its state, resume it. Undefined
+   * when the spare cannot (it failed to start, its QEMU died, the load failed): the revert then
+   * restores into a new QEMU as usual.
+   */
+  private async takeOver(spare: Spare): Promise<RestoreResult | undefined> {
+    this.spareQemu = undefined;
+    if (!(await spare.usable())) {
+      await this.discardSpare(spare);
+      return undefined;
+    }
+    this.unwatch();
+    await this.stopCurrent();
+    const started = performance.now();
+    try {
+      const result = await spare.takeOver();
+      return { ...result, restoreMs: performance.now() - started };
+    } catch {
+      // restore undid itself (its QEMU stopped, its overlays removed).
+      await this.discardSpare(spare);
+      return undefined;
+    } finally {
+      await this.saveLedger();
+    }
+  }
+
+  /**
+   * Start the spare for `checkpoint`, in the background; one for another checkpoint is stopped
+   * first (awaited: its overlay is gone when the call that replaced it returns).
+   */
+  private async prepareSpare(checkpoint: Checkpoint): Promise<void> {
+    if (!this.keepSpare || this.revertMode !== 'lazy' || this.closed) return;
+    if (this.spareQemu?.checkpoint.id === checkpoint.id) return;
+    await this.dropSpare();
+    this.spareQemu = Spare.start(checkpoint, this.layout.runDir, this.argv, {
+      onPlanned: async (overlays) => {
+        for (const file of overlays) this.created.add(file);
+        await this.saveLedger();
+      },
+      onLaunched: () => this.saveLedger(),
+    });
+  }
+
+  private async dropSpare(): Promise<void> {
+    const spare = this.spareQemu;
+    this.spareQemu = undefined;
+    if (spare) await this.discardSpare(spare);
+  }
+
+  /** Stop a spare that will not be used; its overlays are gone with it. */
+  private async discardSpare(spare: Spare): Promise<void> {
+    await spare.discard();
+    await rm(spare.dir, { recursive: true, force: true });
+    for (const file of spare.overlays) {
+      await rm(file, { force: true });
+      this.created.delete(file);
+    }
+    await this.saveLedger();
+  }
+
+  /**
+   * Stop the current QEMU for a revert: its state is being thrown away, so it is killed, not
+   * asked to quit. Its own directory (a former spare's) goes with it.
+   */
+  private async stopCurrent(): Promise<void> {
+    if (this.vm.running) {
+      try {
+        process.kill(this.vm.pid, 'SIGKILL');
+      } catch {
+        // exited meanwhile
+      }
+    }
+    await this.vm.stop();
+    if (this.vmDir) await rm(this.vmDir, { recursive: true, force: true });
+    this.vmDir = undefined;
+  }
+
+  private qemuPids(): number[] {
+    return [this.vm.pid, this.starting, this.spareQemu?.pid].filter((p): p is number => p !== undefined);
+  }
+
   /** Remove the overlays nothing needs any more; returns them. */
   private async collect(): Promise<string[]> {
-    const garbage = await this.catalog.garbage(this.created, this.vm.running ? this.inUse : []);
+    const inUse = [...(this.vm.running ? this.inUse : []), ...(this.spareQemu?.overlays ?? [])];
+    const garbage = await this.catalog.garbage(this.created, inUse);
     for (const file of garbage) {
       await rm(file, { force: true });
       this.created.delete(file);
@@ -430,14 +564,20 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
     return garbage;
   }
 
-  private async saveLedger(starting?: number): Promise<void> {
-    const qemu = processIdentity(starting ?? this.vm.pid);
-    await writeLedger(this.layout.machineDir, {
-      owner: ownerIdentity(),
-      checkpointDir: this.layout.checkpointDir,
-      qemus: qemu ? [qemu] : [],
-      files: [...this.created],
-    });
+  /** Write the ledger (one write at a time: spares record themselves in the background). */
+  private saveLedger(): Promise<void> {
+    const write = () =>
+      writeLedger(this.layout.machineDir, {
+        owner: ownerIdentity(),
+        checkpointDir: this.layout.checkpointDir,
+        qemus: this.qemuPids()
+          .map((pid) => processIdentity(pid))
+          .filter((q) => q !== undefined),
+        files: [...this.created],
+      });
+    const run = this.ledgerWrites.then(write, write);
+    this.ledgerWrites = run.catch(() => undefined);
+    return run;
   }
 
   private onExit = (vm: Vm, info: ExitInfo) => {

@@ -33,6 +33,10 @@ export async function startServe(args: string[], env: NodeJS.ProcessEnv): Promis
     err += t;
   });
   const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  // A daemon that dies on its own (not by a test's signal) says why in the test's output.
+  child.once('exit', (code, signal) => {
+    if (code !== 0) console.error(`qsnap serve (pid ${child.pid}) exited ${code ?? signal}:\n${out}${err}`);
+  });
   const url = await Promise.race([
     waitUntil(() => /listening (ws:\/\/\S+)/.test(out), 30_000, 'qsnap serve to listen').then(
       () => /listening (ws:\/\/\S+)/.exec(out)![1]!,

@@ -22,6 +22,7 @@ const CHILD = join(ROOT, 'test/harness/fixtures/child-harness.mjs');
 
 interface Made {
   pid: number;
+  sparePid: number;
   runDir: string;
   checkpointDir: string;
 }
@@ -89,10 +90,12 @@ describe.skipIf(!canRun)('Machine leaves nothing behind', () => {
     expect(readdirSync(made.checkpointDir).length).toBeGreaterThan(0);
     expect(machineEntries(w.tmp).length).toBe(1);
     expect(isGone(made.pid)).toBe(false);
+    expect(isGone(made.sparePid), 'the warm spare').toBe(false);
   }
 
   async function expectNothingLeft(w: ReturnType<typeof world>, made: Made): Promise<void> {
     expect(await waitGone(made.pid, 10_000), `QEMU ${made.pid} still runs`).toBe(true);
+    expect(await waitGone(made.sparePid, 10_000), `the spare QEMU ${made.sparePid} still runs`).toBe(true);
     expect(readdirSync(w.diskDir), 'files in the disk directory').toEqual(['disk.qcow2']);
     expect(readdirSync(w.tmp), 'files in the temp directory').toEqual([]);
     expect(newShm(), 'entries in /dev/shm').toEqual([]);
@@ -143,7 +146,10 @@ describe.skipIf(!canRun)('Machine leaves nothing behind', () => {
       expectAllThere(w, made);
       const gc = await runCli(['gc', '--json', ...store], env);
       expect(gc.code, gc.stderr).toBe(0);
-      expect(gc.json?.['sweptMachines']).toMatchObject({ qemus: [made.pid] });
+      const swept = gc.json?.['sweptMachines'] as { qemus: number[] };
+      expect([...swept.qemus].sort(), 'the QEMU and its warm spare').toEqual(
+        [made.pid, made.sparePid].sort(),
+      );
       await expectNothingLeft(w, made);
       // And the next Machine sweeps too (nothing is left for it here).
       expect((await sweepMachines(w.tmp)).dirs).toEqual([]);

@@ -5,13 +5,13 @@
  * checkpoint leave the running guest untouched; the checkpoint lifecycle; 4 clones of one
  * checkpoint at once; close() leaves nothing.
  */
-import { existsSync, readdirSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, lstatSync, readdirSync, rmSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { launchTestGuest } from '../../src/harness/test-guest.js';
 import { type Checkpoint, GuestConsole, Machine, type MachineExit, QmpClient } from '../../src/index.js';
 import { canRun, QEMU } from '../support/env.js';
-import { isAlive } from '../support/process.js';
+import { childrenOf, isAlive, waitUntil } from '../support/process.js';
 import { openSandbox, type Sandbox } from '../support/sandbox.js';
 
 /**
@@ -71,6 +71,12 @@ describe.skipIf(!canRun)('Machine', () => {
     await guestConsole.waitReady({ timeoutMs: 30_000 });
   }
 
+  /** The qcow2 files beside the disk, but the warm spare's (it comes and goes with reverts). */
+  function layers(): string[] {
+    const spare = new Set((machine.spare?.overlays ?? []).map((f) => basename(f)));
+    return readdirSync(guestDir).filter((f) => f.endsWith('.qcow2') && !spare.has(f));
+  }
+
   async function revert(to: Checkpoint): Promise<void> {
     await guestConsole.close();
     const r = await machine.revert(to);
@@ -97,6 +103,7 @@ describe.skipIf(!canRun)('Machine', () => {
     try {
       if (machine) {
         expect([...pids].filter(isAlive), 'QEMU processes left').toEqual([]);
+        expect(await childrenOf(process.pid), 'child processes left (a warm spare)').toEqual([]);
         expect(existsSync(machine.runDir), 'run directory').toBe(false);
         expect(existsSync(machine.checkpointDir), 'checkpoint directory').toBe(false);
         expect(
@@ -254,19 +261,19 @@ describe.skipIf(!canRun)('Machine', () => {
     expect(removed).toEqual([one.file]);
     expect((await guestConsole.check()).ok).toBe(true);
     await revert(clean);
-    const layersBefore = readdirSync(guestDir).filter((f) => f.endsWith('.qcow2'));
+    const layersBefore = layers();
     const deleted = await machine.deleteCheckpoint(twoAgain);
     // Now nothing needs the layers of "one" and "two": only the disk and the overlay the VM
     // writes to stay.
     expect(deleted.removed.length).toBeGreaterThan(1);
-    const layersAfter = readdirSync(guestDir).filter((f) => f.endsWith('.qcow2'));
+    const layersAfter = layers();
     expect(layersAfter.length).toBe(2);
     expect(layersBefore.length).toBeGreaterThan(layersAfter.length);
     expect(machine.checkpoints().map((c) => c.name)).toEqual(['clean']);
     expect((await guestConsole.check()).ok).toBe(true);
     await revert(clean);
     expect((await guestConsole.check()).ok).toBe(true);
-    expect(readdirSync(guestDir).filter((f) => f.endsWith('.qcow2')).length).toBe(2);
+    expect(layers().length).toBe(2);
   });
 
   it('reverts: time per revert, and the pause of a checkpoint taken right after one', async () => {
@@ -290,6 +297,68 @@ describe.skipIf(!canRun)('Machine', () => {
         `checkpoint pause of the booted guest ${clean.downtimeMs.toFixed(1)} ms, right after a lazy revert ` +
         `${pauses.map((d) => d.toFixed(1)).join(', ')} ms`,
     );
+    await reconnect();
+    expect((await guestConsole.check()).ok).toBe(true);
+  });
+
+  it('warm spare: a revert to the checkpoint last reverted to is taken over by a QEMU started ahead', async () => {
+    await revert(clean);
+    await waitUntil(() => machine.spare?.pid !== undefined, 30_000, 'the spare QEMU to start');
+    const spare = machine.spare!;
+    expect(spare.checkpoint).toBe('clean');
+    pids.add(spare.pid!);
+    await guestConsole.hold();
+    await guestConsole.corrupt('mem', 'pattern');
+    expect((await guestConsole.check()).ok).toBe(false);
+    await guestConsole.close();
+    await waitUntil(() => machine.spare?.ready === true, 30_000, 'the spare to wait for its state');
+    const warm = await machine.revert(clean);
+    expect(warm.warm).toBe(true);
+    expect(warm.pid).toBe(spare.pid);
+    // The public paths lead to it: the serial socket (a symlink now) and the harness's QMP socket.
+    expect(lstatSync(serialSocket).isSymbolicLink()).toBe(true);
+    await reconnect();
+    expect((await guestConsole.check()).ok).toBe(true);
+    expect(await readCmos(machine)).toBe(0x11);
+    const own = await QmpClient.connect(machine.qmpPath);
+    try {
+      expect(await own.execute('query-status')).toMatchObject({ running: true });
+    } finally {
+      await own.close();
+    }
+    // Timed: reverts with the spare ready, as between tests (the guest runs 200 ms in between).
+    const times: number[] = [warm.revertMs];
+    for (let i = 0; i < 4; i++) {
+      await waitUntil(() => machine.spare?.ready === true, 30_000, 'the spare to be ready');
+      await new Promise((r) => setTimeout(r, 200));
+      const r = await machine.revert(clean);
+      expect(r.warm).toBe(true);
+      pids.add(r.pid);
+      times.push(r.revertMs);
+    }
+    console.log(
+      `warm revert: median ${median(times).toFixed(0)} ms, max ${Math.max(...times).toFixed(0)} ms (lazy, 256 MiB, TCG)`,
+    );
+    await reconnect();
+    expect((await guestConsole.check()).ok).toBe(true);
+    // The next spare is another QEMU. Killed, it is passed over: the revert starts one as usual.
+    await waitUntil(
+      () => machine.spare?.pid !== undefined && !pids.has(machine.spare.pid),
+      30_000,
+      'the next spare QEMU to start',
+    );
+    const next = machine.spare!;
+    pids.add(next.pid!);
+    process.kill(next.pid!, 'SIGKILL');
+    await waitUntil(() => !isAlive(next.pid!), 5000, 'the spare to die');
+    await guestConsole.close();
+    const cold = await machine.revert(clean);
+    expect(cold.warm).toBe(false);
+    pids.add(cold.pid);
+    expect(lstatSync(serialSocket).isSymbolicLink(), 'the cold QEMU binds the public path itself').toBe(
+      false,
+    );
+    for (const file of next.overlays) expect(existsSync(file), 'the dead spare overlay').toBe(false);
     await reconnect();
     expect((await guestConsole.check()).ok).toBe(true);
   });
@@ -341,7 +410,7 @@ describe.skipIf(!canRun)('Machine', () => {
     const before = {
       names: machine.checkpoints().map((c) => c.name),
       files: readdirSync(machine.checkpointDir),
-      layers: readdirSync(guestDir).filter((f) => f.endsWith('.qcow2')),
+      layers: layers(),
       pid: machine.pid,
     };
     const aborted = new AbortController();
@@ -358,7 +427,7 @@ describe.skipIf(!canRun)('Machine', () => {
     });
     expect(machine.checkpoints().map((c) => c.name)).toEqual(before.names);
     expect(readdirSync(machine.checkpointDir)).toEqual(before.files);
-    expect(readdirSync(guestDir).filter((f) => f.endsWith('.qcow2'))).toEqual(before.layers);
+    expect(layers()).toEqual(before.layers);
     expect(machine.pid).toBe(before.pid);
     expect(await machine.qmp.execute('query-status')).toMatchObject({ running: true });
     expect((await guestConsole.check()).ok).toBe(true);

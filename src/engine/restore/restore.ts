@@ -84,11 +84,19 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
     );
     op.phase('launch');
     const vm = await launch(parsed, argv, qmpPath, runDir, options, made);
-    await options.onLaunched?.({ pid: vm.pid, qmp: qmpPath });
+    await options.onLaunched?.({ pid: vm.pid, qmp: qmpPath, unref: () => vm.unref() });
     op.phase('launched');
     op.phase('load');
     const incoming = join(runDir, `incoming-${randomBytes(4).toString('hex')}.sock`);
-    const loadMs = await load(vm, reader, options.lazy ? 'lazy' : 'full', incoming, op, made);
+    const loadMs = await load(
+      vm,
+      reader,
+      options.lazy ? 'lazy' : 'full',
+      incoming,
+      op,
+      made,
+      options.beforeLoad,
+    );
     const result = await resume(vm, reader, options, op);
     const restoreMs = performance.now() - startedAt;
     return {
@@ -207,8 +215,9 @@ async function load(
   incoming: string,
   op: OperationContext,
   made: Made,
+  beforeLoad: (() => Promise<void>) | undefined,
 ): Promise<number> {
-  const started = performance.now();
+  let started = performance.now();
   const qmp = vm.qmp;
   // The checks and the incoming set-up go out together (QMP answers in order); a failed
   // check kills this QEMU before any state is sent.
@@ -220,6 +229,10 @@ async function load(
       .then(() => qmp.execute('migrate-incoming', { uri: `unix:${incoming}` })),
   ]);
   op.phase('checked');
+  if (beforeLoad) {
+    await beforeLoad();
+    started = performance.now();
+  }
   if (made.stream && made.stream.zeroed !== zeroed) {
     await made.stream.chunks.discard();
     made.stream = undefined;

@@ -41,8 +41,17 @@ export interface RestoreOptions {
   onPlanned?: (planned: { overlays: string[]; runDir: string }) => Promise<void>;
   /** Told what the restore made (overlays, run directory) before QEMU starts, so a caller can record it. */
   onPrepared?: (made: { overlays: string[]; runDir: string }) => Promise<void>;
-  /** Told the new QEMU's pid and QMP socket as soon as it answers (before the state is loaded). */
-  onLaunched?: (qemu: { pid: number; qmp: string }) => Promise<void>;
+  /**
+   * Told the new QEMU's pid and QMP socket as soon as it answers (before the state is loaded);
+   * `unref` lets this process exit while that QEMU waits (Vm.unref).
+   */
+  onLaunched?: (qemu: { pid: number; qmp: string; unref(): void }) => Promise<void>;
+  /**
+   * Awaited once QEMU waits for the stream (checked, `migrate-incoming` set up) and before any
+   * of it is sent: a warm spare (harness/spare.ts) holds the restore here until it is wanted.
+   * A rejection undoes the restore like any failure (QEMU stopped, overlays removed).
+   */
+  beforeLoad?: () => Promise<void>;
 }
 
 export interface RestoredDisk {

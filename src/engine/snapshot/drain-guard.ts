@@ -122,7 +122,6 @@ export class DrainGuard {
       heard += chunk.toString();
       if (heard.includes('held\n')) onHeld();
     });
-    control?.on('error', () => undefined);
     return guard;
   }
 
@@ -137,7 +136,11 @@ export class DrainGuard {
     });
     child.on('error', () => undefined);
     child.unref();
-    (child.stdio[3] as unknown as Socket | undefined)?.unref?.();
+    const control = child.stdio[3] as unknown as Socket | undefined;
+    control?.unref?.();
+    // drain() to a guard that is gone (it exits when its stream ends) is EPIPE, not a crash of
+    // a long-running qsnap (the daemon).
+    control?.on('error', () => undefined);
     return new DrainGuard(child);
   }
 
