@@ -59,7 +59,11 @@ export async function benchSize({ qemu, memoryMiB, workloadMiB, runs, reverts, i
     results.push(run);
   }
   const revert = await measureReverts(guest, reverts);
-  log(`${name} ${reverts} reverts: ${revert.revertMs.map((ms) => ms.toFixed(0)).join(', ')} ms`);
+  log(
+    `${name} ${reverts} reverts: ${revert.revertMs.map((ms) => ms.toFixed(0)).join(', ')} ms ` +
+      `(${revert.warm.filter(Boolean).length} by the warm spare); back to back: ` +
+      `${revert.backToBackMs.map((ms) => ms.toFixed(0)).join(', ')} ms`,
+  );
   const qemuPid = guest.pid;
   undo.splice(undo.indexOf(closeGuest), 1);
   await guest.close();
