@@ -12,7 +12,12 @@ export const ROWS = [
   { id: 'qsnap', label: 'qsnap snapshot, full restore' },
   { id: 'qsnap-unix', label: 'qsnap snapshot over a unix socket (no restore)' },
   { id: 'qsnap-lazy', label: 'qsnap lazy restore', restoreOnly: true },
-  { id: 'qsnap-revert', label: 'qsnap Machine.revert (lazy, warm spare)', restoreOnly: true, restoreBase: 'savevm' },
+  {
+    id: 'qsnap-revert',
+    label: 'qsnap Machine.revert (lazy, warm spare)',
+    restoreOnly: true,
+    restoreBase: 'savevm',
+  },
 ];
 
 /** Save figures are divided by the primitive's; restore times by virsh restore's (a revert by loadvm's). */
