@@ -33,7 +33,10 @@ export function runInWorker(
   options: { inline?: boolean } = {},
 ): WorkerRun {
   if (options.inline) return runInline(task, onEvent);
-  const worker = new Worker(WORKER_URL, { workerData: task });
+  // Not tracked: the snapshot's pipe is opened with fs (pipe-source.ts) and closed by the
+  // net.Socket that reads it, so Node's tracking would close that fd number a second time when
+  // the worker exits — by then another thread's fd (a libuv signal pipe: the daemon aborted).
+  const worker = new Worker(WORKER_URL, { workerData: task, trackUnmanagedFds: false });
   const result = new Promise<Record<string, unknown>>((resolve, reject) => {
     let settled = false;
     worker.on('message', (m: WorkerMessage) => {
