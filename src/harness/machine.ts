@@ -30,6 +30,10 @@ import { restoreWithin } from './restore-within.js';
 import { removePublicLinks, Spare } from './spare.js';
 
 export type { Checkpoint } from './checkpoints.js';
+
+/** Spares in a row that failed to start before the machine stops making them. */
+const MAX_SPARE_FAILURES = 3;
+
 export type { CallOptions } from './deadline.js';
 
 export interface MachineOptions extends CallOptions {
@@ -95,6 +99,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   /** The next revert's QEMU, started ahead (spare.ts). */
   private spareQemu: Spare | undefined;
   private keepSpare = true;
+  private spareFailures = 0;
   /** The current QEMU's own directory, when it was a spare: removed once that QEMU is stopped. */
   private vmDir: string | undefined;
   /** The QMP socket path the harness connects to: the same whichever QEMU serves it. */
@@ -479,9 +484,13 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   private async takeOver(spare: Spare): Promise<RestoreResult | undefined> {
     this.spareQemu = undefined;
     if (!(await spare.usable())) {
+      // One that never got its QEMU running (a command line a spare cannot run, e.g. a socket
+      // path too long once moved): after a few, this machine reverts without spares.
+      if (spare.pid === undefined && ++this.spareFailures >= MAX_SPARE_FAILURES) this.keepSpare = false;
       await this.discardSpare(spare);
       return undefined;
     }
+    this.spareFailures = 0;
     this.unwatch();
     await this.stopCurrent();
     const started = performance.now();

@@ -316,7 +316,10 @@ describe.skipIf(!canRun)('without the drain guard (negative control)', () => {
     process.kill(guards[0]!, 'SIGKILL');
     child.child.kill('SIGKILL');
     await child.done;
-    // Both ends of the stream are gone: QEMU 7.2 fails the migration and leaves RAM
+    // Over the exec: pipe, the placeholder QEMU started holds the pipe too until qsnap kills it
+    // (which a qsnap hung by the fault may never have done): it goes as well.
+    for (const pid of await childrenOf(g.vm.pid)) process.kill(pid, 'SIGKILL');
+    // Every reader of the stream is gone: QEMU 7.2 fails the migration and leaves RAM
     // write-protected. QEMU still says "running", but the guest makes no progress.
     await waitUntil(
       async () => (await g.vm.qmp.execute('query-migrate')).status === 'failed',
