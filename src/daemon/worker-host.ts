@@ -23,6 +23,13 @@ export interface WorkerRun {
   cancel(): void;
 }
 
+/**
+ * Raw fds are not tracked: the snapshot's pipe is opened with fs (pipe-source.ts) and closed by
+ * the net.Socket that reads it, so Node's tracking would close that fd number a second time
+ * when the worker exits — by then another thread's fd (a libuv signal pipe: the daemon aborted).
+ */
+export const WORKER_OPTIONS = { trackUnmanagedFds: false } as const;
+
 /** worker.js beside this module: dist/daemon/worker.js when the daemon runs from dist. */
 const WORKER_URL = new URL('./worker.js', import.meta.url);
 
@@ -33,10 +40,7 @@ export function runInWorker(
   options: { inline?: boolean } = {},
 ): WorkerRun {
   if (options.inline) return runInline(task, onEvent);
-  // Not tracked: the snapshot's pipe is opened with fs (pipe-source.ts) and closed by the
-  // net.Socket that reads it, so Node's tracking would close that fd number a second time when
-  // the worker exits — by then another thread's fd (a libuv signal pipe: the daemon aborted).
-  const worker = new Worker(WORKER_URL, { workerData: task, trackUnmanagedFds: false });
+  const worker = new Worker(WORKER_URL, { workerData: task, ...WORKER_OPTIONS });
   const result = new Promise<Record<string, unknown>>((resolve, reject) => {
     let settled = false;
     worker.on('message', (m: WorkerMessage) => {

@@ -97,7 +97,9 @@ describe('bench report', () => {
     );
     expect(doc).toContain('| CPU | CPU X, 2 cores |');
     expect(doc).toContain('| snapshot time, qsnap / background snapshot → file | ≤ 1.10× | 2.00× ✗ |');
-    expect(doc).toContain('| reverts per second (Machine.revert, lazy) | ≥ 20/s | 10.0/s ✗ |');
+    expect(doc).toContain(
+      '| reverts per second (Machine.revert, lazy, warm spare ready) | ≥ 20/s | 10.0/s ✗ |',
+    );
     expect(doc).toContain('reverts per second: 10.0');
   });
 
