@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { readMachineType, readRamBytes } from '../engine/probe.js';
 import type { RestoreMode, RestoreResult } from '../engine/restore/restore.js';
 import { snapshot } from '../engine/snapshot/snapshot.js';
@@ -30,6 +31,12 @@ import { restoreWithin } from './restore-within.js';
 import { removePublicLinks, Spare } from './spare.js';
 
 export type { Checkpoint } from './checkpoints.js';
+
+/** How long a SIGKILLed QEMU is waited for before vm.stop() takes over (a process stuck in D state). */
+const KILLED_EXIT_MS = 5000;
+
+/** How long a checkpoint waits for a spare that is still starting. */
+const SPARE_SETTLE_MS = 2000;
 
 /** Spares in a row that failed to start before the machine stops making them. */
 const MAX_SPARE_FAILURES = 3;
@@ -319,6 +326,9 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
         });
       }
       throwIfAborted('checkpoint', options);
+      // A spare still starting takes the CPU the guest's pause needs (two cores, TCG: the pause
+      // doubled): let it finish first.
+      await this.spareQemu?.settled(SPARE_SETTLE_MS);
       const out = join(this.layout.checkpointDir, `cp-${++this.sequence}.qsnap`);
       const op = snapshot({
         qmp: opsPath(this.parsed),
@@ -393,13 +403,13 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
       const previous = { pid: this.vm.pid, was: this.vm.running ? ('stopped' as const) : ('dead' as const) };
       const spare = lazy && this.spareQemu?.checkpoint.id === checkpoint.id ? this.spareQemu : undefined;
       const warm = spare ? await this.takeOver(spare) : undefined;
-      const result = warm ?? (await this.replaceQemu(checkpoint, lazy, options));
+      const result = warm?.result ?? (await this.replaceQemu(checkpoint, lazy, options));
       this.vm = result.vm!;
       this.vmDir = warm ? spare?.dir : undefined;
       this.inUse = result.disks.map((d) => d.overlayFile);
       this.watch(this.vm);
       await this.saveLedger();
-      const removed = await this.collect();
+      const removed = warm ? warm.removed : await this.collect();
       await this.prepareSpare(checkpoint);
       return {
         restoreMs: result.restoreMs,
@@ -481,7 +491,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
    * when the spare cannot (it failed to start, its QEMU died, the load failed): the revert then
    * restores into a new QEMU as usual.
    */
-  private async takeOver(spare: Spare): Promise<RestoreResult | undefined> {
+  private async takeOver(spare: Spare): Promise<{ result: RestoreResult; removed: string[] } | undefined> {
     this.spareQemu = undefined;
     if (!(await spare.usable())) {
       // One that never got its QEMU running (a command line a spare cannot run, e.g. a socket
@@ -492,16 +502,26 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
     }
     this.spareFailures = 0;
     this.unwatch();
-    await this.stopCurrent();
     const started = performance.now();
+    // The old QEMU is killed, not waited for: its sockets, disk overlay and RAM are its own, so
+    // the spare takes over while the kernel tears it down (10-20 ms at 256 MiB).
+    const stopping = this.stopCurrent();
+    // What the old QEMU wrote to is garbage from now on, and the spare's overlays are known:
+    // the layers nothing needs go meanwhile too.
+    const collecting = this.collect(spare.overlays).catch(() => []);
     try {
       const result = await spare.takeOver();
-      return { ...result, restoreMs: performance.now() - started };
+      return {
+        result: { ...result, restoreMs: performance.now() - started },
+        removed: await collecting,
+      };
     } catch {
       // restore undid itself (its QEMU stopped, its overlays removed).
       await this.discardSpare(spare);
       return undefined;
     } finally {
+      await stopping;
+      await collecting;
       await this.saveLedger();
     }
   }
@@ -545,25 +565,27 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
    * asked to quit. Its own directory (a former spare's) goes with it.
    */
   private async stopCurrent(): Promise<void> {
-    if (this.vm.running) {
+    const { vm, vmDir } = this;
+    this.vmDir = undefined;
+    if (vm.running) {
       try {
-        process.kill(this.vm.pid, 'SIGKILL');
+        process.kill(vm.pid, 'SIGKILL');
+        await Promise.race([vm.exited, sleep(KILLED_EXIT_MS, undefined, { ref: false })]);
       } catch {
         // exited meanwhile
       }
     }
-    await this.vm.stop();
-    if (this.vmDir) await rm(this.vmDir, { recursive: true, force: true });
-    this.vmDir = undefined;
+    await vm.stop();
+    if (vmDir) await rm(vmDir, { recursive: true, force: true });
   }
 
   private qemuPids(): number[] {
     return [this.vm.pid, this.starting, this.spareQemu?.pid].filter((p): p is number => p !== undefined);
   }
 
-  /** Remove the overlays nothing needs any more; returns them. */
-  private async collect(): Promise<string[]> {
-    const inUse = [...(this.vm.running ? this.inUse : []), ...(this.spareQemu?.overlays ?? [])];
+  /** Remove the overlays nothing needs any more (`current`: the running QEMU's); returns them. */
+  private async collect(current: string[] = this.vm.running ? this.inUse : []): Promise<string[]> {
+    const inUse = [...current, ...(this.spareQemu?.overlays ?? [])];
     const garbage = await this.catalog.garbage(this.created, inUse);
     for (const file of garbage) {
       await rm(file, { force: true });

@@ -91,6 +91,18 @@ export class Spare {
     return new Spare(checkpoint, join(runDir, `s-${randomBytes(3).toString('hex')}`), argv, hooks);
   }
 
+  /** Resolves once the spare is ready or failed, or after `timeoutMs`, whichever comes first. */
+  async settled(timeoutMs: number): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      this.ready.catch(() => undefined),
+      new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, timeoutMs);
+      }),
+    ]);
+    clearTimeout(timer);
+  }
+
   /**
    * Whether this spare can take over now, waiting for it if it is still starting: false when it
    * failed to start or its QEMU died meanwhile (the revert then starts a QEMU the usual way).
