@@ -570,7 +570,10 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
     if (vm.running) {
       try {
         process.kill(vm.pid, 'SIGKILL');
-        await Promise.race([vm.exited, sleep(KILLED_EXIT_MS, undefined, { ref: false })]);
+        // A timer that holds the process: the QEMU's own exit event does not (it is unref'd).
+        const timer = new AbortController();
+        await Promise.race([vm.exited, sleep(KILLED_EXIT_MS, undefined, { signal: timer.signal })]);
+        timer.abort();
       } catch {
         // exited meanwhile
       }

@@ -200,9 +200,22 @@ export class QmpClient {
   }
 
   /** Ends the session: pending commands reject with QmpDisconnectedError. Idempotent. */
-  /** Let the process exit while this session is open (a harness's monitor; see Vm.unref). */
+  /**
+   * Let the process exit while this session is open and idle (a harness's monitor; see
+   * Vm.unref). While a command waits for its reply the socket holds the process, or an
+   * `await execute(…)` with nothing else running would end it with the reply unread (exit 13).
+   */
   unref(): void {
-    this.#socket?.unref();
+    this.#unrefWhenIdle = true;
+    this.#updateRef();
+  }
+
+  #unrefWhenIdle = false;
+
+  #updateRef(): void {
+    if (!this.#unrefWhenIdle) return;
+    if (this.#pending.size === 0) this.#socket?.unref();
+    else this.#socket?.ref();
   }
 
   async close(): Promise<void> {
@@ -397,6 +410,7 @@ export class QmpClient {
           return;
         }
         this.#pending.delete(message.id as number);
+        this.#updateRef();
         pending.settle(message);
         return;
       }
@@ -487,6 +501,7 @@ export class QmpClient {
         },
       };
       this.#pending.set(id, pending);
+      this.#updateRef();
       const stopTimers = onTimeoutOrAbort(command, timeoutMs, signal, (error) => {
         // Stop waiting; a reply that still comes is dropped as late.
         if (!this.#abandon(id, pending)) return;
@@ -534,6 +549,7 @@ export class QmpClient {
   #abandon(id: number, pending: PendingCommand): boolean {
     if (this.#pending.get(id) !== pending) return false;
     this.#pending.delete(id);
+    this.#updateRef();
     this.#abandoned.set(id, pending.command);
     if (this.#abandoned.size > ABANDONED_IDS_KEPT) {
       this.#abandoned.delete(this.#abandoned.keys().next().value as number);
