@@ -1,7 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { readMachineType, readRamBytes } from '../engine/probe.js';
 import type { RestoreMode, RestoreResult } from '../engine/restore/restore.js';
 import { snapshot } from '../engine/snapshot/snapshot.js';
@@ -31,9 +30,6 @@ import { restoreWithin } from './restore-within.js';
 import { removePublicLinks, Spare } from './spare.js';
 
 export type { Checkpoint } from './checkpoints.js';
-
-/** How long a SIGKILLed QEMU is waited for before vm.stop() takes over (a process stuck in D state). */
-const KILLED_EXIT_MS = 5000;
 
 /** How long a checkpoint waits for a spare that is still starting. */
 const SPARE_SETTLE_MS = 2000;
@@ -567,17 +563,7 @@ export class Machine extends EventEmitter implements Teardown, AsyncDisposable {
   private async stopCurrent(): Promise<void> {
     const { vm, vmDir } = this;
     this.vmDir = undefined;
-    if (vm.running) {
-      try {
-        process.kill(vm.pid, 'SIGKILL');
-        // A timer that holds the process: the QEMU's own exit event does not (it is unref'd).
-        const timer = new AbortController();
-        await Promise.race([vm.exited, sleep(KILLED_EXIT_MS, undefined, { signal: timer.signal })]);
-        timer.abort();
-      } catch {
-        // exited meanwhile
-      }
-    }
+    await vm.kill({ now: true }).catch(() => undefined); // stop() below reports a QEMU that stays
     await vm.stop();
     if (vmDir) await rm(vmDir, { recursive: true, force: true });
   }

@@ -199,7 +199,6 @@ export class QmpClient {
     return () => this.#disconnectListeners.delete(listener);
   }
 
-  /** Ends the session: pending commands reject with QmpDisconnectedError. Idempotent. */
   /**
    * Let the process exit while this session is open and idle (a harness's monitor; see
    * Vm.unref). While a command waits for its reply the socket holds the process, or an
@@ -218,6 +217,7 @@ export class QmpClient {
     else this.#socket?.ref();
   }
 
+  /** Ends the session: pending commands reject with QmpDisconnectedError. Idempotent. */
   async close(): Promise<void> {
     if (this.#state === 'running') this.#disconnect('closed-by-client');
     await this.#closed;

@@ -301,9 +301,13 @@ export class Vm {
     return this.exitInfo ?? { code: null, signal: 'SIGKILL' };
   }
 
-  /** SIGTERM, then SIGKILL; resolves once the process is gone. */
-  async kill(): Promise<void> {
-    for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
+  /**
+   * SIGTERM, then SIGKILL; resolves once the process is gone. `{ now: true }` skips the SIGTERM
+   * (a QEMU whose state is thrown away: a revert replaces it).
+   */
+  async kill(options: { now?: boolean } = {}): Promise<void> {
+    const signals = options.now ? (['SIGKILL'] as const) : (['SIGTERM', 'SIGKILL'] as const);
+    for (const signal of signals) {
       if (!this.running) return;
       try {
         process.kill(this.pid, signal);
