@@ -9,7 +9,7 @@ import { crc32 } from 'node:zlib';
 export const PAGE_SIZE = 4096;
 
 /** Major format version: a reader refuses a higher one. Minor: compatible additions (manifest fields). */
-export const FORMAT_VERSION_MAJOR = 1;
+export const FORMAT_VERSION_MAJOR = 2;
 export const FORMAT_VERSION_MINOR = 0;
 
 /** The last 8 bytes of every snapshot file. */
@@ -135,7 +135,7 @@ export interface Trailer {
 }
 
 export function encodeTrailer(
-  t: Omit<Trailer, 'versionMajor' | 'versionMinor' | 'trailerLength' | 'flags'>,
+  t: Omit<Trailer, 'versionMajor' | 'versionMinor' | 'trailerLength' | 'flags'> & { versionMajor?: number },
 ): Buffer {
   const b = Buffer.alloc(TRAILER_SIZE);
   const end = TRAILER_SIZE;
@@ -146,7 +146,7 @@ export function encodeTrailer(
   sha.copy(b, V1_MANIFEST_SHA256);
   b.writeBigUInt64LE(BigInt(t.fileLength), V1_FILE_LENGTH);
   b.writeUInt32LE(0, V1_FLAGS);
-  b.writeUInt16LE(FORMAT_VERSION_MAJOR, end + END_VERSION_MAJOR);
+  b.writeUInt16LE(t.versionMajor ?? FORMAT_VERSION_MAJOR, end + END_VERSION_MAJOR);
   b.writeUInt16LE(FORMAT_VERSION_MINOR, end + END_VERSION_MINOR);
   b.writeUInt32LE(TRAILER_SIZE, end + END_TRAILER_LENGTH);
   b.writeUInt32LE(crc32(b.subarray(0, end + END_CRC)), end + END_CRC);
@@ -163,7 +163,7 @@ export type TrailerDecode =
   | { ok: false; problem: 'bad-crc'; stored: number; computed: number }
   /** Intact trailer of a newer major version: its layout is unknown to this reader. */
   | { ok: false; problem: 'newer-version'; versionMajor: number; versionMinor: number }
-  /** Intact trailer claiming a major version that never existed (0). */
+  /** Intact trailer claiming a major version that never existed (0). Versions 1 and 2 are read. */
   | { ok: false; problem: 'bad-version'; versionMajor: number; versionMinor: number };
 
 /**
@@ -190,8 +190,7 @@ export function decodeTrailer(tail: Uint8Array): TrailerDecode {
   const versionMinor = t.readUInt16LE(tEnd + END_VERSION_MINOR);
   if (versionMajor > FORMAT_VERSION_MAJOR)
     return { ok: false, problem: 'newer-version', versionMajor, versionMinor };
-  if (versionMajor < FORMAT_VERSION_MAJOR)
-    return { ok: false, problem: 'bad-version', versionMajor, versionMinor };
+  if (versionMajor < 1) return { ok: false, problem: 'bad-version', versionMajor, versionMinor };
   if (trailerLength < TRAILER_SIZE) return { ok: false, problem: 'bad-length', trailerLength };
   return {
     ok: true,

@@ -28,7 +28,16 @@ export type SnapshotFileErrorCode =
   | 'QSNAP_FILE_INCOMPLETE'
   | 'QSNAP_FILE_USAGE';
 
-export type CorruptRegion = 'trailer' | 'manifest' | 'page-table' | 'prologue' | 'device-tail' | 'ram';
+export type CorruptRegion =
+  | 'trailer'
+  | 'manifest'
+  | 'page-table'
+  | 'prologue'
+  | 'device-tail'
+  | 'ram'
+  /** v2: the link pages between RAM blocks, and the other regions of the mapped-ram view. */
+  | 'links'
+  | 'mapped-ram';
 
 export class SnapshotFileError extends QsnapError {
   declare readonly code: SnapshotFileErrorCode;

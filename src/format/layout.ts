@@ -1,11 +1,19 @@
 /**
- * Where every region of a snapshot file lives, computed from the RAM block list and the blob
- * lengths. Pure: the writer uses it to place bytes, the reader to check a manifest against it.
+ * Where every region of a snapshot file lives, computed from the format version, the RAM block
+ * list and the blob lengths. Pure: the writer uses it to place bytes, the reader to check a
+ * manifest against it.
  *
- *   [ block 0 RAM | block 1 RAM | … | page table | prologue | device tail | manifest | trailer ]
- *   0 (page-aligned regions, holes for zero pages) ^ram end (page-aligned)                  ^EOF
+ * Version 2 (written since 2026-12-03): a link page after every block but the last, and the
+ * stream's device tail right after RAM, so that QEMU ≥ 9.0 can load the file as a mapped-ram
+ * migration stream (docs/format.md "The mapped-ram view"):
+ *
+ *   [ block 0 | link | block 1 | link | … | block n−1 | glue | device tail | page table | prologue | bitmaps | mapped-ram prefix | manifest | trailer ]
+ *
+ * Version 1: [ block 0 | block 1 | … | page table | prologue | device tail | manifest | trailer ].
+ * Block 0 is at offset 0 in both (memory-backend-file maps from 0); regions page-aligned, holes
+ * for zero pages.
  */
-import { PAGE_SIZE, TRAILER_SIZE } from './codec.js';
+import { FORMAT_VERSION_MAJOR, PAGE_SIZE, TRAILER_SIZE } from './codec.js';
 
 export interface BlockSpec {
   /** QEMU RAMBlock idstr, e.g. "pc.ram" (u8-length-prefixed in the stream: 1..255 bytes). */
@@ -30,9 +38,14 @@ export interface Span {
 }
 
 export interface RamLayout {
+  /** Format major version the layout is of (1 or 2). */
+  version: number;
   blocks: BlockLayout[];
+  /** Pages of all blocks (the page table's entries). */
   totalPages: number;
-  /** End of the last block: where the page table starts. Page-aligned. */
+  /** v2: the page after each block but the last (a mapped-ram block entry); v1: none. */
+  links: Span[];
+  /** End of the last block: where the regions after RAM start. Page-aligned. */
   ramEnd: number;
 }
 
@@ -40,9 +53,24 @@ export interface FileLayout extends RamLayout {
   pageTable: Span;
   prologue: Span;
   deviceTail: Span;
+  /** v2 only (empty in v1, and when the file has no mapped-ram view): see mapped-ram.ts. */
+  glue: Span;
+  bitmaps: Span;
+  mappedRamPrefix: Span;
   manifest: Span;
   trailer: Span;
   fileLength: number;
+}
+
+/** The lengths of the variable-size regions after RAM. */
+export interface RegionLengths {
+  prologue: number;
+  deviceTail: number;
+  manifest: number;
+  /** v2: 0 when the file has no mapped-ram view. */
+  glue?: number;
+  bitmaps?: number;
+  mappedRamPrefix?: number;
 }
 
 /** Explains why a block list cannot be laid out, or undefined when it can. */
@@ -65,46 +93,80 @@ export function checkBlocks(blocks: readonly BlockSpec[]): string | undefined {
   return undefined;
 }
 
-/** Blocks in stream order, each at a page-aligned offset, the first at 0 (memory-backend-file maps from 0). */
-export function layoutRam(blocks: readonly BlockSpec[]): RamLayout {
+/**
+ * Blocks in stream order, each at a page-aligned offset, the first at 0 (memory-backend-file maps
+ * from 0); in version 2 a link page follows each block but the last.
+ */
+export function layoutRam(blocks: readonly BlockSpec[], version = FORMAT_VERSION_MAJOR): RamLayout {
   const problem = checkBlocks(blocks);
   if (problem) throw new RangeError(problem);
+  if (version !== 1 && version !== 2) throw new RangeError(`no layout for format version ${version}`);
   let offset = 0;
+  let pages = 0;
   const out: BlockLayout[] = [];
-  for (const b of blocks) {
+  const links: Span[] = [];
+  for (const [i, b] of blocks.entries()) {
     const pageCount = Math.ceil(b.usedLength / PAGE_SIZE);
     const fileLength = pageCount * PAGE_SIZE;
     out.push({
       name: b.name,
       usedLength: b.usedLength,
       pageCount,
-      firstPage: offset / PAGE_SIZE,
+      firstPage: pages,
       fileOffset: offset,
       fileLength,
     });
     offset += fileLength;
+    pages += pageCount;
+    if (version >= 2 && i < blocks.length - 1) {
+      links.push({ offset, length: PAGE_SIZE });
+      offset += PAGE_SIZE;
+    }
   }
   if (!Number.isSafeInteger(offset)) throw new RangeError('RAM blocks too large');
-  return { blocks: out, totalPages: offset / PAGE_SIZE, ramEnd: offset };
+  return { version, blocks: out, totalPages: pages, links, ramEnd: offset };
 }
 
 /** The whole file, given the RAM layout and the lengths of the variable-size regions after it. */
-export function layoutFile(
-  ram: RamLayout,
-  lengths: { prologue: number; deviceTail: number; manifest: number },
-): FileLayout {
+export function layoutFile(ram: RamLayout, lengths: RegionLengths): FileLayout {
   let at = ram.ramEnd;
   const next = (length: number): Span => {
     const span = { offset: at, length };
     at += length;
     return span;
   };
-  const pageTable = next(ram.totalPages * 4);
-  const prologue = next(lengths.prologue);
+  const pageTableLength = ram.totalPages * 4;
+  if (ram.version === 1) {
+    const pageTable = next(pageTableLength);
+    const prologue = next(lengths.prologue);
+    const deviceTail = next(lengths.deviceTail);
+    const empty = { offset: at, length: 0 };
+    const manifest = next(lengths.manifest);
+    const trailer = next(TRAILER_SIZE);
+    const none = { glue: empty, bitmaps: empty, mappedRamPrefix: empty };
+    return { ...ram, pageTable, prologue, deviceTail, ...none, manifest, trailer, fileLength: at };
+  }
+  // The glue and the device tail right after the last block: QEMU reads on there (mapped-ram.ts).
+  const glue = next(lengths.glue ?? 0);
   const deviceTail = next(lengths.deviceTail);
+  const pageTable = next(pageTableLength);
+  const prologue = next(lengths.prologue);
+  const bitmaps = next(lengths.bitmaps ?? 0);
+  const mappedRamPrefix = next(lengths.mappedRamPrefix ?? 0);
   const manifest = next(lengths.manifest);
   const trailer = next(TRAILER_SIZE);
-  return { ...ram, pageTable, prologue, deviceTail, manifest, trailer, fileLength: at };
+  return {
+    ...ram,
+    pageTable,
+    prologue,
+    deviceTail,
+    glue,
+    bitmaps,
+    mappedRamPrefix,
+    manifest,
+    trailer,
+    fileLength: at,
+  };
 }
 
 /** Byte range of one block's entries in the page table. */
@@ -116,6 +178,7 @@ export function pageTableSpan(layout: FileLayout, blockIndex: number): Span {
 
 /** The parts of a manifest that place bytes (a structural subset of Manifest). */
 export interface RecordedLayout {
+  version: number;
   ram: {
     blocks: readonly (BlockSpec & {
       fileOffset: number;
@@ -128,6 +191,8 @@ export interface RecordedLayout {
     pageTable: Span;
   };
   stream: { prologue: Span; deviceTail: Span };
+  /** v2 only. */
+  mappedRam?: { glue: Span; bitmaps: Span; prefix: Span; streamOffset: number } | undefined;
 }
 
 /**
@@ -142,10 +207,25 @@ export function checkRecordedLayout(
 ): { ok: true; layout: FileLayout } | { ok: false; problem: string } {
   const problem = checkBlocks(recorded.ram.blocks);
   if (problem) return { ok: false, problem };
-  const layout = layoutFile(layoutRam(recorded.ram.blocks), {
+  const { version, mappedRam } = recorded;
+  if (version !== 1 && version !== 2) return { ok: false, problem: `no layout for version ${version}` };
+  if ((version === 2) !== (mappedRam !== undefined)) {
+    return {
+      ok: false,
+      problem: `a version ${version} manifest ${mappedRam ? 'with' : 'without'} mappedRam`,
+    };
+  }
+  const layout = layoutFile(layoutRam(recorded.ram.blocks, version), {
     prologue: recorded.stream.prologue.length,
     deviceTail: recorded.stream.deviceTail.length,
     manifest: manifest.length,
+    ...(mappedRam
+      ? {
+          glue: mappedRam.glue.length,
+          bitmaps: mappedRam.bitmaps.length,
+          mappedRamPrefix: mappedRam.prefix.length,
+        }
+      : {}),
   });
   const mismatch =
     recordedBlockMismatch(recorded.ram.blocks, layout) ??
@@ -188,6 +268,14 @@ function recordedSpanMismatch(
     ['device tail', recorded.stream.deviceTail, layout.deviceTail],
     ['manifest', manifest, layout.manifest],
   ];
+  const m = recorded.mappedRam;
+  if (m) {
+    spans.push(['glue', m.glue, layout.glue], ['bitmaps', m.bitmaps, layout.bitmaps]);
+    spans.push(['mapped-ram prefix', m.prefix, layout.mappedRamPrefix]);
+    if (m.prefix.length > 0 && m.streamOffset !== m.prefix.offset) {
+      return `the mapped-ram stream starts at ${m.streamOffset}, its prefix at ${m.prefix.offset}`;
+    }
+  }
   for (const [name, r, want] of spans) {
     if (r.offset !== want.offset || r.length !== want.length) {
       return `${name} is at ${r.offset}+${r.length}, expected ${want.offset}+${want.length}`;

@@ -63,7 +63,8 @@ export const DiskSchema = z.looseObject({
 
 export const ManifestSchema = z.looseObject({
   format: z.literal(MANIFEST_FORMAT),
-  version: z.literal(FORMAT_VERSION_MAJOR),
+  /** 1 or 2 (the layout: docs/format.md); qsnap writes FORMAT_VERSION_MAJOR. */
+  version: z.union([z.literal(1), z.literal(FORMAT_VERSION_MAJOR)]),
   id: z.uuid(),
   createdAt: IsoTime,
   qemu: z.looseObject({
@@ -94,6 +95,8 @@ export const ManifestSchema = z.looseObject({
     pageSize: z.literal(PAGE_SIZE),
     blocks: z.array(RamBlockSchema).min(1),
     pageTable: RegionSchema,
+    /** v2: the sha256 of the link pages between the blocks, in file order. */
+    links: z.looseObject({ sha256: Sha256Hex }).optional(),
   }),
   stream: z.looseObject({
     /** Header + configuration + RAM START section, verbatim. */
@@ -107,6 +110,19 @@ export const ManifestSchema = z.looseObject({
     /** Device idstrs from VMDESCRIPTION, for display. */
     devices: z.array(z.string()).optional(),
   }),
+  /**
+   * v2: the regions that make the file a mapped-ram migration stream QEMU ≥ 9.0 loads itself
+   * (docs/format.md "The mapped-ram view"); all three empty when the file has no such view.
+   */
+  mappedRam: z
+    .looseObject({
+      glue: RegionSchema,
+      bitmaps: RegionSchema,
+      prefix: RegionSchema,
+      /** Where QEMU starts reading: the prefix's offset (`file:…,offset=`). */
+      streamOffset: UInt,
+    })
+    .optional(),
   disks: z.array(DiskSchema),
   skippedDisks: z.array(z.looseObject({ device: z.string().min(1), reason: z.string() })),
   timings: z.object({ downtimeMs: Millis, totalMs: Millis, streamMs: Millis }).catchall(Millis),

@@ -8,6 +8,7 @@ import {
   combinedPageCrc,
   decodePageTable,
   decodeTrailer,
+  FORMAT_VERSION_MAJOR,
   PAGE_SIZE,
   pageCrc,
   sha256Hex,
@@ -168,7 +169,7 @@ function trailerError(
     case 'newer-version':
       return new SnapshotFileError(
         'QSNAP_FILE_VERSION',
-        `${file} uses snapshot format ${t.versionMajor}.${t.versionMinor}; this qsnap reads format 1`,
+        `${file} uses snapshot format ${t.versionMajor}.${t.versionMinor}; this qsnap reads formats 1 and ${FORMAT_VERSION_MAJOR}`,
         {
           hint: 'open it with a newer qsnap',
           details: { file, versionMajor: t.versionMajor, versionMinor: t.versionMinor },
@@ -231,7 +232,7 @@ function manifestError(file: string, m: Exclude<ManifestParse, { ok: true }>): S
   if (m.problem === 'newer-version') {
     return new SnapshotFileError(
       'QSNAP_FILE_VERSION',
-      `${file} has a manifest of format version ${m.version}; this qsnap reads 1`,
+      `${file} has a manifest of format version ${m.version}; this qsnap reads 1 and ${FORMAT_VERSION_MAJOR}`,
       {
         hint: 'open it with a newer qsnap',
         details: { file, version: m.version },
@@ -278,6 +279,39 @@ export class SnapshotReader {
   /** Device state sections + EOF + VMDESCRIPTION, sha256-checked. */
   readDeviceTail(): Promise<Buffer> {
     return this.#readRegion('device-tail', this.manifest.stream.deviceTail);
+  }
+
+  /**
+   * The file's mapped-ram view (format 2): where QEMU ≥ 9.0 starts reading the file as a
+   * migration stream with the mapped-ram capability (`file:<path>,offset=<streamOffset>`). Every
+   * byte QEMU reads there besides the RAM pages is checked here: the link pages, the glue, the
+   * bitmaps and the prefix. Undefined for a v1 file, or one written without the view.
+   */
+  async mappedRamView(): Promise<{ streamOffset: number } | undefined> {
+    const m = this.manifest.mappedRam;
+    if (!m || m.prefix.length === 0) return undefined;
+    await this.#readLinks();
+    for (const r of [m.glue, m.bitmaps, m.prefix]) await this.#readRegion('mapped-ram', r);
+    return { streamOffset: m.streamOffset };
+  }
+
+  /** The link pages (v2), concatenated in file order, checked against their sha256. */
+  async #readLinks(): Promise<Buffer> {
+    const links = this.layout.links;
+    const bytes = Buffer.alloc(links.length * PAGE_SIZE);
+    for (const [i, link] of links.entries()) {
+      await readExact(
+        this.path,
+        this.#open(),
+        bytes.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE),
+        link.offset,
+      );
+    }
+    const want = this.manifest.ram.links?.sha256;
+    if (want !== undefined && sha256Hex(bytes) !== want) {
+      throw corrupt(this.path, 'links', 'links checksum mismatch', { offset: links[0]?.offset ?? 0 });
+    }
+    return bytes;
   }
 
   /**
@@ -368,6 +402,7 @@ export class SnapshotReader {
     );
     await this.#verifyRegion(fd, pass, 'prologue', L.prologue, this.manifest.stream.prologue.sha256);
     await this.#verifyRegion(fd, pass, 'device-tail', L.deviceTail, this.manifest.stream.deviceTail.sha256);
+    await this.#verifyMappedRam(pass);
 
     let ram: RamCheck = { dataPages: 0, zeroPages: 0 };
     if (tableBytes) {
@@ -384,6 +419,25 @@ export class SnapshotReader {
       zeroPages: ram.zeroPages,
       durationMs: performance.now() - started,
     };
+  }
+
+  /** v2: the link pages and the mapped-ram view's regions (each by its sha256). */
+  async #verifyMappedRam(pass: VerifyPass): Promise<void> {
+    const m = this.manifest.mappedRam;
+    if (!m) return;
+    const L = this.layout;
+    pass.throwIfAborted();
+    try {
+      await this.#readLinks();
+    } catch (err) {
+      if (!(err instanceof SnapshotFileError) || err.details['region'] !== 'links') throw err;
+      const offset = L.links[0]?.offset ?? 0;
+      pass.bad.push({ region: 'links', offset, what: 'links checksum mismatch', details: { offset } });
+    }
+    pass.progress('links', L.links.length * PAGE_SIZE);
+    for (const r of [m.glue, m.bitmaps, m.prefix]) {
+      await this.#verifyRegion(this.#open(), pass, 'mapped-ram', r, r.sha256);
+    }
   }
 
   /** The trailer must still be intact and record the manifest and file length it did at open. */

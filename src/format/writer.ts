@@ -27,8 +27,18 @@ import {
 } from './codec.js';
 import { ioError, SnapshotFileError, usage } from './errors.js';
 import { closeFd, fsyncDir, fsyncFd, pwriteAll } from './io.js';
-import { type BlockLayout, type BlockSpec, layoutFile, layoutRam, type RamLayout } from './layout.js';
-import { type DiskEntry, type Manifest, ManifestSchema, serializeManifest } from './manifest.js';
+import {
+  type BlockLayout,
+  type BlockSpec,
+  type FileLayout,
+  layoutFile,
+  layoutRam,
+  type RamLayout,
+  type RegionLengths,
+} from './layout.js';
+import type { DiskEntry, Manifest } from './manifest.js';
+import { ManifestSchema, type Manifest as ManifestType, serializeManifest } from './manifest.js';
+import { encodeMappedRam, type MappedRamBytes, type MappedRamPlan, planMappedRam } from './mapped-ram.js';
 
 export interface SnapshotWriterOptions {
   /** RAM blocks in stream order (RAM START section); the first lands at file offset 0. */
@@ -43,6 +53,8 @@ export interface SnapshotWriterOptions {
   chunkBytes?: number;
   /** Chunks being written at once (default 3). */
   maxConcurrentWrites?: number;
+  /** Format major version to write (default FORMAT_VERSION_MAJOR; 1 for tests of older files). */
+  formatVersion?: 1 | 2;
   /** @internal Test hook replacing the positioned write of pages (e.g. to delay or fail writes). */
   pwrite?: (fd: number, buffers: readonly Uint8Array[], position: number) => Promise<void>;
 }
@@ -159,8 +171,10 @@ export class SnapshotWriter {
     this.#fd = fd;
     this.layout = layout;
     this.#overwrite = opts.overwrite ?? false;
-    this.#pageState = new Uint8Array(layout.totalPages);
-    this.#crcs = new Uint32Array(layout.totalPages).fill(ZERO_PAGE_CRC);
+    // Indexed by file page (file offset / 4096): v2's link pages have entries nobody uses.
+    const filePages = layout.ramEnd / PAGE_SIZE;
+    this.#pageState = new Uint8Array(filePages);
+    this.#crcs = new Uint32Array(filePages).fill(ZERO_PAGE_CRC);
     this.#counts = { dataPages: 0, zeroPages: 0, missingPages: layout.totalPages, duplicatePages: 0 };
     const chunkBytes = opts.chunkBytes ?? 4 * MiB;
     if (chunkBytes % PAGE_SIZE !== 0 || chunkBytes < PAGE_SIZE || chunkBytes > 8 * MiB) {
@@ -170,8 +184,8 @@ export class SnapshotWriter {
     this.#poolChunks = Math.max(2, Math.floor((opts.bufferBytes ?? 16 * MiB) / chunkBytes));
     this.#maxConcurrent = Math.max(1, opts.maxConcurrentWrites ?? 3);
     this.#pwrite = opts.pwrite ?? pwriteAll;
-    this.#pageChunk = new Uint32Array(layout.totalPages);
-    this.#pageSlot = new Uint16Array(layout.totalPages);
+    this.#pageChunk = new Uint32Array(filePages);
+    this.#pageSlot = new Uint16Array(filePages);
     this.#staging = this.#stagingChunk(this.#newChunk());
   }
 
@@ -182,7 +196,7 @@ export class SnapshotWriter {
   static async create(file: string, opts: SnapshotWriterOptions): Promise<SnapshotWriter> {
     let layout: RamLayout;
     try {
-      layout = layoutRam(opts.blocks);
+      layout = layoutRam(opts.blocks, opts.formatVersion);
     } catch (err) {
       throw usage(`invalid RAM block list: ${(err as Error).message}`, { blocks: opts.blocks });
     }
@@ -271,7 +285,7 @@ export class SnapshotWriter {
       let count = 0;
       let firstOffset = -1;
       for (let i = 0; i < b.pageCount; i++) {
-        if (this.#pageState[b.firstPage + i] === UNSEEN) {
+        if (this.#pageState[b.fileOffset / PAGE_SIZE + i] === UNSEEN) {
           if (count++ === 0) firstOffset = i * PAGE_SIZE;
         }
       }
@@ -330,9 +344,10 @@ export class SnapshotWriter {
     if (this.#failure) throw this.#failure;
     if (this.#counts.missingPages > 0 && !opts.allowMissingPages) throw this.#incompleteError();
 
-    const pageTable = encodePageTable(this.#crcs);
-    const manifest = this.#buildManifest(opts, pageTable);
-    await this.#writeSealAndClose(opts, pageTable, serializeManifest(manifest));
+    const pageTable = encodePageTable(this.#pageTableCrcs());
+    const seal = this.#planSeal(opts, pageTable);
+    const manifest = this.#buildManifest(opts, seal);
+    await this.#writeSealAndClose(opts, seal, serializeManifest(manifest));
     await this.#publish();
     this.#state = 'finished';
     return manifest;
@@ -351,25 +366,61 @@ export class SnapshotWriter {
     );
   }
 
-  /** Page table, blobs, manifest and trailer after the RAM, fsynced; then the file is closed. */
-  async #writeSealAndClose(opts: FinishOptions, pageTable: Buffer, manifestBytes: Buffer): Promise<void> {
-    const layout = layoutFile(this.layout, {
+  /** One CRC per page of the blocks, in block order (v2 leaves out the link pages). */
+  #pageTableCrcs(): Uint32Array {
+    if (this.layout.links.length === 0) return this.#crcs;
+    const out = new Uint32Array(this.layout.totalPages);
+    for (const b of this.layout.blocks) {
+      const first = b.fileOffset / PAGE_SIZE;
+      out.set(this.#crcs.subarray(first, first + b.pageCount), b.firstPage);
+    }
+    return out;
+  }
+
+  /**
+   * What goes after the RAM, and where (the manifest's length aside): the page table, the blobs
+   * and, in v2, the mapped-ram view when QEMU could load this stream that way.
+   */
+  #planSeal(opts: FinishOptions, pageTable: Buffer): Seal {
+    const plan = planMappedRam(opts.prologue, this.layout);
+    const lengths = (manifest: number): RegionLengths => ({
       prologue: opts.prologue.byteLength,
       deviceTail: opts.deviceTail.byteLength,
-      manifest: manifestBytes.byteLength,
+      manifest,
+      ...(plan
+        ? { glue: plan.glueLength, bitmaps: plan.bitmapsLength, mappedRamPrefix: plan.prefixLength }
+        : {}),
     });
+    const at = layoutFile(this.layout, lengths(0));
+    const view = plan ? encodeMappedRam(plan, at, (p) => this.#pageState[p] === DATA) : undefined;
+    return { pageTable, plan, view, lengths, at };
+  }
+
+  /** Links, page table, blobs, the mapped-ram view, manifest and trailer, fsynced; then the file is closed. */
+  async #writeSealAndClose(opts: FinishOptions, seal: Seal, manifestBytes: Buffer): Promise<void> {
+    const layout = layoutFile(this.layout, seal.lengths(manifestBytes.byteLength));
     const trailer = encodeTrailer({
       manifestOffset: layout.manifest.offset,
       manifestLength: layout.manifest.length,
       manifestSha256: sha256Hex(manifestBytes),
       fileLength: layout.fileLength,
+      versionMajor: this.layout.version,
     });
     const fd = this.#fd;
+    const v = seal.view;
+    // In file order from the end of RAM: v1 page table, prologue, device tail; v2 glue, device
+    // tail, page table, prologue, bitmaps, prefix.
+    const after =
+      this.layout.version === 1
+        ? [seal.pageTable, opts.prologue, opts.deviceTail]
+        : [v?.glue, opts.deviceTail, seal.pageTable, opts.prologue, v?.bitmaps, v?.prefix];
     try {
+      for (const [i, link] of (v?.links ?? []).entries())
+        await pwriteAll(fd, [link], layout.links[i]!.offset);
       await pwriteAll(
         fd,
-        [pageTable, opts.prologue, opts.deviceTail, manifestBytes, trailer],
-        layout.pageTable.offset,
+        [...after.filter((b): b is Uint8Array => b !== undefined), manifestBytes, trailer],
+        this.layout.ramEnd,
       );
       await fsyncFd(fd);
     } catch (err) {
@@ -383,12 +434,12 @@ export class SnapshotWriter {
     }
   }
 
-  #buildManifest(opts: FinishOptions, pageTable: Buffer): Manifest {
+  #buildManifest(opts: FinishOptions, seal: Seal): Manifest {
     const { info } = opts;
-    const regions = this.#blobRegions(opts, pageTable);
+    const regions = this.#blobRegions(opts, seal);
     return validManifest({
       format: 'qsnap-snapshot',
-      version: 1,
+      version: this.layout.version,
       id: info.id ?? randomUUID(),
       createdAt: info.createdAt ?? new Date().toISOString(),
       qemu: info.qemu,
@@ -399,8 +450,10 @@ export class SnapshotWriter {
         pageSize: PAGE_SIZE,
         blocks: this.layout.blocks.map((b) => this.#blockEntry(b)),
         pageTable: regions.pageTable,
+        ...(this.layout.version >= 2 ? { links: { sha256: this.#linksSha256(seal.view) } } : {}),
       },
       stream: { ...info.stream, prologue: regions.prologue, deviceTail: regions.deviceTail },
+      ...(this.layout.version >= 2 ? { mappedRam: mappedRamEntry(seal.at, regions.region, seal.view) } : {}),
       disks: info.disks ?? [],
       skippedDisks: info.skippedDisks ?? [],
       timings: info.timings,
@@ -414,20 +467,19 @@ export class SnapshotWriter {
     });
   }
 
+  /** The link pages as written (zeros without the mapped-ram view). */
+  #linksSha256(view: MappedRamBytes | undefined): string {
+    const pages = view?.links ?? this.layout.links.map(() => Buffer.alloc(PAGE_SIZE));
+    return sha256Hex(Buffer.concat(pages));
+  }
+
   /** Place and sha256 of the page table, prologue and device tail. */
-  #blobRegions(opts: FinishOptions, pageTable: Buffer) {
+  #blobRegions(opts: FinishOptions, seal: Seal) {
     // Regions before the manifest do not depend on its length.
-    const at = layoutFile(this.layout, {
-      prologue: opts.prologue.byteLength,
-      deviceTail: opts.deviceTail.byteLength,
-      manifest: 0,
-    });
-    const region = (span: { offset: number; length: number }, bytes: Uint8Array) => ({
-      ...span,
-      sha256: sha256Hex(bytes),
-    });
+    const at = seal.at;
     return {
-      pageTable: region(at.pageTable, pageTable),
+      region,
+      pageTable: region(at.pageTable, seal.pageTable),
       prologue: region(at.prologue, opts.prologue),
       deviceTail: region(at.deviceTail, opts.deviceTail),
     };
@@ -439,10 +491,10 @@ export class SnapshotWriter {
     let missingPages = 0;
     const zeroCrcDataPages: number[] = [];
     for (let i = 0; i < b.pageCount; i++) {
-      const s = this.#pageState[b.firstPage + i];
+      const s = this.#pageState[b.fileOffset / PAGE_SIZE + i];
       if (s === DATA) {
         dataPages++;
-        if (this.#crcs[b.firstPage + i] === ZERO_PAGE_CRC) zeroCrcDataPages.push(i);
+        if (this.#crcs[b.fileOffset / PAGE_SIZE + i] === ZERO_PAGE_CRC) zeroCrcDataPages.push(i);
       } else if (s === UNSEEN) missingPages++;
     }
     const zeroPages = b.pageCount - dataPages - missingPages;
@@ -507,7 +559,7 @@ export class SnapshotWriter {
         bufferedBytes: this.bufferedBytes,
       });
     }
-    return b.firstPage + offset / PAGE_SIZE;
+    return (b.fileOffset + offset) / PAGE_SIZE;
   }
 
   #zeroPage(page: number): void {
@@ -759,4 +811,33 @@ export function planWrites(pages: ArrayLike<number>, count: number, slotsPerChun
     prevPage = page;
   }
   return runs;
+}
+
+interface Seal {
+  pageTable: Buffer;
+  plan: MappedRamPlan | undefined;
+  view: MappedRamBytes | undefined;
+  /** The lengths of the regions after RAM, given the manifest's. */
+  lengths: (manifest: number) => RegionLengths;
+  /** The layout with a manifest of length 0 (everything before the manifest is placed). */
+  at: FileLayout;
+}
+
+function region(span: { offset: number; length: number }, bytes: Uint8Array) {
+  return { ...span, sha256: sha256Hex(bytes) };
+}
+
+/** The manifest's `mappedRam`: the view's regions, empty when the file has none. */
+function mappedRamEntry(
+  at: FileLayout,
+  place: typeof region,
+  view: MappedRamBytes | undefined,
+): NonNullable<ManifestType['mappedRam']> {
+  const none = Buffer.alloc(0);
+  return {
+    glue: place(at.glue, view?.glue ?? none),
+    bitmaps: place(at.bitmaps, view?.bitmaps ?? none),
+    prefix: place(at.mappedRamPrefix, view?.prefix ?? none),
+    streamOffset: view ? at.mappedRamPrefix.offset : 0,
+  };
 }

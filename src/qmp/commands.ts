@@ -157,7 +157,25 @@ export const commands = {
     }),
     returns: nothing,
   },
-  'migrate-incoming': { args: z.object({ uri: z.string() }), returns: nothing },
+  // `channels` (QEMU ≥ 8.2) instead of `uri`: a file channel takes any path (a uri cannot hold a comma).
+  'migrate-incoming': {
+    args: z.union([
+      z.object({ uri: z.string() }),
+      z.object({
+        channels: z.array(
+          z.object({
+            'channel-type': z.literal('main'),
+            addr: z.object({
+              transport: z.literal('file'),
+              filename: z.string(),
+              offset: z.int().nonnegative(),
+            }),
+          }),
+        ),
+      }),
+    ]),
+    returns: nothing,
+  },
   migrate_cancel: { args: none, returns: nothing },
   'migrate-continue': { args: z.object({ state: migrationStatusSchema }), returns: nothing },
 

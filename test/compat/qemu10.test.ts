@@ -10,7 +10,18 @@
  * `pre-switchover`). Runs when QSNAP_QEMU10=1 (make test sets it) and as root.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import {
+  closeSync,
+  copyFileSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  writeSync,
+} from 'node:fs';
 import { statfs } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -20,6 +31,7 @@ import { GuestConsole } from '../../src/guest/console.js';
 import { bootTestGuest, type TestGuest } from '../../src/guest/test-guest.js';
 import {
   type OperationEvent,
+  openSnapshot,
   type RestoreResult,
   restore,
   type SnapshotResult,
@@ -43,6 +55,8 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
   let qemu = '';
   let dir = '';
   let guest: TestGuest | undefined;
+  /** The running guest's command line (its QEMU binary aside), for the restores. */
+  let restoreArgv: string[] = [];
   const savedEnv = { TMPDIR: process.env['TMPDIR'], QSNAP_STATE_DIR: process.env['QSNAP_STATE_DIR'] };
 
   beforeAll(() => {
@@ -96,6 +110,7 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
   it('restores the running guest fully and lazily; the workload check passes after each', async () => {
     const g = guest!;
     const argv = [qemu, ...g.argv];
+    restoreArgv = g.argv;
     const serial = g.vm.serial!.socket;
     await g.stop(); // the restored QEMU binds the same socket paths
     guest = undefined;
@@ -103,6 +118,8 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
       const result = await restore({ file: join(dir, 'running.qsnap'), argv, lazy, attached: true }).result;
       try {
         expect(result.runState).toBe('running');
+        // A full restore of a format-2 file: QEMU reads it itself (mapped-ram); lazy maps pc.ram.
+        expect(result.loadPath).toBe(lazy ? 'stream' : 'mapped-ram');
         const restoredConsole = await GuestConsole.connect(serial);
         try {
           expect((await restoredConsole.check()).ok).toBe(true);
@@ -113,6 +130,39 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
         await result.vm!.stop();
         for (const disk of result.disks) rmSync(disk.overlayFile, { force: true });
       }
+    }
+  });
+
+  it('a full restore through mapped-ram refuses a damaged data page QEMU would read, and leaves nothing', async () => {
+    const file = join(dir, 'damaged.qsnap');
+    copyFileSync(join(dir, 'running.qsnap'), file);
+    const reader = await openSnapshot(file);
+    const table = await reader.readPageTable(0);
+    const page = table.findIndex((_, i) => !reader.isZeroPage(0, i, table));
+    const offset = reader.layout.blocks[0]!.fileOffset + page * 4096 + 100;
+    expect(await reader.mappedRamView()).toBeDefined(); // the damage is in RAM only
+    await reader.close();
+    const fd = openSync(file, 'r+');
+    const byte = Buffer.alloc(1);
+    readSync(fd, byte, 0, 1, offset);
+    writeSync(fd, Buffer.from([byte[0]! ^ 0xff]), 0, 1, offset);
+    closeSync(fd);
+    const before = new Set(readdirSync(join(dir, 'vm')));
+    const err = await failure(restore({ file, argv: [qemu, ...restoreArgv], attached: true }).result);
+    expect(err).toMatchObject({ code: 'QSNAP_FILE_CORRUPT', details: { region: 'ram', pageIndex: page } });
+    expect(readdirSync(join(dir, 'vm')).filter((f) => !before.has(f))).toEqual([]);
+    // Positive control: the undamaged file restores the same way.
+    const ok = await restore({
+      file: join(dir, 'running.qsnap'),
+      argv: [qemu, ...restoreArgv],
+      attached: true,
+    }).result;
+    try {
+      expect(ok.loadPath).toBe('mapped-ram');
+    } finally {
+      await ok.vm!.stop();
+      for (const disk of ok.disks) rmSync(disk.overlayFile, { force: true });
+      rmSync(file, { force: true });
     }
   });
 

@@ -66,6 +66,7 @@ describe('trailer', () => {
       manifestLength: 0x2a0,
       manifestSha256: EMPTY_SHA,
       fileLength: 0x12345 + 0x2a0 + 80,
+      versionMajor: 1,
     });
     expect(t.toString('hex')).toBe(TRAILER.toString('hex'));
   });
@@ -129,27 +130,33 @@ describe('trailer', () => {
     });
   });
 
-  it('a newer major version, intact → newer-version; tampered → bad-crc', () => {
+  it('version 2 (the current) decodes as well as 1', () => {
     const t = Buffer.from(TRAILER);
     t.writeUInt16LE(2, 60);
+    expect(decodeTrailer(reseal(t))).toMatchObject({ ok: true, trailer: { versionMajor: 2 } });
+  });
+
+  it('a newer major version, intact → newer-version; tampered → bad-crc', () => {
+    const t = Buffer.from(TRAILER);
+    t.writeUInt16LE(3, 60);
     expect(decodeTrailer(t)).toMatchObject({ ok: false, problem: 'bad-crc' });
     expect(decodeTrailer(reseal(t))).toEqual({
       ok: false,
       problem: 'newer-version',
-      versionMajor: 2,
+      versionMajor: 3,
       versionMinor: 0,
     });
   });
 
   it('a newer version with a longer trailer is still recognised as newer', () => {
     const v2 = Buffer.concat([Buffer.alloc(40, 0x77), TRAILER]);
-    v2.writeUInt16LE(3, v2.length - 20);
+    v2.writeUInt16LE(4, v2.length - 20);
     v2.writeUInt16LE(1, v2.length - 18);
     v2.writeUInt32LE(v2.length, v2.length - 16);
     expect(decodeTrailer(reseal(v2))).toEqual({
       ok: false,
       problem: 'newer-version',
-      versionMajor: 3,
+      versionMajor: 4,
       versionMinor: 1,
     });
   });

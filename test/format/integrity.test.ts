@@ -279,9 +279,9 @@ describe('versions', () => {
     rewriteManifest(
       file,
       () => {},
-      (t) => t.writeUInt16LE(2, TRAILER_SIZE - 20),
+      (t) => t.writeUInt16LE(3, TRAILER_SIZE - 20),
     );
-    const err = await expectFileError(openSnapshot(file), 'QSNAP_FILE_VERSION', { versionMajor: 2 });
+    const err = await expectFileError(openSnapshot(file), 'QSNAP_FILE_VERSION', { versionMajor: 3 });
     expect(err.hint).toMatch(/newer qsnap/);
   });
 
@@ -304,9 +304,9 @@ describe('versions', () => {
   it('a newer version in the manifest → QSNAP_FILE_VERSION', async () => {
     const file = copy();
     rewriteManifest(file, (m) => {
-      m.version = 2;
+      m.version = 3;
     });
-    await expectFileError(openSnapshot(file), 'QSNAP_FILE_VERSION', { version: 2 });
+    await expectFileError(openSnapshot(file), 'QSNAP_FILE_VERSION', { version: 3 });
   });
 });
 

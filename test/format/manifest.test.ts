@@ -79,10 +79,10 @@ describe('parseManifest', () => {
   });
 
   it('names a newer version before validating anything else', () => {
-    expect(parseManifest(bytes({ format: 'qsnap-snapshot', version: 2, whatever: true }))).toEqual({
+    expect(parseManifest(bytes({ format: 'qsnap-snapshot', version: 3, whatever: true }))).toEqual({
       ok: false,
       problem: 'newer-version',
-      version: 2,
+      version: 3,
     });
   });
 

@@ -66,13 +66,16 @@ describe('writer → reader round trip', () => {
   it('returns the manifest it wrote, and the reader reads the same', () => {
     expect(reader.manifest).toEqual(manifest);
     expect(manifest.format).toBe('qsnap-snapshot');
-    expect(manifest.version).toBe(1);
+    expect(manifest.version).toBe(2);
     expect(manifest.ram.blocks.map((b) => [b.name, b.usedLength, b.fileOffset, b.fileLength])).toEqual([
+      // Format 2: a link page after each block but the last.
       ['pc.ram', 8 * MiB, 0, 8 * MiB],
-      ['vga.vram', 1 * MiB, 8 * MiB, 1 * MiB],
-      ['pc.bios', 256 * 1024, 9 * MiB, 256 * 1024],
-      ['/rom@etc/acpi/tables', 5000, 9 * MiB + 256 * 1024, 8192],
+      ['vga.vram', 1 * MiB, 8 * MiB + 4096, 1 * MiB],
+      ['pc.bios', 256 * 1024, 9 * MiB + 8192, 256 * 1024],
+      ['/rom@etc/acpi/tables', 5000, 9 * MiB + 256 * 1024 + 12288, 8192],
     ]);
+    // The sample's prologue is not a real stream: no mapped-ram view, its regions empty.
+    expect(manifest.mappedRam).toMatchObject({ prefix: { length: 0 }, streamOffset: 0 });
     expect(manifest.disks[0]?.frozenFile).toBe('/var/lib/qsnap/disk0.qcow2');
     expect(manifest.timings.downtimeMs).toBe(3.2);
     expect(manifest.counts.streamBytes).toBe(12345678);

@@ -128,7 +128,8 @@ async function isFile(target: string): Promise<boolean> {
 function report(r: RestoreResult | StoreRestoreResult, target: string, out: Output): number {
   const { argv: _argv, vm: _vm, ...summary } = r as StoreRestoreResult & { vm?: unknown };
   out.result({ ok: true, ...summary });
-  out.text(`restored  ${target} (${r.mode}) in ${formatMs(r.restoreMs)}; guest ${r.runState}`);
+  const how = r.loadPath === 'mapped-ram' ? `${r.mode}, QEMU read the file: mapped-ram` : r.mode;
+  out.text(`restored  ${target} (${how}) in ${formatMs(r.restoreMs)}; guest ${r.runState}`);
   out.text(`QEMU      pid ${r.pid}, QMP ${r.qmp}, log ${r.logFile}`);
   for (const d of r.disks) out.text(`disk      ${d.device}: ${d.overlayFile} (backed by ${d.frozenFile})`);
   for (const [from, to] of Object.entries(r.relocated))

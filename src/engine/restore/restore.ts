@@ -2,7 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { QsnapError } from '../../errors.js';
-import { openSnapshot, type SnapshotReader } from '../../format/index.js';
+import { openSnapshot, PAGE_SIZE, type SnapshotReader } from '../../format/index.js';
+import { QmpCommandError } from '../../qmp/errors.js';
 import { SectionPool } from '../../stream/index.js';
 import { type ParsedCommandLine, parseCommandLine } from '../../vm/cmdline.js';
 import { relocateSockets, rewriteCommandLine } from '../../vm/cmdline-rewrite.js';
@@ -42,7 +43,18 @@ interface Made {
   runDir: string | undefined;
   /** The stream being built for QEMU. */
   stream?: PlannedStream;
+  /** The pages QEMU reads itself (mapped-ram), being checked. */
+  check?: PageCheck;
 }
+
+interface PageCheck {
+  done: Promise<void>;
+  /** Stops reading; `done` then settles soon. */
+  stop(): void;
+}
+
+/** A mapped-ram view's start (SnapshotReader.mappedRamView). */
+type View = { streamOffset: number };
 
 /** The migration stream of a restore, pulled ahead into reusable section buffers. */
 interface PlannedStream {
@@ -76,22 +88,23 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
     if (!options.runDir) made.runDir = runDir;
     const { parsed, disks, argv, qmpPath, relocated } = await prepare(reader, options, runDir, made, op);
     await options.onPrepared?.({ overlays: [...made.files], runDir });
-    // Built from now on, while QEMU starts; rebuilt if QEMU's RAM turns out not to be zero.
-    made.stream = buildStream(
-      reader,
-      options.lazy ? 'lazy' : 'full',
-      !options.lazy && commandLineRamZeroed(parsed),
-    );
+    const view = options.lazy ? undefined : await reader.mappedRamView();
+    const zeroGuess = !options.lazy && commandLineRamZeroed(parsed);
+    // Started now, while QEMU starts. A snapshot of QEMU ≥ 9.0 is restored by one (checkCompatible),
+    // which reads the file itself: its pages are checked meanwhile. Otherwise the stream is built
+    // (again, if QEMU's RAM turns out not to be zero).
+    if (view && zeroGuess && reader.manifest.qemu.version.major >= 9) made.check = checkPages(reader);
+    else made.stream = buildStream(reader, options.lazy ? 'lazy' : 'full', zeroGuess);
     op.phase('launch');
     const vm = await launch(parsed, argv, qmpPath, runDir, options, made);
     await options.onLaunched?.({ pid: vm.pid, qmp: qmpPath, unref: () => vm.unref() });
     op.phase('launched');
     op.phase('load');
     const incoming = join(runDir, `incoming-${randomBytes(4).toString('hex')}.sock`);
-    const loadMs = await load(
+    const { loadMs, loadPath } = await load(
       vm,
       reader,
-      options.lazy ? 'lazy' : 'full',
+      { mode: options.lazy ? 'lazy' : 'full', view },
       incoming,
       op,
       made,
@@ -103,6 +116,7 @@ async function runRestore(options: RestoreOptions, op: OperationContext): Promis
       ...result,
       restoreMs,
       loadMs,
+      loadPath,
       qmp: qmpPath,
       runDir,
       argv,
@@ -207,32 +221,121 @@ async function launch(
   return made.vm;
 }
 
-/** Stream the snapshot into QEMU's incoming socket; resolves when QEMU completed the load. */
+/**
+ * Load the snapshot into QEMU: QEMU ≥ 9.0 reads a format-2 file itself (mapped-ram) when the
+ * restore is full and its RAM fresh; otherwise qsnap streams it into QEMU's incoming socket.
+ * Resolves when QEMU completed the load (and, with mapped-ram, every page it read is checked).
+ */
 async function load(
   vm: Vm,
   reader: SnapshotReader,
-  mode: RestoreMode,
+  how: { mode: RestoreMode; view: View | undefined },
   incoming: string,
   op: OperationContext,
   made: Made,
   beforeLoad: (() => Promise<void>) | undefined,
-): Promise<number> {
+): Promise<{ loadMs: number; loadPath: 'mapped-ram' | 'stream' }> {
   let started = performance.now();
   const qmp = vm.qmp;
+  const { mode, view } = how;
+  const viaFile = mode === 'full' && view !== undefined;
   // The checks and the incoming set-up go out together (QMP answers in order); a failed
-  // check kills this QEMU before any state is sent.
-  const [, zeroed] = await Promise.all([
+  // check kills this QEMU before any state is sent (or, with mapped-ram, read).
+  const [, zeroed, capabilities] = await Promise.all([
     checkCompatible(qmp, reader),
     mode === 'full' ? guestRamZeroed(qmp) : false,
+    viaFile ? qmp.execute('query-migrate-capabilities') : [],
     qmp
       .execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
-      .then(() => qmp.execute('migrate-incoming', { uri: `unix:${incoming}` })),
+      .then(() => (viaFile ? undefined : qmp.execute('migrate-incoming', { uri: `unix:${incoming}` }))),
   ]);
   op.phase('checked');
   if (beforeLoad) {
     await beforeLoad();
     started = performance.now();
   }
+  if (viaFile) {
+    const mappedRam = capabilities.some((c) => c.capability === 'mapped-ram');
+    if (zeroed && mappedRam && (await loadFromFile(vm, reader, view, made))) {
+      await made.stream?.chunks.discard();
+      made.stream = undefined;
+      op.progress(1, 1, 'load');
+      return { loadMs: performance.now() - started, loadPath: 'mapped-ram' };
+    }
+    await stopCheck(made); // the stream checks what it sends
+    await qmp.execute('migrate-incoming', { uri: `unix:${incoming}` });
+  }
+  return {
+    loadMs: await sendStream(vm, reader, mode, incoming, op, made, zeroed, started),
+    loadPath: 'stream',
+  };
+}
+
+/**
+ * QEMU reads the file from the view's start with the mapped-ram capability while qsnap checks
+ * every page it reads; false (nothing loaded) when QEMU cannot open the file (e.g. QEMU runs in
+ * another mount namespace), so the caller streams it instead.
+ */
+async function loadFromFile(vm: Vm, reader: SnapshotReader, view: View, made: Made): Promise<boolean> {
+  const qmp = vm.qmp;
+  const mappedRam = (state: boolean) =>
+    qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state }] });
+  await mappedRam(true);
+  try {
+    const addr = { transport: 'file' as const, filename: reader.path, offset: view.streamOffset };
+    await qmp.execute('migrate-incoming', { channels: [{ 'channel-type': 'main', addr }] });
+  } catch (err) {
+    if (!(err instanceof QmpCommandError)) throw err;
+    await mappedRam(false);
+    return false;
+  }
+  made.check ??= checkPages(reader);
+  const loaded = waitIncoming(qmp, 30 * 60_000).catch(async (err) => {
+    throw await loadFailure(vm, err);
+  });
+  loaded.catch(() => undefined);
+  // A bad page is the cause of a failure, not QEMU's load of it.
+  await made.check.done;
+  await loaded;
+  return true;
+}
+
+/**
+ * Every data page QEMU reads in a mapped-ram load, checked against the page table (the stream
+ * path checks what it sends the same way); stops early once the restore is undone.
+ */
+function checkPages(reader: SnapshotReader): PageCheck {
+  let stopped = false;
+  const run = async (): Promise<void> => {
+    for (const [i] of reader.manifest.ram.blocks.entries()) {
+      for await (const _ of reader.readPages(i, { verify: 'data', maxRunBytes: 256 * PAGE_SIZE })) {
+        if (stopped) return;
+      }
+    }
+  };
+  const done = run();
+  done.catch(() => undefined); // awaited by the load; until then a failure must not go unhandled
+  return { done, stop: () => (stopped = true) };
+}
+
+async function stopCheck(made: Made): Promise<void> {
+  made.check?.stop();
+  await made.check?.done.catch(() => undefined);
+  made.check = undefined;
+}
+
+/** Stream the snapshot into QEMU's incoming socket; resolves when QEMU completed the load. */
+async function sendStream(
+  vm: Vm,
+  reader: SnapshotReader,
+  mode: RestoreMode,
+  incoming: string,
+  op: OperationContext,
+  made: Made,
+  zeroed: boolean,
+  started: number,
+): Promise<number> {
+  const qmp = vm.qmp;
   if (made.stream && made.stream.zeroed !== zeroed) {
     await made.stream.chunks.discard();
     made.stream = undefined;
@@ -311,6 +414,7 @@ function restored(d: PairedDisk): { device: string; frozenFile: string; overlayF
 }
 
 async function undo(made: Made): Promise<void> {
+  await stopCheck(made);
   await made.stream?.chunks.discard().catch(() => undefined);
   await made.vm?.kill().catch(() => undefined);
   await made.vm?.qmp?.close().catch(() => undefined);

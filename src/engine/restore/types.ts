@@ -67,6 +67,11 @@ export interface RestoreResult {
   restoreMs: number;
   /** Time QEMU took from migrate-incoming to a completed load. */
   loadMs: number;
+  /**
+   * How the state reached QEMU: 'mapped-ram', QEMU ≥ 9.0 reading the snapshot file itself (format
+   * 2, full restore, fresh RAM), its pages checked by qsnap meanwhile; else the 'stream' qsnap builds.
+   */
+  loadPath: 'mapped-ram' | 'stream';
   pid: number;
   /** The restored VM's QMP socket. */
   qmp: string;
