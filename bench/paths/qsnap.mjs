@@ -1,6 +1,7 @@
 // qsnap: snapshot() from dist/ through the guest's public QMP socket, as a user would, then
-// the workload's invariant check (by the runner); the file restored fully (stream rebuilt, pages verified) and
-// lazily (RAM mapped from the file), each into a new QEMU beside the running guest.
+// the workload's invariant check (by the runner); the file restored fully (QEMU >= 9.0 reads it
+// itself with mapped-ram while qsnap checks its pages; 7.2 gets the stream rebuilt, pages checked)
+// and lazily (RAM mapped from the file), each into a new QEMU beside the running guest.
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { restore, snapshot } from '../../dist/index.js';

@@ -111,8 +111,6 @@ async function readHead(file: string, fd: number): Promise<Head> {
   const trailer = await readTrailer(file, fd, size);
   const manifestSpan = manifestSpanBeforeTrailer(file, trailer, size);
   const { manifest, manifestSha256 } = await readManifest(file, fd, trailer, manifestSpan);
-  const checked = checkRecordedLayout(manifest, manifestSpan, size);
-  if (!checked.ok) throw corrupt(file, 'manifest', `inconsistent layout: ${checked.problem}`);
   const { prologue, deviceTail } = manifest.stream;
   if (prologue.length > PROLOGUE_MAX || deviceTail.length > DEVICE_TAIL_MAX) {
     throw corrupt(
@@ -122,6 +120,8 @@ async function readHead(file: string, fd: number): Promise<Head> {
       { prologueBytes: prologue.length, deviceTailBytes: deviceTail.length },
     );
   }
+  const checked = checkRecordedLayout(manifest, manifestSpan, size);
+  if (!checked.ok) throw corrupt(file, 'manifest', `inconsistent layout: ${checked.problem}`);
   return { trailer, manifest, manifestSha256, layout: checked.layout };
 }
 

@@ -24,6 +24,8 @@ export async function inspectCommand(argv: string[]): Promise<number> {
     out.result({ ok: true, file: reader.path, fileBytes: reader.fileLength, manifest: m });
     out.text(`file      ${reader.path} (${formatBytes(reader.fileLength)})`);
     out.text(`id        ${m.id}`);
+    const view = (m.mappedRam?.prefix.length ?? 0) > 0;
+    out.text(`format    ${m.version}${view ? ' (QEMU ≥ 9.0 loads it itself: mapped-ram)' : ''}`);
     out.text(`taken     ${m.pointInTime.wallClock} (${m.strategy}), guest was ${m.vm.runStateBefore}`);
     out.text(
       `QEMU      ${m.qemu.version.major}.${m.qemu.version.minor}.${m.qemu.version.micro}, machine ${m.qemu.machine}${m.qemu.accel ? `, ${m.qemu.accel}` : ''}`,
