@@ -189,6 +189,8 @@ export interface RecordedLayout {
       zeroCrcDataPages: readonly number[];
     })[];
     pageTable: Span;
+    /** v2 only. */
+    links?: { sha256: string } | undefined;
   };
   stream: { prologue: Span; deviceTail: Span };
   /** v2 only. */
@@ -209,10 +211,11 @@ export function checkRecordedLayout(
   if (problem) return { ok: false, problem };
   const { version, mappedRam } = recorded;
   if (version !== 1 && version !== 2) return { ok: false, problem: `no layout for version ${version}` };
-  if ((version === 2) !== (mappedRam !== undefined)) {
+  const v2Parts = mappedRam !== undefined && recorded.ram.links !== undefined;
+  if ((version === 2) !== v2Parts || (version === 1 && (mappedRam || recorded.ram.links))) {
     return {
       ok: false,
-      problem: `a version ${version} manifest ${mappedRam ? 'with' : 'without'} mappedRam`,
+      problem: `a version ${version} manifest must have mappedRam and ram.links exactly when 2`,
     };
   }
   const layout = layoutFile(layoutRam(recorded.ram.blocks, version), {
