@@ -26,7 +26,14 @@ async function timeRestore({ guest, dir, tag }, file, lazy) {
       runDir,
     }).result;
     const restoreMs = performance.now() - started;
-    if (process.env.QSNAP_BENCH_DEBUG) console.error('restore', lazy ? 'lazy' : 'full', result.loadPath, Math.round(restoreMs), Math.round(result.loadMs));
+    if (process.env.QSNAP_BENCH_DEBUG)
+      console.error(
+        'restore',
+        lazy ? 'lazy' : 'full',
+        result.loadPath,
+        Math.round(restoreMs),
+        Math.round(result.loadMs),
+      );
     await result.vm.stop();
     await removeAll(runDir, ...result.disks.map((d) => d.overlayFile));
     return restoreMs;
