@@ -36,8 +36,7 @@ import {
   type RamLayout,
   type RegionLengths,
 } from './layout.js';
-import type { DiskEntry, Manifest } from './manifest.js';
-import { ManifestSchema, type Manifest as ManifestType, serializeManifest } from './manifest.js';
+import { type DiskEntry, type Manifest, ManifestSchema, serializeManifest } from './manifest.js';
 import { encodeMappedRam, type MappedRamBytes, type MappedRamPlan, planMappedRam } from './mapped-ram.js';
 
 export interface SnapshotWriterOptions {
@@ -832,7 +831,7 @@ function mappedRamEntry(
   at: FileLayout,
   place: typeof region,
   view: MappedRamBytes | undefined,
-): NonNullable<ManifestType['mappedRam']> {
+): NonNullable<Manifest['mappedRam']> {
   const none = Buffer.alloc(0);
   return {
     glue: place(at.glue, view?.glue ?? none),

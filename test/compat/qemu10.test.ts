@@ -57,6 +57,25 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
   let guest: TestGuest | undefined;
   /** The running guest's command line (its QEMU binary aside), for the restores. */
   let restoreArgv: string[] = [];
+  let serialSocket = '';
+
+  /** A restore of `file` with the guest's command line, its workload checked; how it loaded. */
+  async function restoreAndCheck(file: string, lazy = false): Promise<RestoreResult['loadPath']> {
+    const result = await restore({ file, argv: [qemu, ...restoreArgv], lazy, attached: true }).result;
+    try {
+      expect(result.runState).toBe('running');
+      const restoredConsole = await GuestConsole.connect(serialSocket);
+      try {
+        expect((await restoredConsole.check()).ok).toBe(true);
+      } finally {
+        await restoredConsole.close();
+      }
+      return result.loadPath;
+    } finally {
+      await result.vm!.stop();
+      for (const disk of result.disks) rmSync(disk.overlayFile, { force: true });
+    }
+  }
   const savedEnv = { TMPDIR: process.env['TMPDIR'], QSNAP_STATE_DIR: process.env['QSNAP_STATE_DIR'] };
 
   beforeAll(() => {
@@ -109,27 +128,13 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
 
   it('restores the running guest fully and lazily; the workload check passes after each', async () => {
     const g = guest!;
-    const argv = [qemu, ...g.argv];
     restoreArgv = g.argv;
-    const serial = g.vm.serial!.socket;
+    serialSocket = g.vm.serial!.socket;
     await g.stop(); // the restored QEMU binds the same socket paths
     guest = undefined;
     for (const lazy of [false, true]) {
-      const result = await restore({ file: join(dir, 'running.qsnap'), argv, lazy, attached: true }).result;
-      try {
-        expect(result.runState).toBe('running');
-        // A full restore of a format-2 file: QEMU reads it itself (mapped-ram); lazy maps pc.ram.
-        expect(result.loadPath).toBe(lazy ? 'stream' : 'mapped-ram');
-        const restoredConsole = await GuestConsole.connect(serial);
-        try {
-          expect((await restoredConsole.check()).ok).toBe(true);
-        } finally {
-          await restoredConsole.close();
-        }
-      } finally {
-        await result.vm!.stop();
-        for (const disk of result.disks) rmSync(disk.overlayFile, { force: true });
-      }
+      // A full restore of a format-2 file: QEMU reads it itself (mapped-ram); lazy maps pc.ram.
+      expect(await restoreAndCheck(join(dir, 'running.qsnap'), lazy)).toBe(lazy ? 'stream' : 'mapped-ram');
     }
   });
 
@@ -151,18 +156,20 @@ describe.skipIf(!enabled)('QEMU 10 from Debian 13 (version-dependent paths)', ()
     const err = await failure(restore({ file, argv: [qemu, ...restoreArgv], attached: true }).result);
     expect(err).toMatchObject({ code: 'QSNAP_FILE_CORRUPT', details: { region: 'ram', pageIndex: page } });
     expect(readdirSync(join(dir, 'vm')).filter((f) => !before.has(f))).toEqual([]);
+    rmSync(file, { force: true });
     // Positive control: the undamaged file restores the same way.
-    const ok = await restore({
-      file: join(dir, 'running.qsnap'),
-      argv: [qemu, ...restoreArgv],
-      attached: true,
-    }).result;
+    expect(await restoreAndCheck(join(dir, 'running.qsnap'))).toBe('mapped-ram');
+  });
+
+  it('a full restore from a file QEMU cannot open (outside its chroot) streams it instead', async () => {
+    // QEMU runs in the chroot, which shows WORK only: a file in the host's /tmp is not there.
+    const outside = mkdtempSync('/tmp/qsnap-qemu10-outside-');
+    const file = join(outside, 'running.qsnap');
+    copyFileSync(join(dir, 'running.qsnap'), file);
     try {
-      expect(ok.loadPath).toBe('mapped-ram');
+      expect(await restoreAndCheck(file)).toBe('stream');
     } finally {
-      await ok.vm!.stop();
-      for (const disk of ok.disks) rmSync(disk.overlayFile, { force: true });
-      rmSync(file, { force: true });
+      rmSync(outside, { recursive: true, force: true });
     }
   });
 

@@ -1,3 +1,4 @@
+import { readFile, stat } from 'node:fs/promises';
 import { Socket, type SocketConstructorOpts } from 'node:net';
 import { QsnapError } from '../../errors.js';
 import type { SnapshotReader } from '../../format/index.js';
@@ -172,4 +173,32 @@ export async function loadFailure(vm: Vm, err: unknown): Promise<unknown> {
       details: { log: vm.logPath },
     },
   );
+}
+
+/**
+ * Whether QEMU process `pid` can open `file` for reading itself: the path leads to the same file
+ * from QEMU's root (a QEMU in a chroot or another mount namespace may not see it), and its mode
+ * lets QEMU's user read it (the directories on the way are not checked: a QEMU that cannot
+ * traverse them fails the restore with QSNAP_RESTORE_LOAD). A failed `migrate-incoming` leaves QEMU's incoming state in `setup` (QEMU 10:
+ * a second one is refused), so this is asked before, not found out by trying.
+ */
+export async function qemuCanRead(pid: number, file: string): Promise<boolean> {
+  try {
+    const [ours, theirs, status] = await Promise.all([
+      stat(file),
+      stat(`/proc/${pid}/root${file}`),
+      readFile(`/proc/${pid}/status`, 'utf8'),
+    ]);
+    if (ours.dev !== theirs.dev || ours.ino !== theirs.ino) return false;
+    const ids = (field: string) =>
+      (status.match(new RegExp(`^${field}:\\s*(.*)$`, 'm'))?.[1] ?? '').trim().split(/\s+/).map(Number);
+    const uid = ids('Uid')[1]; // effective
+    const gids = [ids('Gid')[1], ...ids('Groups')];
+    if (uid === 0) return true;
+    if (uid === ours.uid) return (ours.mode & 0o400) !== 0;
+    if (gids.includes(ours.gid)) return (ours.mode & 0o040) !== 0;
+    return (ours.mode & 0o004) !== 0;
+  } catch {
+    return false;
+  }
 }

@@ -19,6 +19,7 @@ import {
   connectWhenListening,
   guestRamZeroed,
   loadFailure,
+  qemuCanRead,
   waitIncoming,
 } from './incoming.js';
 import { checkLazy } from './lazy.js';
@@ -273,10 +274,11 @@ async function load(
 
 /**
  * QEMU reads the file from the view's start with the mapped-ram capability while qsnap checks
- * every page it reads; false (nothing loaded) when QEMU cannot open the file (e.g. QEMU runs in
- * another mount namespace), so the caller streams it instead.
+ * every page it reads; false (nothing asked of QEMU) when QEMU could not open the file (it runs
+ * in another mount namespace, as another user), so the caller streams it instead.
  */
 async function loadFromFile(vm: Vm, reader: SnapshotReader, view: View, made: Made): Promise<boolean> {
+  if (!(await qemuCanRead(vm.pid, reader.path))) return false;
   const qmp = vm.qmp;
   // With multifd, QEMU's channels (2 by default) read and fault in RAM in parallel: the load is
   // mostly the kernel zeroing fresh guest memory (clear_page, 76 % of a perf profile of QEMU 10).
@@ -293,8 +295,11 @@ async function loadFromFile(vm: Vm, reader: SnapshotReader, view: View, made: Ma
     await qmp.execute('migrate-incoming', { channels: [{ 'channel-type': 'main', addr }] });
   } catch (err) {
     if (!(err instanceof QmpCommandError)) throw err;
-    await mappedRam(false);
-    return false;
+    // QEMU's incoming state stays in `setup` after this: no second migrate-incoming.
+    throw new RestoreError('QSNAP_RESTORE_LOAD', `QEMU could not read the snapshot file: ${err.desc}`, {
+      hint: 'make the snapshot file readable by the QEMU that restores it',
+      cause: err,
+    });
   }
   made.check ??= checkPages(reader);
   const loaded = waitIncoming(qmp, 30 * 60_000).catch(async (err) => {
