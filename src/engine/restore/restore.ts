@@ -282,14 +282,12 @@ async function loadFromFile(vm: Vm, reader: SnapshotReader, view: View, made: Ma
   const qmp = vm.qmp;
   // With multifd, QEMU's channels (2 by default) read and fault in RAM in parallel: the load is
   // mostly the kernel zeroing fresh guest memory (clear_page, 76 % of a perf profile of QEMU 10).
-  const mappedRam = (state: boolean) =>
-    qmp.execute('migrate-set-capabilities', {
-      capabilities: [
-        { capability: 'mapped-ram', state },
-        { capability: 'multifd', state },
-      ],
-    });
-  await mappedRam(true);
+  await qmp.execute('migrate-set-capabilities', {
+    capabilities: [
+      { capability: 'mapped-ram', state: true },
+      { capability: 'multifd', state: true },
+    ],
+  });
   try {
     const addr = { transport: 'file' as const, filename: reader.path, offset: view.streamOffset };
     await qmp.execute('migrate-incoming', { channels: [{ 'channel-type': 'main', addr }] });
