@@ -123,7 +123,7 @@ export interface MappedRamBytes {
 
 /**
  * The view's bytes for a file laid out as `layout` (made with the plan's lengths);
- * `isDataPage(blockIndex, pageIndex)` says which pages of block 0 hold data.
+ * `isDataPage(pageIndex)` says which pages of block 0 hold data.
  */
 export function encodeMappedRam(
   plan: MappedRamPlan,

@@ -402,7 +402,7 @@ export class SnapshotReader {
     );
     await this.#verifyRegion(fd, pass, 'prologue', L.prologue, this.manifest.stream.prologue.sha256);
     await this.#verifyRegion(fd, pass, 'device-tail', L.deviceTail, this.manifest.stream.deviceTail.sha256);
-    await this.#verifyMappedRam(pass);
+    await this.#verifyMappedRam(fd, pass);
 
     let ram: RamCheck = { dataPages: 0, zeroPages: 0 };
     if (tableBytes) {
@@ -422,7 +422,7 @@ export class SnapshotReader {
   }
 
   /** v2: the link pages and the mapped-ram view's regions (each by its sha256). */
-  async #verifyMappedRam(pass: VerifyPass): Promise<void> {
+  async #verifyMappedRam(fd: number, pass: VerifyPass): Promise<void> {
     const m = this.manifest.mappedRam;
     if (!m) return;
     const L = this.layout;
@@ -436,7 +436,7 @@ export class SnapshotReader {
     }
     pass.progress('links', L.links.length * PAGE_SIZE);
     for (const r of [m.glue, m.bitmaps, m.prefix]) {
-      await this.#verifyRegion(this.#open(), pass, 'mapped-ram', r, r.sha256);
+      await this.#verifyRegion(fd, pass, 'mapped-ram', r, r.sha256);
     }
   }
 

@@ -37,7 +37,7 @@ import {
   type RegionLengths,
 } from './layout.js';
 import { type DiskEntry, type Manifest, ManifestSchema, serializeManifest } from './manifest.js';
-import { encodeMappedRam, type MappedRamBytes, type MappedRamPlan, planMappedRam } from './mapped-ram.js';
+import { encodeMappedRam, type MappedRamBytes, planMappedRam } from './mapped-ram.js';
 
 export interface SnapshotWriterOptions {
   /** RAM blocks in stream order (RAM START section); the first lands at file offset 0. */
@@ -284,7 +284,7 @@ export class SnapshotWriter {
       let count = 0;
       let firstOffset = -1;
       for (let i = 0; i < b.pageCount; i++) {
-        if (this.#pageState[b.fileOffset / PAGE_SIZE + i] === UNSEEN) {
+        if (this.#pageState[this.#filePage(b, i)] === UNSEEN) {
           if (count++ === 0) firstOffset = i * PAGE_SIZE;
         }
       }
@@ -365,12 +365,17 @@ export class SnapshotWriter {
     );
   }
 
+  /** Index of page `pageIndex` of block `b` in the per-page arrays: its file offset / 4096. */
+  #filePage(b: BlockLayout, pageIndex: number): number {
+    return b.fileOffset / PAGE_SIZE + pageIndex;
+  }
+
   /** One CRC per page of the blocks, in block order (v2 leaves out the link pages). */
   #pageTableCrcs(): Uint32Array {
     if (this.layout.links.length === 0) return this.#crcs;
     const out = new Uint32Array(this.layout.totalPages);
     for (const b of this.layout.blocks) {
-      const first = b.fileOffset / PAGE_SIZE;
+      const first = this.#filePage(b, 0);
       out.set(this.#crcs.subarray(first, first + b.pageCount), b.firstPage);
     }
     return out;
@@ -391,8 +396,10 @@ export class SnapshotWriter {
         : {}),
     });
     const at = layoutFile(this.layout, lengths(0));
-    const view = plan ? encodeMappedRam(plan, at, (p) => this.#pageState[p] === DATA) : undefined;
-    return { pageTable, plan, view, lengths, at };
+    const view = plan
+      ? encodeMappedRam(plan, at, (p) => this.#pageState[this.#filePage(this.layout.blocks[0]!, p)] === DATA)
+      : undefined;
+    return { pageTable, view, lengths, at };
   }
 
   /** Links, page table, blobs, the mapped-ram view, manifest and trailer, fsynced; then the file is closed. */
@@ -452,7 +459,7 @@ export class SnapshotWriter {
         ...(this.layout.version >= 2 ? { links: { sha256: this.#linksSha256(seal.view) } } : {}),
       },
       stream: { ...info.stream, prologue: regions.prologue, deviceTail: regions.deviceTail },
-      ...(this.layout.version >= 2 ? { mappedRam: mappedRamEntry(seal.at, regions.region, seal.view) } : {}),
+      ...(this.layout.version >= 2 ? { mappedRam: mappedRamEntry(seal.at, seal.view) } : {}),
       disks: info.disks ?? [],
       skippedDisks: info.skippedDisks ?? [],
       timings: info.timings,
@@ -477,7 +484,6 @@ export class SnapshotWriter {
     // Regions before the manifest do not depend on its length.
     const at = seal.at;
     return {
-      region,
       pageTable: region(at.pageTable, seal.pageTable),
       prologue: region(at.prologue, opts.prologue),
       deviceTail: region(at.deviceTail, opts.deviceTail),
@@ -490,10 +496,10 @@ export class SnapshotWriter {
     let missingPages = 0;
     const zeroCrcDataPages: number[] = [];
     for (let i = 0; i < b.pageCount; i++) {
-      const s = this.#pageState[b.fileOffset / PAGE_SIZE + i];
+      const s = this.#pageState[this.#filePage(b, i)];
       if (s === DATA) {
         dataPages++;
-        if (this.#crcs[b.fileOffset / PAGE_SIZE + i] === ZERO_PAGE_CRC) zeroCrcDataPages.push(i);
+        if (this.#crcs[this.#filePage(b, i)] === ZERO_PAGE_CRC) zeroCrcDataPages.push(i);
       } else if (s === UNSEEN) missingPages++;
     }
     const zeroPages = b.pageCount - dataPages - missingPages;
@@ -558,7 +564,7 @@ export class SnapshotWriter {
         bufferedBytes: this.bufferedBytes,
       });
     }
-    return (b.fileOffset + offset) / PAGE_SIZE;
+    return this.#filePage(b, offset / PAGE_SIZE);
   }
 
   #zeroPage(page: number): void {
@@ -814,7 +820,6 @@ export function planWrites(pages: ArrayLike<number>, count: number, slotsPerChun
 
 interface Seal {
   pageTable: Buffer;
-  plan: MappedRamPlan | undefined;
   view: MappedRamBytes | undefined;
   /** The lengths of the regions after RAM, given the manifest's. */
   lengths: (manifest: number) => RegionLengths;
@@ -829,14 +834,13 @@ function region(span: { offset: number; length: number }, bytes: Uint8Array) {
 /** The manifest's `mappedRam`: the view's regions, empty when the file has none. */
 function mappedRamEntry(
   at: FileLayout,
-  place: typeof region,
   view: MappedRamBytes | undefined,
 ): NonNullable<Manifest['mappedRam']> {
   const none = Buffer.alloc(0);
   return {
-    glue: place(at.glue, view?.glue ?? none),
-    bitmaps: place(at.bitmaps, view?.bitmaps ?? none),
-    prefix: place(at.mappedRamPrefix, view?.prefix ?? none),
+    glue: region(at.glue, view?.glue ?? none),
+    bitmaps: region(at.bitmaps, view?.bitmaps ?? none),
+    prefix: region(at.mappedRamPrefix, view?.prefix ?? none),
     streamOffset: view ? at.mappedRamPrefix.offset : 0,
   };
 }
